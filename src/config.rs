@@ -1,0 +1,282 @@
+//! Configuration: every setting is a `keygate serve` flag and a `KEYGATE_*` variable, parsed
+//! into one typed tree and validated before anything starts. Secrets print as `[redacted]`.
+
+use std::collections::BTreeSet;
+use std::fmt;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
+
+use crate::cache::CacheSettings;
+use crate::domain::key::KeyPrefix;
+use crate::domain::scope::{Scope, ScopePolicy, parse_implications};
+use crate::service::KeyPolicy;
+
+/// keygate: API-key authorization over gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "keygate", version, args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    /// With no subcommand keygate serves, taking `serve`'s flags.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the gRPC server (the default).
+    Serve(ServeArgs),
+    /// Apply database migrations and exit.
+    Migrate(DatabaseArgs),
+    /// Print a fresh random admin token, for KEYGATE_ADMIN_TOKENS.
+    GenToken,
+}
+
+/// Where the database is and how many connections to hold.
+#[derive(Clone, Debug, Args)]
+pub struct DatabaseArgs {
+    /// Database URL; the scheme picks the backend: sqlite:, postgres:, mysql:.
+    #[arg(long, env = "KEYGATE_DATABASE_URL", default_value = "sqlite://keygate.db?mode=rwc", hide_env_values = true)]
+    pub database_url: String,
+    /// Most open database connections.
+    #[arg(long, env = "KEYGATE_DB_MAX_CONNECTIONS", default_value_t = 10)]
+    pub db_max_connections: u32,
+    /// Seconds a query waits for a free connection before failing with UNAVAILABLE.
+    #[arg(long, env = "KEYGATE_DB_ACQUIRE_TIMEOUT_SECONDS", default_value_t = 5)]
+    pub db_acquire_timeout_seconds: u64,
+}
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Flags of `keygate serve`.
+#[derive(Clone, Debug, Args)]
+pub struct ServeArgs {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "KEYGATE_LISTEN", default_value = "0.0.0.0:50051")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
+    /// Admin tokens as comma-separated name=token pairs (tokens of 16 to 256 characters); the
+    /// name identifies the caller in logs. Required: KeyAdmin never runs open.
+    #[arg(long, env = "KEYGATE_ADMIN_TOKENS", hide_env_values = true, default_value = "")]
+    pub admin_tokens: String,
+    /// Caller tokens for Authorize, same format. Empty: Authorize needs no caller token.
+    #[arg(long, env = "KEYGATE_AUTHORIZE_TOKENS", hide_env_values = true, default_value = "")]
+    pub authorize_tokens: String,
+    /// First segment of every minted key (2 to 16 lowercase letters and digits).
+    #[arg(long, env = "KEYGATE_KEY_PREFIX", default_value = "kg")]
+    pub key_prefix: String,
+    /// Active-key limit of tenants whose max_keys is 0.
+    #[arg(long, env = "KEYGATE_DEFAULT_MAX_KEYS", default_value_t = 10)]
+    pub default_max_keys: u32,
+    /// Action implications, comma-separated `higher>lower` pairs, e.g. `admin>write,write>read`.
+    #[arg(long, env = "KEYGATE_SCOPE_IMPLIES", default_value = "")]
+    pub scope_implies: String,
+    /// Comma-separated scopes keys may hold; empty allows any well-formed scope.
+    #[arg(long, env = "KEYGATE_SCOPE_CATALOGUE", default_value = "")]
+    pub scope_catalogue: String,
+    /// Most entries in each decision cache (keys, tenants, sites).
+    #[arg(long, env = "KEYGATE_CACHE_CAPACITY", default_value_t = 100_000)]
+    pub cache_capacity: u64,
+    /// Seconds a found key, tenant or site stays cached.
+    #[arg(long, env = "KEYGATE_CACHE_TTL_SECONDS", default_value_t = 60)]
+    pub cache_ttl_seconds: u64,
+    /// Seconds an unknown key, tenant or site stays cached.
+    #[arg(long, env = "KEYGATE_NEGATIVE_CACHE_TTL_SECONDS", default_value_t = 5)]
+    pub negative_cache_ttl_seconds: u64,
+    /// Log format.
+    #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// A bearer token with a name for logs. `Debug` shows the name only.
+#[derive(Clone)]
+pub struct NamedToken {
+    pub name: String,
+    digest: [u8; 32],
+}
+
+impl fmt::Debug for NamedToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "NamedToken({}, [redacted])", self.name)
+    }
+}
+
+/// The tokens one API accepts, compared in constant time.
+#[derive(Clone, Debug, Default)]
+pub struct TokenSet(Vec<NamedToken>);
+
+impl TokenSet {
+    /// Parses `name=token,name=token`. Names are 1 to 64 of `[A-Za-z0-9._-]`, tokens 16 to 256
+    /// printable characters without spaces or commas.
+    pub fn parse(setting: &str, value: &str) -> Result<Self, String> {
+        let mut names = BTreeSet::new();
+        let mut tokens = Vec::new();
+        for pair in value.split(',').map(str::trim).filter(|pair| !pair.is_empty()) {
+            let (name, token) =
+                pair.split_once('=').ok_or_else(|| format!("{setting}: each entry must read name=token"))?;
+            let name_ok = (1..=64).contains(&name.len())
+                && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
+            if !name_ok {
+                return Err(format!("{setting}: token name {name:?} must be 1 to 64 of A-Z a-z 0-9 . _ -"));
+            }
+            if !(16..=256).contains(&token.len()) || !token.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(format!("{setting}: the token named {name} must be 16 to 256 printable characters"));
+            }
+            if !names.insert(name.to_owned()) {
+                return Err(format!("{setting}: token name {name} appears twice"));
+            }
+            tokens.push(NamedToken { name: name.to_owned(), digest: Sha256::digest(token.as_bytes()).into() });
+        }
+        Ok(Self(tokens))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The name of the token equal to `presented`. Compares SHA-256 digests in constant time
+    /// against every configured token, so neither length nor content leaks through timing.
+    pub fn authenticate(&self, presented: &str) -> Option<&str> {
+        let digest: [u8; 32] = Sha256::digest(presented.as_bytes()).into();
+        let mut found = None;
+        for token in &self.0 {
+            if bool::from(token.digest.ct_eq(&digest)) {
+                found = Some(token.name.as_str());
+            }
+        }
+        found
+    }
+}
+
+/// A database URL; `Debug` hides it, since it may hold a password.
+#[derive(Clone)]
+pub struct DatabaseUrl(pub String);
+
+impl fmt::Debug for DatabaseUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = self.0.split(':').next().unwrap_or_default();
+        write!(f, "DatabaseUrl({scheme}:[redacted])")
+    }
+}
+
+/// Validated database settings.
+#[derive(Clone, Debug)]
+pub struct DatabaseConfig {
+    pub url: DatabaseUrl,
+    pub max_connections: u32,
+    pub acquire_timeout: Duration,
+}
+
+impl DatabaseConfig {
+    pub fn from_args(args: &DatabaseArgs) -> Result<Self, String> {
+        if args.db_max_connections == 0 {
+            return Err("KEYGATE_DB_MAX_CONNECTIONS must be at least 1".into());
+        }
+        if args.db_acquire_timeout_seconds == 0 {
+            return Err("KEYGATE_DB_ACQUIRE_TIMEOUT_SECONDS must be at least 1".into());
+        }
+        Ok(Self {
+            url: DatabaseUrl(args.database_url.clone()),
+            max_connections: args.db_max_connections,
+            acquire_timeout: Duration::from_secs(args.db_acquire_timeout_seconds),
+        })
+    }
+}
+
+/// Everything `keygate serve` needs, validated.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database: DatabaseConfig,
+    pub admin_tokens: TokenSet,
+    pub authorize_tokens: TokenSet,
+    pub policy: KeyPolicy,
+    pub cache: CacheSettings,
+    pub log_format: LogFormat,
+}
+
+impl Config {
+    /// Validates the flags; every problem is reported with the variable that causes it.
+    pub fn from_args(args: &ServeArgs) -> Result<Self, String> {
+        let admin_tokens = TokenSet::parse("KEYGATE_ADMIN_TOKENS", &args.admin_tokens)?;
+        if admin_tokens.is_empty() {
+            return Err("KEYGATE_ADMIN_TOKENS is empty: KeyAdmin never runs open. Create a token with \
+                 `keygate gen-token` and set KEYGATE_ADMIN_TOKENS=<name>=<token>"
+                .into());
+        }
+        let authorize_tokens = TokenSet::parse("KEYGATE_AUTHORIZE_TOKENS", &args.authorize_tokens)?;
+        let prefix = KeyPrefix::parse(&args.key_prefix).map_err(|error| format!("KEYGATE_KEY_PREFIX: {error}"))?;
+        if args.default_max_keys == 0 {
+            return Err("KEYGATE_DEFAULT_MAX_KEYS must be at least 1".into());
+        }
+        let implications =
+            parse_implications(&args.scope_implies).map_err(|error| format!("KEYGATE_SCOPE_IMPLIES: {error}"))?;
+        let catalogue = args
+            .scope_catalogue
+            .split(',')
+            .map(str::trim)
+            .filter(|scope| !scope.is_empty())
+            .map(|scope| Scope::parse(scope).map_err(|error| format!("KEYGATE_SCOPE_CATALOGUE: {scope:?} {error}")))
+            .collect::<Result<Vec<_>, _>>()?;
+        let catalogue = (!catalogue.is_empty()).then_some(catalogue);
+        if args.cache_capacity == 0 || args.cache_ttl_seconds == 0 {
+            return Err("KEYGATE_CACHE_CAPACITY and KEYGATE_CACHE_TTL_SECONDS must be at least 1".into());
+        }
+        Ok(Self {
+            listen: args.listen,
+            database: DatabaseConfig::from_args(&args.database)?,
+            admin_tokens,
+            authorize_tokens,
+            policy: KeyPolicy {
+                prefix,
+                default_max_keys: args.default_max_keys,
+                scopes: ScopePolicy::new(&implications, catalogue),
+            },
+            cache: CacheSettings {
+                capacity: args.cache_capacity,
+                ttl: Duration::from_secs(args.cache_ttl_seconds),
+                negative_ttl: Duration::from_secs(args.negative_cache_ttl_seconds),
+            },
+            log_format: args.log_format,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_authenticate_by_name_and_never_print() {
+        let tokens = TokenSet::parse("T", "ops=0123456789abcdef0123, ci=fedcba9876543210fedc").unwrap();
+        assert_eq!(tokens.authenticate("fedcba9876543210fedc"), Some("ci"));
+        assert_eq!(tokens.authenticate("0123456789abcdef0123"), Some("ops"));
+        assert_eq!(tokens.authenticate("0123456789abcdef012"), None);
+        assert_eq!(tokens.authenticate(""), None);
+        assert!(!format!("{tokens:?}").contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn bad_token_settings_are_rejected() {
+        for bad in ["noequals", "a=short", "a b=0123456789abcdef", "a=0123456789abcdef,a=0123456789abcdefX"] {
+            assert!(TokenSet::parse("T", bad).is_err(), "{bad}");
+        }
+        assert!(TokenSet::parse("T", "").unwrap().is_empty());
+    }
+
+    #[test]
+    fn database_urls_do_not_print_passwords() {
+        let url = DatabaseUrl("postgres://user:hunter2@db/keygate".into());
+        assert!(!format!("{url:?}").contains("hunter2"));
+    }
+}

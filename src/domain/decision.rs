@@ -1,0 +1,207 @@
+//! The authorization decision: pure rules over a key, its tenant and the site's owner.
+
+use chrono::{DateTime, Utc};
+
+use super::model::{KeyRecord, KeyState, Tenant};
+use super::scope::{Scope, ScopePolicy};
+
+/// Why a Check was denied. Each reason has a fixed HTTP status and a message safe for end users.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DenyReason {
+    KeyMissing,
+    KeyMalformed,
+    KeyUnknown,
+    KeyRevoked,
+    KeyExpired,
+    ScopeMissing,
+    SiteForbidden,
+    PlanRequired,
+    RateLimited,
+    QuotaExceeded,
+}
+
+impl DenyReason {
+    /// The status a REST API answers with.
+    pub fn http_status(self) -> u16 {
+        match self {
+            Self::KeyMissing | Self::KeyMalformed | Self::KeyUnknown | Self::KeyRevoked | Self::KeyExpired => 401,
+            Self::PlanRequired => 402,
+            Self::ScopeMissing | Self::SiteForbidden => 403,
+            Self::RateLimited | Self::QuotaExceeded => 429,
+        }
+    }
+
+    /// The stable code used in logs and JSON bodies (`KEY_REVOKED`, ...).
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::KeyMissing => "KEY_MISSING",
+            Self::KeyMalformed => "KEY_MALFORMED",
+            Self::KeyUnknown => "KEY_UNKNOWN",
+            Self::KeyRevoked => "KEY_REVOKED",
+            Self::KeyExpired => "KEY_EXPIRED",
+            Self::ScopeMissing => "SCOPE_MISSING",
+            Self::SiteForbidden => "SITE_FORBIDDEN",
+            Self::PlanRequired => "PLAN_REQUIRED",
+            Self::RateLimited => "RATE_LIMITED",
+            Self::QuotaExceeded => "QUOTA_EXCEEDED",
+        }
+    }
+
+    /// The end-user message. Unknown, malformed and revoked keys share one text so a caller
+    /// cannot probe which keys exist.
+    pub fn message(self, scope: &str, site_id: &str) -> String {
+        match self {
+            Self::KeyMissing => "API key is required".to_owned(),
+            Self::KeyMalformed | Self::KeyUnknown | Self::KeyRevoked => "Invalid API key".to_owned(),
+            Self::KeyExpired => "API key has expired".to_owned(),
+            Self::ScopeMissing => format!("API key missing required scope: {scope}"),
+            Self::SiteForbidden if site_id.is_empty() => {
+                "This API key is restricted to specific sites and cannot access tenant-wide resources".to_owned()
+            }
+            Self::SiteForbidden => format!("This API key cannot access {site_id}"),
+            Self::PlanRequired => "API key access is not included in this plan".to_owned(),
+            Self::RateLimited => "Rate limit exceeded".to_owned(),
+            Self::QuotaExceeded => "Daily request quota exceeded".to_owned(),
+        }
+    }
+}
+
+/// What a Check asks, once its key has been found.
+pub struct CheckInput<'a> {
+    pub key: &'a KeyRecord,
+    pub tenant: &'a Tenant,
+    pub required_scope: &'a Scope,
+    /// `None` when the request touches no single site.
+    pub site_id: Option<&'a str>,
+    /// The tenant that owns `site_id`, if the site exists.
+    pub site_owner: Option<&'a str>,
+    pub now: DateTime<Utc>,
+}
+
+/// Decides a Check for a known key. Lifecycle first (a revoked key says nothing more), then
+/// plan, scope and site.
+pub fn decide(input: &CheckInput<'_>, policy: &ScopePolicy) -> Result<(), DenyReason> {
+    match input.key.state(input.now) {
+        KeyState::Revoked => return Err(DenyReason::KeyRevoked),
+        KeyState::Expired => return Err(DenyReason::KeyExpired),
+        KeyState::Active => {}
+    }
+    if !input.tenant.api_access_enabled {
+        return Err(DenyReason::PlanRequired);
+    }
+    if !policy.grants(&input.key.scopes, input.required_scope) {
+        return Err(DenyReason::ScopeMissing);
+    }
+    match input.site_id {
+        None if input.key.site_ids.is_empty() => Ok(()),
+        None => Err(DenyReason::SiteForbidden),
+        Some(site_id) => {
+            let owned = input.site_owner == Some(input.tenant.tenant_id.as_str());
+            let listed = input.key.site_ids.is_empty() || input.key.site_ids.iter().any(|s| s == site_id);
+            if owned && listed { Ok(()) } else { Err(DenyReason::SiteForbidden) }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use chrono::Duration;
+
+    use super::*;
+    use crate::domain::key::Environment;
+
+    fn tenant() -> Tenant {
+        Tenant {
+            tenant_id: "acme".into(),
+            display_name: "Acme".into(),
+            api_access_enabled: true,
+            max_keys: 0,
+            rate_limit_per_minute: 0,
+            daily_request_quota: 0,
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        }
+    }
+
+    fn key(site_ids: &[&str]) -> KeyRecord {
+        KeyRecord {
+            key_id: "key_1".into(),
+            tenant_id: "acme".into(),
+            key_hash: "00".repeat(32),
+            name: "test".into(),
+            display_prefix: "kg_live_0000".into(),
+            scopes: vec![Scope::parse("events:read").unwrap()],
+            site_ids: site_ids.iter().map(|s| s.to_string()).collect(),
+            environment: Environment::Live,
+            metadata: BTreeMap::new(),
+            rate_limit_per_minute: 0,
+            created_at: Utc::now(),
+            expires_at: None,
+            revoked_at: None,
+            last_used_at: None,
+            rotated_from_key_id: None,
+        }
+    }
+
+    fn check(
+        key: &KeyRecord,
+        tenant: &Tenant,
+        scope: &str,
+        site: Option<&str>,
+        owner: Option<&str>,
+    ) -> Result<(), DenyReason> {
+        let scope = Scope::parse(scope).unwrap();
+        let input =
+            CheckInput { key, tenant, required_scope: &scope, site_id: site, site_owner: owner, now: Utc::now() };
+        decide(&input, &ScopePolicy::default())
+    }
+
+    #[test]
+    fn an_active_key_with_the_scope_on_its_tenants_site_is_allowed() {
+        assert_eq!(check(&key(&[]), &tenant(), "events:read", Some("s1"), Some("acme")), Ok(()));
+        assert_eq!(check(&key(&["s1"]), &tenant(), "events:read", Some("s1"), Some("acme")), Ok(()));
+        assert_eq!(check(&key(&[]), &tenant(), "events:read", None, None), Ok(()));
+    }
+
+    #[test]
+    fn lifecycle_is_judged_at_check_time() {
+        let mut expiring = key(&[]);
+        expiring.expires_at = Some(Utc::now() - Duration::seconds(1));
+        assert_eq!(check(&expiring, &tenant(), "events:read", None, None), Err(DenyReason::KeyExpired));
+        let mut revoked = key(&[]);
+        revoked.revoked_at = Some(Utc::now() - Duration::seconds(1));
+        revoked.expires_at = Some(Utc::now() - Duration::seconds(1));
+        assert_eq!(check(&revoked, &tenant(), "events:read", None, None), Err(DenyReason::KeyRevoked));
+        let mut in_grace = key(&[]);
+        in_grace.expires_at = Some(Utc::now() + Duration::hours(1));
+        assert_eq!(check(&in_grace, &tenant(), "events:read", None, None), Ok(()));
+    }
+
+    #[test]
+    fn plan_scope_and_site_denials() {
+        let mut no_plan = tenant();
+        no_plan.api_access_enabled = false;
+        assert_eq!(check(&key(&[]), &no_plan, "events:read", None, None), Err(DenyReason::PlanRequired));
+        assert_eq!(check(&key(&[]), &tenant(), "events:write", None, None), Err(DenyReason::ScopeMissing));
+        assert_eq!(
+            check(&key(&[]), &tenant(), "events:read", Some("s9"), Some("other")),
+            Err(DenyReason::SiteForbidden)
+        );
+        assert_eq!(check(&key(&[]), &tenant(), "events:read", Some("s9"), None), Err(DenyReason::SiteForbidden));
+        assert_eq!(
+            check(&key(&["s1"]), &tenant(), "events:read", Some("s2"), Some("acme")),
+            Err(DenyReason::SiteForbidden)
+        );
+        assert_eq!(check(&key(&["s1"]), &tenant(), "events:read", None, None), Err(DenyReason::SiteForbidden));
+    }
+
+    #[test]
+    fn messages_and_statuses_match_the_contract() {
+        assert_eq!(DenyReason::ScopeMissing.message("events:read", ""), "API key missing required scope: events:read");
+        assert_eq!(DenyReason::SiteForbidden.message("", "s1"), "This API key cannot access s1");
+        assert_eq!(DenyReason::PlanRequired.http_status(), 402);
+        assert_eq!(DenyReason::KeyRevoked.message("", ""), DenyReason::KeyUnknown.message("", ""));
+    }
+}

@@ -1,0 +1,8 @@
+//! keygate's rules, free of I/O: key format, scopes, validation and the Check decision.
+
+pub mod clock;
+pub mod decision;
+pub mod key;
+pub mod model;
+pub mod scope;
+pub mod validation;

@@ -1,0 +1,113 @@
+//! The records keygate keeps: tenants, sites and keys.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+
+use super::key::Environment;
+use super::scope::Scope;
+
+/// A tenant with its plan limits.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Tenant {
+    pub tenant_id: String,
+    pub display_name: String,
+    pub api_access_enabled: bool,
+    /// 0 means the server default.
+    pub max_keys: u32,
+    /// 0 means no limit.
+    pub rate_limit_per_minute: u32,
+    /// 0 means no quota.
+    pub daily_request_quota: u32,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The fields of a PutTenant call; `None` keeps the current value (or the default on create).
+#[derive(Clone, Debug, Default)]
+pub struct TenantChanges {
+    pub display_name: Option<String>,
+    pub api_access_enabled: Option<bool>,
+    pub max_keys: Option<u32>,
+    pub rate_limit_per_minute: Option<u32>,
+    pub daily_request_quota: Option<u32>,
+}
+
+/// A site owned by one tenant.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Site {
+    pub tenant_id: String,
+    pub site_id: String,
+    pub display_name: String,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// The lifecycle state of a key at some instant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyState {
+    Active,
+    Expired,
+    Revoked,
+}
+
+/// A stored key: everything but the secret.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeyRecord {
+    pub key_id: String,
+    pub tenant_id: String,
+    /// Lowercase hex SHA-256 of the full key: the lookup key of Check. Not a secret.
+    pub key_hash: String,
+    pub name: String,
+    pub display_prefix: String,
+    pub scopes: Vec<Scope>,
+    /// Empty: every site of the tenant.
+    pub site_ids: Vec<String>,
+    pub environment: Environment,
+    pub metadata: BTreeMap<String, String>,
+    /// 0 means the tenant's default.
+    pub rate_limit_per_minute: u32,
+    pub created_at: DateTime<Utc>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub revoked_at: Option<DateTime<Utc>>,
+    pub last_used_at: Option<DateTime<Utc>>,
+    pub rotated_from_key_id: Option<String>,
+}
+
+impl KeyRecord {
+    /// The state at `now`: expiry and grace periods are judged when asked, never stored.
+    pub fn state(&self, now: DateTime<Utc>) -> KeyState {
+        if self.revoked_at.is_some_and(|revoked_at| revoked_at <= now) {
+            KeyState::Revoked
+        } else if self.expires_at.is_some_and(|expires_at| expires_at <= now) {
+            KeyState::Expired
+        } else {
+            KeyState::Active
+        }
+    }
+}
+
+/// The editable settings of a key, as UpdateKey changes them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct KeySettings {
+    pub name: String,
+    pub scopes: Vec<Scope>,
+    pub site_ids: Vec<String>,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub metadata: BTreeMap<String, String>,
+    pub rate_limit_per_minute: u32,
+}
+
+impl KeyRecord {
+    /// The editable part of the record.
+    pub fn settings(&self) -> KeySettings {
+        KeySettings {
+            name: self.name.clone(),
+            scopes: self.scopes.clone(),
+            site_ids: self.site_ids.clone(),
+            expires_at: self.expires_at,
+            metadata: self.metadata.clone(),
+            rate_limit_per_minute: self.rate_limit_per_minute,
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Input rules shared by every API: ids, names, metadata, scopes, sites and page sizes.
+//! Each rule reports the offending field so clients get a google.rpc.BadRequest they can act on.
+
+use std::collections::BTreeMap;
+
+use super::scope::{MAX_SCOPES_PER_KEY, Scope};
+
+pub const MAX_ID_LEN: usize = 64;
+pub const MAX_NAME_CHARS: usize = 100;
+pub const MAX_DISPLAY_NAME_CHARS: usize = 200;
+pub const MAX_METADATA_ENTRIES: usize = 16;
+pub const MAX_METADATA_KEY_CHARS: usize = 64;
+pub const MAX_METADATA_VALUE_CHARS: usize = 512;
+pub const MAX_SITES_PER_KEY: usize = 100;
+pub const DEFAULT_PAGE_SIZE: usize = 50;
+pub const MAX_PAGE_SIZE: usize = 1000;
+
+/// One broken rule: which field, and what it must be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FieldViolation {
+    pub field: String,
+    pub description: String,
+}
+
+/// Collects every violation of a request, so a client learns all of them at once.
+#[derive(Debug, Default)]
+pub struct Violations(Vec<FieldViolation>);
+
+impl Violations {
+    pub fn add(&mut self, field: impl Into<String>, description: impl Into<String>) {
+        self.0.push(FieldViolation { field: field.into(), description: description.into() });
+    }
+
+    /// `Ok(value)` when nothing was violated.
+    pub fn finish<T>(self, value: T) -> Result<T, Vec<FieldViolation>> {
+        if self.0.is_empty() { Ok(value) } else { Err(self.0) }
+    }
+
+    /// Tenant and site ids: 1 to 64 characters of `[A-Za-z0-9._-]`.
+    pub fn id(&mut self, field: &str, value: &str) {
+        if value.is_empty() {
+            self.add(field, "is required");
+        } else if value.len() > MAX_ID_LEN || !value.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
+            self.add(field, format!("must be 1 to {MAX_ID_LEN} characters of A-Z, a-z, 0-9, '.', '_' or '-'"));
+        }
+    }
+
+    /// Key ids are opaque to clients but bounded; an unknown one is NOT_FOUND, a huge one is invalid.
+    pub fn key_id(&mut self, field: &str, value: &str) {
+        self.id(field, value);
+    }
+
+    /// A required human-readable name of at most `max` characters, with no control characters.
+    pub fn name(&mut self, field: &str, value: &str, max: usize) {
+        if value.trim().is_empty() {
+            self.add(field, "is required");
+        } else {
+            self.optional_name(field, value, max);
+        }
+    }
+
+    /// An optional human-readable name: empty is fine.
+    pub fn optional_name(&mut self, field: &str, value: &str, max: usize) {
+        if value.chars().count() > max {
+            self.add(field, format!("must be at most {max} characters"));
+        } else if value.chars().any(char::is_control) {
+            self.add(field, "must not contain control characters");
+        }
+    }
+
+    /// At most 16 entries; keys 1 to 64 characters, values at most 512.
+    pub fn metadata(&mut self, field: &str, metadata: &BTreeMap<String, String>) {
+        if metadata.len() > MAX_METADATA_ENTRIES {
+            self.add(field, format!("must have at most {MAX_METADATA_ENTRIES} entries"));
+        }
+        for (key, value) in metadata {
+            let key_chars = key.chars().count();
+            if key_chars == 0 || key_chars > MAX_METADATA_KEY_CHARS {
+                self.add(field, format!("keys must be 1 to {MAX_METADATA_KEY_CHARS} characters"));
+            }
+            if value.chars().count() > MAX_METADATA_VALUE_CHARS {
+                self.add(format!("{field}[{key}]"), format!("must be at most {MAX_METADATA_VALUE_CHARS} characters"));
+            }
+        }
+    }
+
+    /// 1 to 64 well-formed scopes, returned in request order so later checks (the catalogue, a
+    /// server setting checked by the service) can name the right index.
+    pub fn scopes(&mut self, field: &str, values: &[String]) -> Vec<Scope> {
+        if values.is_empty() {
+            self.add(field, "must name at least one scope");
+        } else if values.len() > MAX_SCOPES_PER_KEY {
+            self.add(field, format!("must have at most {MAX_SCOPES_PER_KEY} scopes"));
+            return Vec::new();
+        }
+        let mut scopes = Vec::with_capacity(values.len());
+        for (index, value) in values.iter().enumerate() {
+            match Scope::parse(value) {
+                Ok(scope) => scopes.push(scope),
+                Err(description) => self.add(format!("{field}[{index}]"), description),
+            }
+        }
+        scopes
+    }
+
+    /// A required scope in a Check.
+    pub fn required_scope(&mut self, field: &str, value: &str) -> Option<Scope> {
+        if value.is_empty() {
+            self.add(field, "is required");
+            return None;
+        }
+        Scope::parse(value).map_err(|description| self.add(field, description)).ok()
+    }
+
+    /// At most 100 distinct site ids; returned sorted.
+    pub fn site_ids(&mut self, field: &str, values: &[String]) -> Vec<String> {
+        if values.len() > MAX_SITES_PER_KEY {
+            self.add(field, format!("must have at most {MAX_SITES_PER_KEY} sites"));
+            return Vec::new();
+        }
+        for (index, value) in values.iter().enumerate() {
+            self.id(&format!("{field}[{index}]"), value);
+        }
+        let mut sites = values.to_vec();
+        sites.sort();
+        sites.dedup();
+        sites
+    }
+
+    /// 0 means the default; negative is invalid; above the maximum is clamped.
+    pub fn page_size(&mut self, field: &str, value: i32) -> usize {
+        match value {
+            0 => DEFAULT_PAGE_SIZE,
+            size if size < 0 => {
+                self.add(field, "must not be negative");
+                DEFAULT_PAGE_SIZE
+            }
+            size => (size as usize).min(MAX_PAGE_SIZE),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_bounded_and_plain() {
+        let mut violations = Violations::default();
+        violations.id("tenant_id", "acme-Inc_1.eu");
+        assert!(violations.finish(()).is_ok());
+        for bad in ["", "a b", "a/b", "ä", &"x".repeat(65)] {
+            let mut violations = Violations::default();
+            violations.id("tenant_id", bad);
+            let errors = violations.finish(()).unwrap_err();
+            assert_eq!(errors[0].field, "tenant_id", "{bad}");
+        }
+    }
+
+    #[test]
+    fn names_count_characters_not_bytes() {
+        let mut violations = Violations::default();
+        violations.name("name", &"é".repeat(100), MAX_NAME_CHARS);
+        assert!(violations.finish(()).is_ok());
+        let mut violations = Violations::default();
+        violations.name("name", &"é".repeat(101), MAX_NAME_CHARS);
+        assert!(violations.finish(()).is_err());
+        let mut violations = Violations::default();
+        violations.name("name", "  ", MAX_NAME_CHARS);
+        assert!(violations.finish(()).is_err());
+    }
+
+    #[test]
+    fn metadata_limits_name_the_field() {
+        let too_many: BTreeMap<_, _> = (0..17).map(|i| (format!("k{i}"), "v".to_owned())).collect();
+        let mut violations = Violations::default();
+        violations.metadata("metadata", &too_many);
+        assert_eq!(violations.finish(()).unwrap_err()[0].field, "metadata");
+        let long_value = BTreeMap::from([("plan".to_owned(), "v".repeat(513))]);
+        let mut violations = Violations::default();
+        violations.metadata("metadata", &long_value);
+        assert_eq!(violations.finish(()).unwrap_err()[0].field, "metadata[plan]");
+    }
+
+    #[test]
+    fn scopes_are_required_and_bounded() {
+        let mut violations = Violations::default();
+        let scopes = violations.scopes("scopes", &["b:read".into(), "a:read".into(), "b:read".into()]);
+        assert!(violations.finish(()).is_ok());
+        assert_eq!(scopes.iter().map(Scope::as_str).collect::<Vec<_>>(), ["b:read", "a:read", "b:read"]);
+        let mut violations = Violations::default();
+        violations.scopes("scopes", &[]);
+        assert!(violations.finish(()).is_err());
+        let mut violations = Violations::default();
+        violations.scopes("scopes", &vec!["a:read".to_owned(); 65]);
+        assert!(violations.finish(()).is_err());
+    }
+
+    #[test]
+    fn page_sizes_default_and_clamp() {
+        let mut violations = Violations::default();
+        assert_eq!(violations.page_size("page_size", 0), DEFAULT_PAGE_SIZE);
+        assert_eq!(violations.page_size("page_size", 5000), MAX_PAGE_SIZE);
+        assert!(violations.finish(()).is_ok());
+        let mut violations = Violations::default();
+        violations.page_size("page_size", -1);
+        assert!(violations.finish(()).is_err());
+    }
+}

@@ -1,0 +1,124 @@
+//! `keygate.v1.KeyAdmin`: thin handlers that decode, call [`KeyService`] and encode.
+
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::auth::caller;
+use super::convert;
+use crate::domain::clock::Clock;
+use crate::proto::key_admin_server::KeyAdmin;
+use crate::proto::*;
+use crate::service::{CreateKey, KeyChanges, KeyService, ListKeys};
+
+/// The KeyAdmin gRPC service.
+pub struct KeyAdminApi {
+    keys: KeyService,
+    clock: std::sync::Arc<dyn Clock>,
+}
+
+impl KeyAdminApi {
+    pub fn new(keys: KeyService, clock: std::sync::Arc<dyn Clock>) -> Self {
+        Self { keys, clock }
+    }
+
+    fn key(&self, key: &crate::domain::model::KeyRecord) -> ApiKey {
+        convert::api_key(key, self.clock.now())
+    }
+}
+
+#[tonic::async_trait]
+impl KeyAdmin for KeyAdminApi {
+    #[instrument(name = "KeyAdmin.PutTenant", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    async fn put_tenant(&self, request: Request<PutTenantRequest>) -> Result<Response<PutTenantResponse>, Status> {
+        let (tenant_id, changes) = convert::put_tenant(request.into_inner())?;
+        let tenant = self.keys.put_tenant(&tenant_id, &changes).await?;
+        let tenant = convert::tenant(&tenant, self.keys.effective_max_keys(&tenant));
+        Ok(Response::new(PutTenantResponse { tenant: Some(tenant) }))
+    }
+
+    #[instrument(name = "KeyAdmin.GetTenant", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    async fn get_tenant(&self, request: Request<GetTenantRequest>) -> Result<Response<GetTenantResponse>, Status> {
+        let request = request.into_inner();
+        convert::ids(&[("tenant_id", &request.tenant_id)])?;
+        let tenant = self.keys.get_tenant(&request.tenant_id).await?;
+        let tenant = convert::tenant(&tenant, self.keys.effective_max_keys(&tenant));
+        Ok(Response::new(GetTenantResponse { tenant: Some(tenant) }))
+    }
+
+    #[instrument(name = "KeyAdmin.PutSite", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    async fn put_site(&self, request: Request<PutSiteRequest>) -> Result<Response<PutSiteResponse>, Status> {
+        let request = request.into_inner();
+        convert::put_site(&request)?;
+        let site = self.keys.put_site(&request.tenant_id, &request.site_id, &request.display_name).await?;
+        Ok(Response::new(PutSiteResponse { site: Some(convert::site(&site)) }))
+    }
+
+    #[instrument(name = "KeyAdmin.DeleteSite", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    async fn delete_site(&self, request: Request<DeleteSiteRequest>) -> Result<Response<DeleteSiteResponse>, Status> {
+        let request = request.into_inner();
+        convert::ids(&[("tenant_id", &request.tenant_id), ("site_id", &request.site_id)])?;
+        self.keys.delete_site(&request.tenant_id, &request.site_id).await?;
+        Ok(Response::new(DeleteSiteResponse {}))
+    }
+
+    #[instrument(name = "KeyAdmin.ListSites", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    async fn list_sites(&self, request: Request<ListSitesRequest>) -> Result<Response<ListSitesResponse>, Status> {
+        let request = request.into_inner();
+        let page_size = convert::list(&request.tenant_id, request.page_size)?;
+        let page = self.keys.list_sites(&request.tenant_id, page_size, &request.page_token).await?;
+        let sites = page.items.iter().map(convert::site).collect();
+        Ok(Response::new(ListSitesResponse { sites, next_page_token: page.next_page_token }))
+    }
+
+    #[instrument(name = "KeyAdmin.CreateKey", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    async fn create_key(&self, request: Request<CreateKeyRequest>) -> Result<Response<CreateKeyResponse>, Status> {
+        let request = CreateKey::try_from(request.into_inner())?;
+        let (key, secret) = self.keys.create_key(request).await?;
+        Ok(Response::new(CreateKeyResponse { key: Some(self.key(&key)), secret: secret.expose() }))
+    }
+
+    #[instrument(name = "KeyAdmin.GetKey", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    async fn get_key(&self, request: Request<GetKeyRequest>) -> Result<Response<GetKeyResponse>, Status> {
+        let request = request.into_inner();
+        convert::ids(&[("tenant_id", &request.tenant_id), ("key_id", &request.key_id)])?;
+        let key = self.keys.get_key(&request.tenant_id, &request.key_id).await?;
+        Ok(Response::new(GetKeyResponse { key: Some(self.key(&key)) }))
+    }
+
+    #[instrument(name = "KeyAdmin.ListKeys", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    async fn list_keys(&self, request: Request<ListKeysRequest>) -> Result<Response<ListKeysResponse>, Status> {
+        let request = ListKeys::try_from(request.into_inner())?;
+        let page = self.keys.list_keys(&request).await?;
+        let keys = page.items.iter().map(|key| self.key(key)).collect();
+        Ok(Response::new(ListKeysResponse { keys, next_page_token: page.next_page_token }))
+    }
+
+    #[instrument(name = "KeyAdmin.UpdateKey", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    async fn update_key(&self, request: Request<UpdateKeyRequest>) -> Result<Response<UpdateKeyResponse>, Status> {
+        let request = request.into_inner();
+        let (tenant_id, key_id) = (request.tenant_id.clone(), request.key_id.clone());
+        let changes = KeyChanges::try_from(request)?;
+        let key = self.keys.update_key(&tenant_id, &key_id, changes).await?;
+        Ok(Response::new(UpdateKeyResponse { key: Some(self.key(&key)) }))
+    }
+
+    #[instrument(name = "KeyAdmin.RevokeKey", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    async fn revoke_key(&self, request: Request<RevokeKeyRequest>) -> Result<Response<RevokeKeyResponse>, Status> {
+        let request = request.into_inner();
+        convert::ids(&[("tenant_id", &request.tenant_id), ("key_id", &request.key_id)])?;
+        let key = self.keys.revoke_key(&request.tenant_id, &request.key_id).await?;
+        Ok(Response::new(RevokeKeyResponse { key: Some(self.key(&key)) }))
+    }
+
+    #[instrument(name = "KeyAdmin.RotateKey", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    async fn rotate_key(&self, request: Request<RotateKeyRequest>) -> Result<Response<RotateKeyResponse>, Status> {
+        let request = request.into_inner();
+        let grace = convert::rotate_key(&request)?;
+        let rotation = self.keys.rotate_key(&request.tenant_id, &request.key_id, grace).await?;
+        Ok(Response::new(RotateKeyResponse {
+            key: Some(self.key(&rotation.key)),
+            secret: rotation.secret.expose(),
+            previous_key: Some(self.key(&rotation.previous_key)),
+        }))
+    }
+}

@@ -1,0 +1,57 @@
+//! `keygate.v1.Authorize`: the decision API for backends.
+
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use super::convert;
+use crate::domain::key::MAX_KEY_BYTES;
+use crate::domain::validation::Violations;
+use crate::proto::authorize_server::Authorize;
+use crate::proto::{CheckRequest, CheckResponse};
+use crate::service::{self, Authorizer, ServiceError};
+
+/// The Authorize gRPC service.
+pub struct AuthorizeApi {
+    authorizer: Authorizer,
+}
+
+impl AuthorizeApi {
+    pub fn new(authorizer: Authorizer) -> Self {
+        Self { authorizer }
+    }
+}
+
+impl TryFrom<CheckRequest> for service::CheckRequest {
+    type Error = ServiceError;
+
+    fn try_from(request: CheckRequest) -> Result<Self, ServiceError> {
+        let mut violations = Violations::default();
+        if request.key.len() > MAX_KEY_BYTES {
+            violations.add("key", format!("must be at most {MAX_KEY_BYTES} bytes"));
+        }
+        let scope = violations.required_scope("scope", &request.scope);
+        if !request.site_id.is_empty() {
+            violations.id("site_id", &request.site_id);
+        }
+        let site_id = Some(request.site_id).filter(|site| !site.is_empty());
+        match (violations.finish(()), scope) {
+            (Ok(()), Some(scope)) => Ok(Self { key: request.key, scope, site_id }),
+            (Err(violations), _) => Err(violations.into()),
+            (Ok(()), None) => Err(ServiceError::invalid("scope", "is required")),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorize for AuthorizeApi {
+    #[instrument(name = "Authorize.Check", skip_all, fields(scope = tracing::field::Empty, site_id = tracing::field::Empty))]
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        let request = service::CheckRequest::try_from(request.into_inner())?;
+        let span = tracing::Span::current();
+        span.record("scope", request.scope.as_str());
+        span.record("site_id", request.site_id.as_deref().unwrap_or_default());
+        let outcome = self.authorizer.check(&request).await?;
+        let site_id = request.site_id.as_deref().unwrap_or_default();
+        Ok(Response::new(convert::check_response(&outcome, request.scope.as_str(), site_id)))
+    }
+}

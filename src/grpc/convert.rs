@@ -1,0 +1,317 @@
+//! Proto <-> domain: request decoding with validation, record encoding.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Duration, Utc};
+use prost_types::Timestamp;
+
+use crate::domain::key::Environment;
+use crate::domain::model::{KeyRecord, KeyState, Site, Tenant, TenantChanges};
+use crate::domain::validation::{MAX_DISPLAY_NAME_CHARS, MAX_NAME_CHARS, Violations};
+use crate::proto;
+use crate::service::{CreateKey, Expiry, KeyChanges, ListKeys, ServiceError};
+
+/// The longest grace period RotateKey accepts.
+pub const MAX_GRACE_DAYS: i64 = 30;
+
+pub fn timestamp(time: DateTime<Utc>) -> Timestamp {
+    Timestamp { seconds: time.timestamp(), nanos: time.timestamp_subsec_nanos() as i32 }
+}
+
+fn to_time(violations: &mut Violations, field: &str, value: &Timestamp) -> Option<DateTime<Utc>> {
+    let time = u32::try_from(value.nanos)
+        .ok()
+        .filter(|nanos| *nanos < 1_000_000_000)
+        .and_then(|nanos| DateTime::from_timestamp(value.seconds, nanos));
+    if time.is_none() {
+        violations.add(field, "is not a valid timestamp");
+    }
+    time
+}
+
+fn to_duration(
+    violations: &mut Violations,
+    field: &str,
+    value: &prost_types::Duration,
+    max_days: i64,
+) -> Option<Duration> {
+    let valid = value.seconds >= 0 && (0..1_000_000_000).contains(&value.nanos) && value.seconds <= max_days * 86_400;
+    if !valid {
+        violations.add(field, format!("must be between 0 and {max_days} days"));
+        return None;
+    }
+    Duration::try_seconds(value.seconds).map(|seconds| seconds + Duration::nanoseconds(i64::from(value.nanos)))
+}
+
+fn environment(value: i32) -> Result<Environment, ()> {
+    match proto::KeyEnvironment::try_from(value) {
+        Ok(proto::KeyEnvironment::Unspecified | proto::KeyEnvironment::Live) => Ok(Environment::Live),
+        Ok(proto::KeyEnvironment::Test) => Ok(Environment::Test),
+        Err(_) => Err(()),
+    }
+}
+
+fn environment_proto(environment: Environment) -> proto::KeyEnvironment {
+    match environment {
+        Environment::Live => proto::KeyEnvironment::Live,
+        Environment::Test => proto::KeyEnvironment::Test,
+    }
+}
+
+fn metadata(
+    violations: &mut Violations,
+    field: &str,
+    values: std::collections::HashMap<String, String>,
+) -> BTreeMap<String, String> {
+    let metadata: BTreeMap<_, _> = values.into_iter().collect();
+    violations.metadata(field, &metadata);
+    metadata
+}
+
+/// Decodes PutTenant.
+pub fn put_tenant(request: proto::PutTenantRequest) -> Result<(String, TenantChanges), ServiceError> {
+    let mut violations = Violations::default();
+    violations.id("tenant_id", &request.tenant_id);
+    if let Some(name) = &request.display_name {
+        violations.optional_name("display_name", name, MAX_DISPLAY_NAME_CHARS);
+    }
+    let changes = TenantChanges {
+        display_name: request.display_name.filter(|name| !name.is_empty()),
+        api_access_enabled: request.api_access_enabled,
+        max_keys: request.max_keys,
+        rate_limit_per_minute: request.rate_limit_per_minute,
+        daily_request_quota: request.daily_request_quota,
+    };
+    Ok(violations.finish((request.tenant_id, changes))?)
+}
+
+/// Checks the ids every tenant-scoped request carries.
+pub fn ids(pairs: &[(&str, &str)]) -> Result<(), ServiceError> {
+    let mut violations = Violations::default();
+    for (field, value) in pairs {
+        violations.id(field, value);
+    }
+    Ok(violations.finish(())?)
+}
+
+/// Decodes PutSite.
+pub fn put_site(request: &proto::PutSiteRequest) -> Result<(), ServiceError> {
+    let mut violations = Violations::default();
+    violations.id("tenant_id", &request.tenant_id);
+    violations.id("site_id", &request.site_id);
+    violations.optional_name("display_name", &request.display_name, MAX_DISPLAY_NAME_CHARS);
+    Ok(violations.finish(())?)
+}
+
+/// Decodes a page size and checks the tenant id of a list call.
+pub fn list(tenant_id: &str, page_size: i32) -> Result<usize, ServiceError> {
+    let mut violations = Violations::default();
+    violations.id("tenant_id", tenant_id);
+    let size = violations.page_size("page_size", page_size);
+    Ok(violations.finish(size)?)
+}
+
+impl TryFrom<proto::CreateKeyRequest> for CreateKey {
+    type Error = ServiceError;
+
+    fn try_from(request: proto::CreateKeyRequest) -> Result<Self, ServiceError> {
+        let mut violations = Violations::default();
+        violations.id("tenant_id", &request.tenant_id);
+        violations.name("name", &request.name, MAX_NAME_CHARS);
+        let scopes = violations.scopes("scopes", &request.scopes);
+        let site_ids = violations.site_ids("site_ids", &request.site_ids);
+        let expiry = match &request.expiry {
+            None => Expiry::Never,
+            Some(proto::create_key_request::Expiry::ExpiresAt(at)) => {
+                to_time(&mut violations, "expires_at", at).map_or(Expiry::Never, Expiry::At)
+            }
+            Some(proto::create_key_request::Expiry::ExpiresIn(duration)) => {
+                match to_duration(&mut violations, "expires_in", duration, 36_500) {
+                    Some(duration) if duration.is_zero() => {
+                        violations.add("expires_in", "must be positive");
+                        Expiry::Never
+                    }
+                    Some(duration) => Expiry::After(duration),
+                    None => Expiry::Never,
+                }
+            }
+        };
+        let environment = environment(request.environment).unwrap_or_else(|()| {
+            violations.add("environment", "must be KEY_ENVIRONMENT_LIVE or KEY_ENVIRONMENT_TEST");
+            Environment::Live
+        });
+        let metadata = metadata(&mut violations, "metadata", request.metadata);
+        let request = CreateKey {
+            tenant_id: request.tenant_id,
+            name: request.name,
+            scopes,
+            site_ids,
+            expiry,
+            environment,
+            metadata,
+            rate_limit_per_minute: request.rate_limit_per_minute,
+        };
+        Ok(violations.finish(request)?)
+    }
+}
+
+impl TryFrom<proto::ListKeysRequest> for ListKeys {
+    type Error = ServiceError;
+
+    fn try_from(request: proto::ListKeysRequest) -> Result<Self, ServiceError> {
+        let mut violations = Violations::default();
+        violations.id("tenant_id", &request.tenant_id);
+        let page_size = violations.page_size("page_size", request.page_size);
+        if !request.site_id.is_empty() {
+            violations.id("site_id", &request.site_id);
+        }
+        let request = ListKeys {
+            tenant_id: request.tenant_id,
+            page_size,
+            page_token: request.page_token,
+            include_revoked: request.include_revoked,
+            site_id: Some(request.site_id).filter(|site| !site.is_empty()),
+        };
+        Ok(violations.finish(request)?)
+    }
+}
+
+/// The fields UpdateKey may change, as update_mask paths.
+const UPDATABLE: [&str; 6] = ["name", "scopes", "site_ids", "expires_at", "metadata", "rate_limit_per_minute"];
+
+impl TryFrom<proto::UpdateKeyRequest> for KeyChanges {
+    type Error = ServiceError;
+
+    fn try_from(request: proto::UpdateKeyRequest) -> Result<Self, ServiceError> {
+        let mut violations = Violations::default();
+        violations.id("tenant_id", &request.tenant_id);
+        violations.key_id("key_id", &request.key_id);
+        let paths = request.update_mask.map(|mask| mask.paths).unwrap_or_default();
+        if paths.is_empty() {
+            violations.add("update_mask", format!("must name at least one of {}", UPDATABLE.join(", ")));
+        }
+        let mut changes = KeyChanges::default();
+        for path in &paths {
+            match path.as_str() {
+                "name" => {
+                    violations.name("name", &request.name, MAX_NAME_CHARS);
+                    changes.name = Some(request.name.clone());
+                }
+                "scopes" => changes.scopes = Some(violations.scopes("scopes", &request.scopes)),
+                "site_ids" => changes.site_ids = Some(violations.site_ids("site_ids", &request.site_ids)),
+                "expires_at" => {
+                    changes.expires_at =
+                        Some(request.expires_at.as_ref().and_then(|at| to_time(&mut violations, "expires_at", at)));
+                }
+                "metadata" => changes.metadata = Some(metadata(&mut violations, "metadata", request.metadata.clone())),
+                "rate_limit_per_minute" => changes.rate_limit_per_minute = Some(request.rate_limit_per_minute),
+                other => violations.add(
+                    "update_mask",
+                    format!("unknown or read-only field {other:?}; updatable: {}", UPDATABLE.join(", ")),
+                ),
+            }
+        }
+        Ok(violations.finish(changes)?)
+    }
+}
+
+/// Decodes RotateKey's grace period; unset is zero.
+pub fn rotate_key(request: &proto::RotateKeyRequest) -> Result<Duration, ServiceError> {
+    let mut violations = Violations::default();
+    violations.id("tenant_id", &request.tenant_id);
+    violations.key_id("key_id", &request.key_id);
+    let grace = match &request.grace_period {
+        None => Some(Duration::zero()),
+        Some(grace) => to_duration(&mut violations, "grace_period", grace, MAX_GRACE_DAYS),
+    };
+    Ok(violations.finish(grace.unwrap_or_default())?)
+}
+
+pub fn tenant(tenant: &Tenant, effective_max_keys: u32) -> proto::Tenant {
+    proto::Tenant {
+        tenant_id: tenant.tenant_id.clone(),
+        display_name: tenant.display_name.clone(),
+        api_access_enabled: tenant.api_access_enabled,
+        max_keys: tenant.max_keys,
+        rate_limit_per_minute: tenant.rate_limit_per_minute,
+        daily_request_quota: tenant.daily_request_quota,
+        created_at: Some(timestamp(tenant.created_at)),
+        updated_at: Some(timestamp(tenant.updated_at)),
+        effective_max_keys,
+    }
+}
+
+pub fn site(site: &Site) -> proto::Site {
+    proto::Site {
+        tenant_id: site.tenant_id.clone(),
+        site_id: site.site_id.clone(),
+        display_name: site.display_name.clone(),
+        created_at: Some(timestamp(site.created_at)),
+        updated_at: Some(timestamp(site.updated_at)),
+    }
+}
+
+pub fn api_key(key: &KeyRecord, now: DateTime<Utc>) -> proto::ApiKey {
+    let state = match key.state(now) {
+        KeyState::Active => proto::KeyState::Active,
+        KeyState::Expired => proto::KeyState::Expired,
+        KeyState::Revoked => proto::KeyState::Revoked,
+    };
+    proto::ApiKey {
+        key_id: key.key_id.clone(),
+        tenant_id: key.tenant_id.clone(),
+        name: key.name.clone(),
+        display_prefix: key.display_prefix.clone(),
+        scopes: key.scopes.iter().map(|scope| scope.as_str().to_owned()).collect(),
+        site_ids: key.site_ids.clone(),
+        environment: environment_proto(key.environment).into(),
+        metadata: key.metadata.clone().into_iter().collect(),
+        rate_limit_per_minute: key.rate_limit_per_minute,
+        state: state.into(),
+        created_at: Some(timestamp(key.created_at)),
+        expires_at: key.expires_at.map(timestamp),
+        revoked_at: key.revoked_at.map(timestamp),
+        last_used_at: key.last_used_at.map(timestamp),
+        rotated_from_key_id: key.rotated_from_key_id.clone().unwrap_or_default(),
+    }
+}
+
+/// Encodes a Check outcome.
+pub fn check_response(outcome: &crate::service::CheckOutcome, scope: &str, site_id: &str) -> proto::CheckResponse {
+    use crate::domain::decision::DenyReason;
+    let reason = outcome.decision.err();
+    let mut response = proto::CheckResponse {
+        allowed: reason.is_none(),
+        reason: reason.map_or(proto::DenyReason::Unspecified, |reason| match reason {
+            DenyReason::KeyMissing => proto::DenyReason::KeyMissing,
+            DenyReason::KeyMalformed => proto::DenyReason::KeyMalformed,
+            DenyReason::KeyUnknown => proto::DenyReason::KeyUnknown,
+            DenyReason::KeyRevoked => proto::DenyReason::KeyRevoked,
+            DenyReason::KeyExpired => proto::DenyReason::KeyExpired,
+            DenyReason::ScopeMissing => proto::DenyReason::ScopeMissing,
+            DenyReason::SiteForbidden => proto::DenyReason::SiteForbidden,
+            DenyReason::PlanRequired => proto::DenyReason::PlanRequired,
+            DenyReason::RateLimited => proto::DenyReason::RateLimited,
+            DenyReason::QuotaExceeded => proto::DenyReason::QuotaExceeded,
+        }) as i32,
+        message: reason.map(|reason| reason.message(scope, site_id)).unwrap_or_default(),
+        http_status: reason.map_or(200, |reason| u32::from(reason.http_status())),
+        ..Default::default()
+    };
+    if let Some(key) = &outcome.key {
+        response.tenant_id = key.tenant_id.clone();
+        response.key_id = key.key_id.clone();
+        response.key_name = key.name.clone();
+        response.scopes = key.scopes.iter().map(|scope| scope.as_str().to_owned()).collect();
+        response.site_ids = key.site_ids.clone();
+        response.environment = environment_proto(key.environment).into();
+        response.metadata = key.metadata.clone().into_iter().collect();
+        response.expires_at = key.expires_at.map(timestamp);
+    }
+    response.rate_limit = outcome.rate_limit.as_ref().map(|limit| proto::RateLimit {
+        limit: limit.limit,
+        remaining: limit.remaining,
+        reset_at: Some(timestamp(limit.reset_at)),
+    });
+    response
+}

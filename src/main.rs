@@ -1,0 +1,27 @@
+//! `keygate`: parse configuration, set up logging, run until SIGTERM or Ctrl-C.
+
+use anyhow::anyhow;
+use clap::Parser;
+use keygate::config::{Cli, Command, Config, DatabaseConfig, LogFormat};
+use keygate::server::{self, App};
+use keygate::telemetry;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command.unwrap_or(Command::Serve(cli.serve)) {
+        Command::Serve(args) => {
+            let config = Config::from_args(&args).map_err(|error| anyhow!(error))?;
+            telemetry::init(config.log_format);
+            App::bind(config).await?.run(server::shutdown_signal()).await
+        }
+        Command::Migrate(args) => {
+            telemetry::init(LogFormat::Text);
+            server::migrate(&DatabaseConfig::from_args(&args).map_err(|error| anyhow!(error))?).await
+        }
+        Command::GenToken => {
+            println!("{}", keygate::domain::key::new_admin_token()?);
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! The server: binds its listener, serves KeyAdmin, Authorize, health and reflection, and
+//! connects and migrates the store in the background while health says NOT_SERVING.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+use tracing::{error, info, info_span, warn};
+
+use crate::cache::DecisionCache;
+use crate::config::Config;
+use crate::domain::clock::{Clock, SystemClock};
+use crate::grpc::{AuthorizeApi, BearerAuth, KeyAdminApi};
+use crate::proto::FILE_DESCRIPTOR_SET;
+use crate::proto::authorize_server::AuthorizeServer;
+use crate::proto::key_admin_server::KeyAdminServer;
+use crate::service::{Authorizer, Core, KeyService};
+use crate::store::Store;
+
+/// The fully qualified names health reports on, besides the overall "".
+const SERVICE_NAMES: [&str; 2] = ["keygate.v1.KeyAdmin", "keygate.v1.Authorize"];
+
+/// A bound, not yet running keygate server.
+pub struct App {
+    listener: TcpListener,
+    config: Config,
+    core: Arc<Core>,
+}
+
+impl App {
+    /// Binds the listener (port 0 picks a free port) and prepares the store without connecting.
+    pub async fn bind(config: Config) -> anyhow::Result<Self> {
+        Self::bind_with_clock(config, Arc::new(SystemClock)).await
+    }
+
+    /// Like [`bind`](Self::bind) with a chosen clock; tests move time by hand.
+    pub async fn bind_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let database = &config.database;
+        let store = Store::connect_lazy(&database.url.0, database.max_connections, database.acquire_timeout)?;
+        let listener = TcpListener::bind(config.listen).await?;
+        let core =
+            Arc::new(Core { store, cache: DecisionCache::new(&config.cache), clock, policy: config.policy.clone() });
+        Ok(Self { listener, config, core })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// The store, for tests that count its queries.
+    pub fn store(&self) -> Store {
+        self.core.store.clone()
+    }
+
+    /// Serves until `shutdown` completes, then drains in-flight calls and closes the pool.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+        let (health, health_service) = tonic_health::server::health_reporter();
+        set_health(&health, ServingStatus::NotServing).await;
+        let store = self.core.store.clone();
+        let readiness = tokio::spawn(become_ready(store.clone(), health.clone()));
+
+        let reflection_v1 = reflection().build_v1()?;
+        let reflection_v1alpha = reflection().build_v1alpha()?;
+        let admin = KeyAdminServer::with_interceptor(
+            KeyAdminApi::new(KeyService::new(self.core.clone()), self.core.clock.clone()),
+            BearerAuth::required(self.config.admin_tokens.clone(), "KeyAdmin"),
+        );
+        let authorize = AuthorizeServer::with_interceptor(
+            AuthorizeApi::new(Authorizer::new(self.core.clone())),
+            BearerAuth::when_configured(self.config.authorize_tokens.clone(), "Authorize"),
+        );
+
+        let address = self.local_addr();
+        info!(%address, backend = store.backend().name(), "keygate listening");
+        let health_on_shutdown = health.clone();
+        let result = Server::builder()
+            .trace_fn(|request| info_span!("grpc", path = %request.uri().path()))
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .add_service(admin)
+            .add_service(authorize)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
+                shutdown.await;
+                set_health(&health_on_shutdown, ServingStatus::NotServing).await;
+                info!("shutting down: draining in-flight calls");
+            })
+            .await;
+        readiness.abort();
+        store.close().await;
+        info!("keygate stopped");
+        Ok(result?)
+    }
+}
+
+/// Reflection over keygate's services, health, and google.rpc's error details (so grpcurl can
+/// print the BadRequest of an INVALID_ARGUMENT).
+fn reflection() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Connects and migrates, retrying with backoff, then reports SERVING.
+async fn become_ready(store: Store, health: HealthReporter) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match store.migrate().await {
+            Ok(()) => break,
+            Err(error) => {
+                warn!(%error, retry_in_ms = delay.as_millis() as u64, "store not ready");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+    match store.ping().await {
+        Ok(()) => {
+            set_health(&health, ServingStatus::Serving).await;
+            info!("store migrated and reachable: serving");
+        }
+        Err(error) => error!(%error, "store failed right after migrating"),
+    }
+}
+
+async fn set_health(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    for name in SERVICE_NAMES {
+        health.set_service_status(name, status).await;
+    }
+}
+
+/// Resolves on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                warn!(%error, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+}
+
+/// Runs migrations once and returns (for `keygate migrate`).
+pub async fn migrate(database: &crate::config::DatabaseConfig) -> anyhow::Result<()> {
+    let store = Store::connect_lazy(&database.url.0, database.max_connections, database.acquire_timeout)?;
+    store.migrate().await?;
+    store.close().await;
+    Ok(())
+}

@@ -1,0 +1,358 @@
+//! KeyAdmin's operations: tenants, sites and the key lifecycle.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, Utc};
+use tracing::info;
+
+use super::{Core, PageToken, ServiceError, ServiceResult};
+use crate::domain::key::{ApiKeySecret, Environment, new_key_id};
+use crate::domain::model::{KeyRecord, KeySettings, KeyState, Site, Tenant, TenantChanges};
+use crate::domain::scope::Scope;
+use crate::domain::validation::Violations;
+use crate::store::{InsertKeyOutcome, KeyEnd, KeyFilter, PutSiteOutcome, RotateOutcome};
+
+/// The longest expiry keygate accepts, so timestamps stay far from overflow.
+const MAX_LIFETIME_DAYS: i64 = 36_500;
+
+/// When a new key stops working.
+#[derive(Clone, Copy, Debug)]
+pub enum Expiry {
+    Never,
+    At(DateTime<Utc>),
+    After(Duration),
+}
+
+/// A validated CreateKey request.
+#[derive(Clone, Debug)]
+pub struct CreateKey {
+    pub tenant_id: String,
+    pub name: String,
+    /// Well-formed; the catalogue is checked by the service.
+    pub scopes: Vec<Scope>,
+    pub site_ids: Vec<String>,
+    pub expiry: Expiry,
+    pub environment: Environment,
+    pub metadata: BTreeMap<String, String>,
+    pub rate_limit_per_minute: u32,
+}
+
+/// The fields an UpdateKey call changes; `None` leaves a field as it is.
+#[derive(Clone, Debug, Default)]
+pub struct KeyChanges {
+    pub name: Option<String>,
+    pub scopes: Option<Vec<Scope>>,
+    pub site_ids: Option<Vec<String>>,
+    /// `Some(None)` removes the expiry.
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+    pub metadata: Option<BTreeMap<String, String>>,
+    pub rate_limit_per_minute: Option<u32>,
+}
+
+/// A validated ListKeys request.
+#[derive(Clone, Debug)]
+pub struct ListKeys {
+    pub tenant_id: String,
+    pub page_size: usize,
+    pub page_token: String,
+    pub include_revoked: bool,
+    pub site_id: Option<String>,
+}
+
+/// One page of a list and the token of the next one (empty on the last page).
+#[derive(Debug)]
+pub struct Page<T> {
+    pub items: Vec<T>,
+    pub next_page_token: String,
+}
+
+/// The outcome of RotateKey.
+#[derive(Debug)]
+pub struct Rotation {
+    pub key: KeyRecord,
+    pub secret: ApiKeySecret,
+    pub previous_key: KeyRecord,
+}
+
+/// KeyAdmin's operations. Every change invalidates the cache entries it touches, so the next
+/// Check on this server sees it.
+#[derive(Clone)]
+pub struct KeyService {
+    core: Arc<Core>,
+}
+
+impl KeyService {
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+
+    fn now(&self) -> DateTime<Utc> {
+        self.core.clock.now()
+    }
+
+    /// The active-key limit that applies to a tenant.
+    pub fn effective_max_keys(&self, tenant: &Tenant) -> u32 {
+        if tenant.max_keys == 0 { self.core.policy.default_max_keys } else { tenant.max_keys }
+    }
+
+    pub async fn put_tenant(&self, tenant_id: &str, changes: &TenantChanges) -> ServiceResult<Tenant> {
+        let tenant = self.core.store.put_tenant(tenant_id, changes, self.now()).await?;
+        self.core.cache.invalidate_tenant(tenant_id).await;
+        info!(tenant_id, api_access_enabled = tenant.api_access_enabled, "tenant saved");
+        Ok(tenant)
+    }
+
+    pub async fn get_tenant(&self, tenant_id: &str) -> ServiceResult<Tenant> {
+        self.core.store.get_tenant(tenant_id).await?.ok_or_else(|| tenant_not_found(tenant_id))
+    }
+
+    pub async fn put_site(&self, tenant_id: &str, site_id: &str, display_name: &str) -> ServiceResult<Site> {
+        let display_name = if display_name.is_empty() { site_id } else { display_name };
+        match self.core.store.put_site(tenant_id, site_id, display_name, self.now()).await? {
+            PutSiteOutcome::Saved(site) => {
+                self.core.cache.invalidate_site(site_id).await;
+                info!(tenant_id, site_id, "site saved");
+                Ok(site)
+            }
+            PutSiteOutcome::TenantMissing => Err(tenant_not_found(tenant_id)),
+            PutSiteOutcome::OwnedByAnotherTenant => {
+                Err(ServiceError::AlreadyExists(format!("site {site_id} belongs to another tenant")))
+            }
+        }
+    }
+
+    pub async fn delete_site(&self, tenant_id: &str, site_id: &str) -> ServiceResult<()> {
+        if !self.core.store.delete_site(tenant_id, site_id).await? {
+            return Err(ServiceError::NotFound(format!("site {site_id} not found")));
+        }
+        self.core.cache.invalidate_site(site_id).await;
+        info!(tenant_id, site_id, "site deleted");
+        Ok(())
+    }
+
+    pub async fn list_sites(&self, tenant_id: &str, page_size: usize, page_token: &str) -> ServiceResult<Page<Site>> {
+        let after = PageToken::decode("sites", page_token)?;
+        self.get_tenant(tenant_id).await?;
+        let after_id = after.as_ref().map(|token| token.after_id.as_str());
+        let sites = self.core.store.list_sites(tenant_id, after_id, page_size + 1).await?;
+        Ok(paginate(sites, page_size, "sites", |site| &site.site_id))
+    }
+
+    /// Mints a key under the tenant's plan and active-key limit.
+    pub async fn create_key(&self, request: CreateKey) -> ServiceResult<(KeyRecord, ApiKeySecret)> {
+        let now = self.now();
+        let tenant = self.get_tenant(&request.tenant_id).await?;
+        if !tenant.api_access_enabled {
+            return Err(ServiceError::FailedPrecondition(
+                "API key access is not included in this tenant's plan (api_access_enabled is false)".into(),
+            ));
+        }
+        self.check_catalogue("scopes", &request.scopes)?;
+        let scopes = sorted_unique(request.scopes);
+        self.check_sites_owned(&request.tenant_id, &request.site_ids).await?;
+        let expires_at = match request.expiry {
+            Expiry::Never => None,
+            Expiry::At(at) => Some(future_time("expires_at", at, now)?),
+            Expiry::After(after) => {
+                let at =
+                    now.checked_add_signed(after).ok_or_else(|| ServiceError::invalid("expires_in", "is too long"))?;
+                Some(future_time("expires_in", at, now)?)
+            }
+        };
+        let secret = ApiKeySecret::generate(&self.core.policy.prefix, request.environment)
+            .map_err(|error| ServiceError::Internal(format!("no randomness from the OS: {error}")))?;
+        let record = KeyRecord {
+            key_id: new_key_id(now.timestamp_millis())
+                .map_err(|error| ServiceError::Internal(format!("no randomness from the OS: {error}")))?,
+            tenant_id: request.tenant_id,
+            key_hash: secret.hash().as_str().to_owned(),
+            name: request.name,
+            display_prefix: secret.display_prefix(),
+            scopes,
+            site_ids: request.site_ids,
+            environment: request.environment,
+            metadata: request.metadata,
+            rate_limit_per_minute: request.rate_limit_per_minute,
+            created_at: now,
+            expires_at,
+            revoked_at: None,
+            last_used_at: None,
+            rotated_from_key_id: None,
+        };
+        let limit = self.effective_max_keys(&tenant);
+        match self.core.store.insert_key(&record, limit, now).await? {
+            InsertKeyOutcome::Inserted => {}
+            InsertKeyOutcome::TenantMissing => return Err(tenant_not_found(&record.tenant_id)),
+            InsertKeyOutcome::LimitReached { limit } => {
+                return Err(ServiceError::ResourceExhausted(format!(
+                    "tenant {} already has {limit} active keys, its limit; revoke one first",
+                    record.tenant_id
+                )));
+            }
+        }
+        info!(tenant_id = %record.tenant_id, key_id = %record.key_id, display_prefix = %record.display_prefix, "key created");
+        Ok((record, secret))
+    }
+
+    pub async fn get_key(&self, tenant_id: &str, key_id: &str) -> ServiceResult<KeyRecord> {
+        self.core.store.get_key(tenant_id, key_id).await?.ok_or_else(|| key_not_found(key_id))
+    }
+
+    pub async fn list_keys(&self, request: &ListKeys) -> ServiceResult<Page<KeyRecord>> {
+        let after = PageToken::decode("keys", &request.page_token)?;
+        self.get_tenant(&request.tenant_id).await?;
+        let filter = KeyFilter {
+            include_revoked: request.include_revoked,
+            site_id: request.site_id.as_deref(),
+            after_key_id: after.as_ref().map(|token| token.after_id.as_str()),
+        };
+        let keys = self.core.store.list_keys(&request.tenant_id, &filter, request.page_size + 1).await?;
+        Ok(paginate(keys, request.page_size, "keys", |key| &key.key_id))
+    }
+
+    /// Changes a key's settings; a revoked key cannot be changed.
+    pub async fn update_key(&self, tenant_id: &str, key_id: &str, changes: KeyChanges) -> ServiceResult<KeyRecord> {
+        let now = self.now();
+        let current = self.get_key(tenant_id, key_id).await?;
+        if current.state(now) == KeyState::Revoked {
+            return Err(revoked(key_id));
+        }
+        let mut settings: KeySettings = current.settings();
+        if let Some(name) = changes.name {
+            settings.name = name;
+        }
+        if let Some(scopes) = changes.scopes {
+            self.check_catalogue("scopes", &scopes)?;
+            settings.scopes = sorted_unique(scopes);
+        }
+        if let Some(site_ids) = changes.site_ids {
+            self.check_sites_owned(tenant_id, &site_ids).await?;
+            settings.site_ids = site_ids;
+        }
+        if let Some(expires_at) = changes.expires_at {
+            settings.expires_at = expires_at.map(|at| future_time("expires_at", at, now)).transpose()?;
+        }
+        if let Some(metadata) = changes.metadata {
+            settings.metadata = metadata;
+        }
+        if let Some(limit) = changes.rate_limit_per_minute {
+            settings.rate_limit_per_minute = limit;
+        }
+        if !self.core.store.update_key(tenant_id, key_id, &settings).await? {
+            return Err(revoked(key_id));
+        }
+        self.core.cache.invalidate_key(&current.key_hash).await;
+        info!(tenant_id, key_id, "key updated");
+        self.get_key(tenant_id, key_id).await
+    }
+
+    /// Revokes a key at once; revoking a revoked key returns it unchanged.
+    pub async fn revoke_key(&self, tenant_id: &str, key_id: &str) -> ServiceResult<KeyRecord> {
+        let changed = self.core.store.revoke_key(tenant_id, key_id, self.now()).await?;
+        let key = self.get_key(tenant_id, key_id).await?;
+        if changed {
+            self.core.cache.invalidate_key(&key.key_hash).await;
+            info!(tenant_id, key_id, "key revoked");
+        }
+        Ok(key)
+    }
+
+    /// Mints a successor of an active key; the old key works for `grace` more, or is revoked now.
+    pub async fn rotate_key(&self, tenant_id: &str, key_id: &str, grace: Duration) -> ServiceResult<Rotation> {
+        let now = self.now();
+        let old = self.get_key(tenant_id, key_id).await?;
+        if old.state(now) != KeyState::Active {
+            return Err(ServiceError::FailedPrecondition(format!("key {key_id} is not active and cannot be rotated")));
+        }
+        let secret = ApiKeySecret::generate(&self.core.policy.prefix, old.environment)
+            .map_err(|error| ServiceError::Internal(format!("no randomness from the OS: {error}")))?;
+        let successor = KeyRecord {
+            key_id: new_key_id(now.timestamp_millis())
+                .map_err(|error| ServiceError::Internal(format!("no randomness from the OS: {error}")))?,
+            key_hash: secret.hash().as_str().to_owned(),
+            display_prefix: secret.display_prefix(),
+            created_at: now,
+            revoked_at: None,
+            last_used_at: None,
+            rotated_from_key_id: Some(old.key_id.clone()),
+            ..old.clone()
+        };
+        let end = if grace.is_zero() {
+            KeyEnd::RevokeAt(now)
+        } else {
+            let grace_end = now + grace;
+            KeyEnd::ExpireAt(old.expires_at.map_or(grace_end, |expires_at| expires_at.min(grace_end)))
+        };
+        match self.core.store.rotate_key(&old, end, &successor).await? {
+            RotateOutcome::Rotated => {}
+            RotateOutcome::Conflict => {
+                return Err(ServiceError::FailedPrecondition(format!("key {key_id} was rotated or revoked already")));
+            }
+        }
+        self.core.cache.invalidate_key(&old.key_hash).await;
+        info!(tenant_id, key_id = %successor.key_id, previous_key_id = key_id, grace_seconds = grace.num_seconds(), "key rotated");
+        let previous_key = self.get_key(tenant_id, key_id).await?;
+        Ok(Rotation { key: successor, secret, previous_key })
+    }
+
+    fn check_catalogue(&self, field: &str, scopes: &[Scope]) -> ServiceResult<()> {
+        let mut violations = Violations::default();
+        for (index, scope) in scopes.iter().enumerate() {
+            if !self.core.policy.scopes.allows(scope) {
+                violations.add(format!("{field}[{index}]"), format!("{scope} is not in the scope catalogue"));
+            }
+        }
+        Ok(violations.finish(())?)
+    }
+
+    async fn check_sites_owned(&self, tenant_id: &str, site_ids: &[String]) -> ServiceResult<()> {
+        let owned = self.core.store.owned_sites(tenant_id, site_ids).await?;
+        let mut violations = Violations::default();
+        for (index, site_id) in site_ids.iter().enumerate() {
+            if !owned.contains(site_id) {
+                violations
+                    .add(format!("site_ids[{index}]"), format!("site {site_id} is not a site of tenant {tenant_id}"));
+            }
+        }
+        Ok(violations.finish(())?)
+    }
+}
+
+fn paginate<T>(mut items: Vec<T>, page_size: usize, kind: &str, id: impl Fn(&T) -> &String) -> Page<T> {
+    let next_page_token = if items.len() > page_size {
+        items.truncate(page_size);
+        items.last().map(|last| PageToken::encode(kind, id(last))).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    Page { items, next_page_token }
+}
+
+fn sorted_unique(mut scopes: Vec<Scope>) -> Vec<Scope> {
+    scopes.sort();
+    scopes.dedup();
+    scopes
+}
+
+fn future_time(field: &str, at: DateTime<Utc>, now: DateTime<Utc>) -> ServiceResult<DateTime<Utc>> {
+    if at <= now {
+        Err(ServiceError::invalid(field, "must be in the future"))
+    } else if at > now + Duration::days(MAX_LIFETIME_DAYS) {
+        Err(ServiceError::invalid(field, format!("must be within {MAX_LIFETIME_DAYS} days")))
+    } else {
+        Ok(at)
+    }
+}
+
+fn tenant_not_found(tenant_id: &str) -> ServiceError {
+    ServiceError::NotFound(format!("tenant {tenant_id} not found"))
+}
+
+fn key_not_found(key_id: &str) -> ServiceError {
+    ServiceError::NotFound(format!("key {key_id} not found"))
+}
+
+fn revoked(key_id: &str) -> ServiceError {
+    ServiceError::FailedPrecondition(format!("key {key_id} is revoked and cannot be changed"))
+}

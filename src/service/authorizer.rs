@@ -1,0 +1,104 @@
+//! The Check decision path: format check, cached lookups, pure decision.
+
+use std::sync::Arc;
+
+use chrono::{DateTime, Duration, DurationRound, Utc};
+use tracing::{debug, info};
+
+use super::{Core, ServiceResult};
+use crate::domain::decision::{CheckInput, DenyReason, decide};
+use crate::domain::key::{ApiKeySecret, KeyFormatError};
+use crate::domain::model::{KeyRecord, Tenant};
+use crate::domain::scope::Scope;
+
+/// A validated Check: the raw key (checked here, never logged), the scope and the site.
+pub struct CheckRequest {
+    pub key: String,
+    pub scope: Scope,
+    pub site_id: Option<String>,
+}
+
+/// The per-minute limit that applies to a key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateLimitState {
+    pub limit: u32,
+    pub remaining: u32,
+    pub reset_at: DateTime<Utc>,
+}
+
+/// The decision and, when the key is known, its context.
+#[derive(Debug)]
+pub struct CheckOutcome {
+    pub decision: Result<(), DenyReason>,
+    pub key: Option<Arc<KeyRecord>>,
+    pub rate_limit: Option<RateLimitState>,
+}
+
+/// Decides Checks, from the cache where it can.
+#[derive(Clone)]
+pub struct Authorizer {
+    core: Arc<Core>,
+}
+
+impl Authorizer {
+    pub fn new(core: Arc<Core>) -> Self {
+        Self { core }
+    }
+
+    /// Decides one Check. A deny is `Ok` with a reason; `Err` only when the store cannot answer
+    /// for a key that is not cached (fail closed).
+    pub async fn check(&self, request: &CheckRequest) -> ServiceResult<CheckOutcome> {
+        let denied = |reason| CheckOutcome { decision: Err(reason), key: None, rate_limit: None };
+        let secret = match ApiKeySecret::parse(&self.core.policy.prefix, &request.key) {
+            Ok(secret) => secret,
+            Err(KeyFormatError::Missing) => return Ok(denied(DenyReason::KeyMissing)),
+            Err(KeyFormatError::Malformed) => {
+                debug!(reason = "KEY_MALFORMED", "check denied");
+                return Ok(denied(DenyReason::KeyMalformed));
+            }
+        };
+        let core = &self.core;
+        let hash = secret.hash();
+        let Some(key) = core.cache.key(hash.as_str(), || core.store.key_by_hash(hash.as_str())).await? else {
+            info!(reason = "KEY_UNKNOWN", display_prefix = %secret.display_prefix(), "check denied");
+            return Ok(denied(DenyReason::KeyUnknown));
+        };
+        let Some(tenant) = core.cache.tenant(&key.tenant_id, || core.store.get_tenant(&key.tenant_id)).await? else {
+            return Ok(denied(DenyReason::KeyUnknown));
+        };
+        let site_owner = match &request.site_id {
+            Some(site_id) => core.cache.site_owner(site_id, || core.store.site_owner(site_id)).await?,
+            None => None,
+        };
+        let now = core.clock.now();
+        let input = CheckInput {
+            key: &key,
+            tenant: &tenant,
+            required_scope: &request.scope,
+            site_id: request.site_id.as_deref(),
+            site_owner: site_owner.as_deref(),
+            now,
+        };
+        let decision = decide(&input, &core.policy.scopes);
+        match decision {
+            Ok(()) => debug!(tenant_id = %key.tenant_id, key_id = %key.key_id, scope = %request.scope, "check allowed"),
+            Err(reason) => info!(
+                tenant_id = %key.tenant_id, key_id = %key.key_id, reason = reason.code(), scope = %request.scope,
+                site_id = request.site_id.as_deref().unwrap_or_default(), "check denied"
+            ),
+        }
+        let rate_limit = rate_limit(&key, &tenant, now);
+        Ok(CheckOutcome { decision, key: Some(key), rate_limit })
+    }
+}
+
+/// The limit that applies: the key's own, else its tenant's; none when both are 0.
+/// Counting and enforcement arrive with the rate-limiting work, so `remaining` is the full limit.
+fn rate_limit(key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) -> Option<RateLimitState> {
+    let limit = if key.rate_limit_per_minute > 0 { key.rate_limit_per_minute } else { tenant.rate_limit_per_minute };
+    if limit == 0 {
+        return None;
+    }
+    let minute_start = now.duration_trunc(Duration::minutes(1)).unwrap_or(now);
+    Some(RateLimitState { limit, remaining: limit, reset_at: minute_start + Duration::minutes(1) })
+}

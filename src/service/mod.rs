@@ -1,0 +1,85 @@
+//! The application layer: admin operations and the Check decision path, over the store and the
+//! cache. Transport-free: the gRPC adapters call these with domain types.
+
+mod admin;
+mod authorizer;
+mod page_token;
+
+use std::sync::Arc;
+
+pub use admin::{CreateKey, Expiry, KeyChanges, KeyService, ListKeys, Page, Rotation};
+pub use authorizer::{Authorizer, CheckOutcome, CheckRequest, RateLimitState};
+pub use page_token::PageToken;
+
+use crate::cache::DecisionCache;
+use crate::domain::clock::Clock;
+use crate::domain::key::KeyPrefix;
+use crate::domain::scope::ScopePolicy;
+use crate::domain::validation::FieldViolation;
+use crate::store::{Store, StoreError};
+
+/// Rules for minting and checking keys, from configuration.
+#[derive(Clone, Debug)]
+pub struct KeyPolicy {
+    pub prefix: KeyPrefix,
+    /// The active-key limit of tenants whose max_keys is 0.
+    pub default_max_keys: u32,
+    pub scopes: ScopePolicy,
+}
+
+impl Default for KeyPolicy {
+    fn default() -> Self {
+        Self { prefix: KeyPrefix::default(), default_max_keys: 10, scopes: ScopePolicy::default() }
+    }
+}
+
+/// What the services share.
+pub struct Core {
+    pub store: Store,
+    pub cache: DecisionCache,
+    pub clock: Arc<dyn Clock>,
+    pub policy: KeyPolicy,
+}
+
+/// Errors of the application layer; the gRPC adapters map each to one status code.
+#[derive(Debug, thiserror::Error)]
+pub enum ServiceError {
+    #[error("invalid request")]
+    InvalidArgument(Vec<FieldViolation>),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("store unavailable")]
+    Unavailable(#[source] StoreError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ServiceError {
+    /// One invalid field.
+    pub fn invalid(field: impl Into<String>, description: impl Into<String>) -> Self {
+        Self::InvalidArgument(vec![FieldViolation { field: field.into(), description: description.into() }])
+    }
+}
+
+impl From<Vec<FieldViolation>> for ServiceError {
+    fn from(violations: Vec<FieldViolation>) -> Self {
+        Self::InvalidArgument(violations)
+    }
+}
+
+impl From<StoreError> for ServiceError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Corrupt(detail) => Self::Internal(detail),
+            other => Self::Unavailable(other),
+        }
+    }
+}
+
+pub type ServiceResult<T> = Result<T, ServiceError>;

@@ -1,0 +1,114 @@
+//! What differs between SQLite, PostgreSQL and MySQL: URL schemes, placeholders, upserts and
+//! the embedded migrations.
+
+use std::borrow::Cow;
+
+use sqlx::AssertSqlSafe;
+use sqlx::migrate::{MigrationType, Migrator};
+
+use super::StoreError;
+
+/// The database family behind a URL.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+    MySql,
+}
+
+impl Backend {
+    /// Picks the backend from the URL scheme: `sqlite:`, `postgres:`/`postgresql:`, `mysql:`/`mariadb:`.
+    pub fn from_url(url: &str) -> Result<Self, StoreError> {
+        let scheme = url.split(':').next().unwrap_or_default();
+        match scheme {
+            "sqlite" => Ok(Self::Sqlite),
+            "postgres" | "postgresql" => Ok(Self::Postgres),
+            "mysql" | "mariadb" => Ok(Self::MySql),
+            _ => Err(StoreError::Config(format!(
+                "unsupported database URL scheme {scheme:?}: use sqlite:, postgres: or mysql:"
+            ))),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sqlite => "sqlite",
+            Self::Postgres => "postgres",
+            Self::MySql => "mysql",
+        }
+    }
+
+    /// Statements are written with `?` placeholders; PostgreSQL wants `$1, $2, ...`.
+    /// keygate's SQL has no `?` inside string literals, so a plain rewrite is exact.
+    pub fn sql(self, text: impl Into<Cow<'static, str>>) -> AssertSqlSafe<Cow<'static, str>> {
+        let text = text.into();
+        if self != Self::Postgres || !text.contains('?') {
+            return AssertSqlSafe(text);
+        }
+        let mut numbered = String::with_capacity(text.len() + 16);
+        let mut index = 0;
+        for c in text.chars() {
+            if c == '?' {
+                index += 1;
+                numbered.push('$');
+                numbered.push_str(&index.to_string());
+            } else {
+                numbered.push(c);
+            }
+        }
+        AssertSqlSafe(Cow::Owned(numbered))
+    }
+
+    /// `INSERT ... ` that does nothing when the primary key exists.
+    pub fn insert_if_absent(self, table_and_columns: &str, values: &str, primary_key: &str) -> String {
+        match self {
+            Self::MySql => format!(
+                "INSERT INTO {table_and_columns} VALUES ({values}) ON DUPLICATE KEY UPDATE {primary_key} = {primary_key}"
+            ),
+            Self::Sqlite | Self::Postgres => {
+                format!("INSERT INTO {table_and_columns} VALUES ({values}) ON CONFLICT ({primary_key}) DO NOTHING")
+            }
+        }
+    }
+
+    /// The schema migrations of this backend, embedded in the binary.
+    pub fn migrator(self) -> Migrator {
+        let files: &[(i64, &str, &'static str)] = match self {
+            Self::Sqlite => &[(1, "init", include_str!("../../migrations/sqlite/0001_init.sql"))],
+            Self::Postgres => &[(1, "init", include_str!("../../migrations/postgres/0001_init.sql"))],
+            Self::MySql => &[(1, "init", include_str!("../../migrations/mysql/0001_init.sql"))],
+        };
+        let migrations = files
+            .iter()
+            .map(|&(version, description, sql)| {
+                sqlx::migrate::Migration::new(
+                    version,
+                    Cow::Borrowed(description),
+                    MigrationType::Simple,
+                    sqlx::SqlSafeStr::into_sql_str(sql),
+                    false,
+                )
+            })
+            .collect();
+        Migrator::with_migrations(migrations)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn placeholders_are_numbered_for_postgres_only() {
+        assert_eq!(Backend::Postgres.sql("a = ? AND b = ?").0, "a = $1 AND b = $2");
+        assert_eq!(Backend::MySql.sql("a = ? AND b = ?").0, "a = ? AND b = ?");
+    }
+
+    #[test]
+    fn schemes_pick_backends() {
+        assert_eq!(Backend::from_url("sqlite://keygate.db?mode=rwc").unwrap(), Backend::Sqlite);
+        assert_eq!(Backend::from_url("postgresql://localhost/db").unwrap(), Backend::Postgres);
+        assert_eq!(Backend::from_url("mysql://root@localhost/db").unwrap(), Backend::MySql);
+        assert!(Backend::from_url("redis://localhost").is_err());
+    }
+}

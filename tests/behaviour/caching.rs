@@ -1,0 +1,62 @@
+//! The decision cache: repeated Checks do no database work, unknown keys are cached negatively,
+//! and concurrent misses for one key make one query.
+
+use crate::checks::well_formed_unknown_key;
+use crate::on_every_backend;
+use crate::support::*;
+
+on_every_backend!(
+    a_repeated_check_is_served_from_the_cache,
+    an_unknown_key_is_looked_up_once,
+    concurrent_checks_of_an_uncached_key_make_one_lookup,
+);
+
+async fn a_repeated_check_is_served_from_the_cache(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else { return };
+    put_tenant(&app, "acme").await;
+    put_site(&app, "acme", "site-a").await.unwrap();
+    let (_, secret) = create_key(&app, key_request("acme", &["events:read"])).await.unwrap();
+    assert!(check(&app, &secret, "events:read", "site-a").await.allowed);
+    let after_first = app.store.query_count();
+    for _ in 0..20 {
+        assert!(check(&app, &secret, "events:read", "site-a").await.allowed);
+        assert_eq!(
+            check(&app, &secret, "goals:read", "site-a").await.reason(),
+            keygate::proto::DenyReason::ScopeMissing
+        );
+    }
+    assert_eq!(app.store.query_count(), after_first, "repeated checks must not query the store");
+}
+
+async fn an_unknown_key_is_looked_up_once(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else { return };
+    let unknown = well_formed_unknown_key();
+    let before = app.store.query_count();
+    for _ in 0..10 {
+        assert_eq!(check(&app, &unknown, "events:read", "").await.reason(), keygate::proto::DenyReason::KeyUnknown);
+    }
+    assert_eq!(app.store.query_count(), before + 1);
+}
+
+async fn concurrent_checks_of_an_uncached_key_make_one_lookup(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else { return };
+    put_tenant(&app, "acme").await;
+    let (_, secret) = create_key(&app, key_request("acme", &["events:read"])).await.unwrap();
+    let before = app.store.query_count();
+    let checks: Vec<_> = (0..32)
+        .map(|_| {
+            let mut authorize = app.authorize.clone();
+            let request = keygate::proto::CheckRequest {
+                key: secret.clone(),
+                scope: "events:read".into(),
+                site_id: String::new(),
+            };
+            tokio::spawn(async move { authorize.check(request).await.map(|response| response.into_inner().allowed) })
+        })
+        .collect();
+    for check in checks {
+        assert!(check.await.unwrap().unwrap());
+    }
+    // One lookup for the key, one for its tenant.
+    assert_eq!(app.store.query_count(), before + 2);
+}

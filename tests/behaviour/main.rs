@@ -1,0 +1,14 @@
+//! keygate's behaviour suite: black-box tests against a real server, run on SQLite always and on
+//! PostgreSQL and MySQL when `KEYGATE_TEST_POSTGRES_URL` / `KEYGATE_TEST_MYSQL_URL` are set.
+
+mod support;
+
+mod authorization;
+mod caching;
+mod checks;
+mod isolation;
+mod keys;
+mod rotation;
+mod server;
+mod tenants_and_sites;
+mod validation;

@@ -1,0 +1,99 @@
+//! Server lifecycle: health follows the store, an unreachable store fails closed.
+
+use std::time::Duration;
+
+use clap::Parser;
+use keygate::config::{Cli, Config};
+use keygate::proto::key_admin_client::KeyAdminClient;
+use keygate::proto::*;
+use keygate::server::App;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+
+use crate::support::*;
+
+/// A server whose database never answers: a TCP port that accepts nothing.
+async fn spawn_without_database() -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let url = format!("postgres://postgres@127.0.0.1:{port}/keygate");
+    let tokens = format!("tests={ADMIN_TOKEN}");
+    let cli = Cli::try_parse_from([
+        "keygate",
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        &url,
+        "--admin-tokens",
+        &tokens,
+        "--db-acquire-timeout-seconds",
+        "1",
+    ])
+    .unwrap();
+    let app = App::bind(Config::from_args(&cli.serve).unwrap()).await.unwrap();
+    let address = app.local_addr();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(app.run(async move {
+        let _ = stopped.await;
+    }));
+    (address, stop)
+}
+
+#[tokio::test]
+async fn health_is_not_serving_and_calls_fail_closed_while_the_store_is_unreachable() {
+    let (address, _stop) = spawn_without_database().await;
+    let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect_lazy();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(health(channel.clone()).await.unwrap(), ServingStatus::NotServing);
+
+    let mut admin = KeyAdminClient::with_interceptor(channel.clone(), WithTokenPublic::admin());
+    let status = admin.get_tenant(GetTenantRequest { tenant_id: "acme".into() }).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(!status.message().contains("127.0.0.1"), "no internals in client errors: {status:?}");
+
+    let mut authorize = keygate::proto::authorize_client::AuthorizeClient::new(channel.clone());
+    let key = crate::checks::well_formed_unknown_key();
+    let request = CheckRequest { key, scope: "events:read".into(), site_id: String::new() };
+    let status = authorize.check(request).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "an unknown key is never allowed without the store");
+    // A malformed key needs no store and is still denied.
+    let request = CheckRequest { key: "nope".into(), scope: "events:read".into(), site_id: String::new() };
+    assert_eq!(authorize.check(request).await.unwrap().into_inner().reason(), DenyReason::KeyMalformed);
+}
+
+#[tokio::test]
+async fn the_server_stops_gracefully_and_reports_serving_until_then() {
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    assert_eq!(health(app.channel.clone()).await.unwrap(), ServingStatus::Serving);
+    put_tenant(&app, "acme").await;
+    let address = app.address;
+    app.stop().await;
+    let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect().await;
+    assert!(channel.is_err(), "the listener is closed after shutdown");
+}
+
+#[test]
+fn keygate_refuses_to_start_without_admin_tokens() {
+    let cli = Cli::try_parse_from(["keygate", "--admin-tokens", ""]).unwrap();
+    let error = Config::from_args(&cli.serve).unwrap_err();
+    assert!(error.contains("KEYGATE_ADMIN_TOKENS"), "{error}");
+    let cli = Cli::try_parse_from(["keygate", "--admin-tokens", "ops=short"]).unwrap();
+    assert!(Config::from_args(&cli.serve).is_err());
+    let cli = Cli::try_parse_from(["keygate", "--admin-tokens", &format!("ops={ADMIN_TOKEN}"), "--key-prefix", "Bad_"])
+        .unwrap();
+    assert!(Config::from_args(&cli.serve).unwrap_err().contains("KEYGATE_KEY_PREFIX"));
+}
+
+/// Presents the test admin token.
+struct WithTokenPublic;
+
+impl WithTokenPublic {
+    fn admin() -> impl tonic::service::Interceptor + Clone {
+        |mut request: tonic::Request<()>| {
+            request.metadata_mut().insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse().unwrap());
+            Ok(request)
+        }
+    }
+}

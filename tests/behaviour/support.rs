@@ -1,0 +1,310 @@
+//! Test harness: a real keygate server on 127.0.0.1:0 with a fresh database of its own, and
+//! generated clients to talk to it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Parser;
+use keygate::config::{Cli, Config};
+use keygate::domain::clock::ManualClock;
+use keygate::proto::authorize_client::AuthorizeClient;
+use keygate::proto::key_admin_client::KeyAdminClient;
+use keygate::proto::*;
+use keygate::server::App;
+use keygate::store::Store;
+use sqlx::Connection;
+use tokio::sync::oneshot;
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Status};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789abcdef";
+
+pub use keygate::store::Backend;
+
+/// The variable that points the suite at a database server of `backend`.
+fn server_url_variable(backend: Backend) -> Option<&'static str> {
+    match backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => Some("KEYGATE_TEST_POSTGRES_URL"),
+        Backend::MySql => Some("KEYGATE_TEST_MYSQL_URL"),
+    }
+}
+
+/// A database created for one test and dropped after it.
+pub struct TestDatabase {
+    pub url: String,
+    admin_url: Option<String>,
+    name: String,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestDatabase {
+    /// A fresh database, or `None` when the backend's server is not configured outside CI.
+    /// Under CI=true a missing server fails the test: PostgreSQL and MySQL are mandatory there.
+    pub async fn create(backend: Backend) -> Option<Self> {
+        let Some(variable) = server_url_variable(backend) else {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let url = format!("sqlite://{}?mode=rwc", dir.path().join("keygate.db").display());
+            return Some(Self { url, admin_url: None, name: String::new(), _dir: Some(dir) });
+        };
+        let Ok(server_url) = std::env::var(variable) else {
+            if std::env::var("CI").is_ok_and(|ci| ci == "true") {
+                panic!("{variable} is not set: CI runs every behaviour test on {backend:?}");
+            }
+            eprintln!("{variable} not set: skipping the {backend:?} run of this test");
+            return None;
+        };
+        sqlx::any::install_default_drivers();
+        let name = format!("keygate_test_{}", keygate::domain::key::new_admin_token().unwrap()[..16].to_owned());
+        let mut connection = sqlx::AnyConnection::connect(&server_url)
+            .await
+            .unwrap_or_else(|error| panic!("cannot reach {variable}={server_url}: {error}"));
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut connection)
+            .await
+            .expect("create test database");
+        let _ = connection.close().await;
+        let base = server_url.rsplit_once('/').map_or(server_url.as_str(), |(base, _)| base);
+        Some(Self { url: format!("{base}/{name}"), admin_url: Some(server_url), name, _dir: None })
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let Some(admin_url) = self.admin_url.clone() else {
+            return;
+        };
+        let statement = if admin_url.starts_with("postgres") {
+            format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name)
+        } else {
+            format!("DROP DATABASE IF EXISTS {}", self.name)
+        };
+        // Drop runs outside any runtime guarantee: use a thread with its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+            runtime.block_on(async {
+                let mut connection = sqlx::AnyConnection::connect(&admin_url).await.ok()?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(statement)).execute(&mut connection).await.ok()?;
+                connection.close().await.ok()
+            })
+        })
+        .join();
+    }
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct WithToken(Option<String>);
+
+impl Interceptor for WithToken {
+    fn call(&mut self, mut request: Request<()>) -> Result<Request<()>, Status> {
+        if let Some(token) = &self.0 {
+            let value =
+                MetadataValue::try_from(format!("Bearer {token}")).map_err(|_| Status::internal("bad token"))?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        Ok(request)
+    }
+}
+
+pub type Admin = KeyAdminClient<InterceptedService<Channel, WithToken>>;
+pub type Authorizer = AuthorizeClient<InterceptedService<Channel, WithToken>>;
+
+/// A running server and its clients. Stops the server when dropped.
+pub struct TestApp {
+    pub address: std::net::SocketAddr,
+    pub admin: Admin,
+    pub authorize: Authorizer,
+    pub store: Store,
+    pub clock: Arc<ManualClock>,
+    pub channel: Channel,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _database: TestDatabase,
+}
+
+impl TestApp {
+    /// A client of KeyAdmin that presents `token` (or none).
+    pub fn admin_with(&self, token: Option<&str>) -> Admin {
+        KeyAdminClient::with_interceptor(self.channel.clone(), WithToken(token.map(str::to_owned)))
+    }
+
+    /// A client of Authorize that presents `token` (or none).
+    pub fn authorize_with(&self, token: Option<&str>) -> Authorizer {
+        AuthorizeClient::with_interceptor(self.channel.clone(), WithToken(token.map(str::to_owned)))
+    }
+
+    /// Stops the server gracefully and waits for it.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.expect("server task").expect("server result");
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+/// Starts keygate on `backend` with extra command-line flags; `None` when the backend is not
+/// configured here (outside CI).
+pub async fn spawn_app_with(backend: Backend, flags: &[&str]) -> Option<TestApp> {
+    let database = TestDatabase::create(backend).await?;
+    let admin_tokens = format!("tests={ADMIN_TOKEN}");
+    let mut args = vec![
+        "keygate",
+        "--listen",
+        "127.0.0.1:0",
+        "--database-url",
+        &database.url,
+        "--admin-tokens",
+        &admin_tokens,
+        "--negative-cache-ttl-seconds",
+        "60",
+    ];
+    args.extend_from_slice(flags);
+    let cli = Cli::try_parse_from(args).expect("flags parse");
+    let config = Config::from_args(&cli.serve).expect("valid config");
+    let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let app = App::bind_with_clock(config, clock.clone()).await.expect("bind");
+    let address = app.local_addr();
+    let store = app.store();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run(async move {
+        let _ = stopped.await;
+    }));
+    let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect_lazy();
+    wait_until_serving(channel.clone()).await;
+    Some(TestApp {
+        address,
+        admin: KeyAdminClient::with_interceptor(channel.clone(), WithToken(Some(ADMIN_TOKEN.to_owned()))),
+        authorize: AuthorizeClient::with_interceptor(channel.clone(), WithToken(None)),
+        store,
+        clock,
+        channel,
+        stop: Some(stop),
+        server: Some(server),
+        _database: database,
+    })
+}
+
+/// Starts keygate on `backend` with default settings.
+pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
+    spawn_app_with(backend, &[]).await
+}
+
+/// The overall health status of the server behind `channel`.
+pub async fn health(channel: Channel) -> Result<ServingStatus, Status> {
+    let response = HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await?;
+    Ok(response.into_inner().status())
+}
+
+async fn wait_until_serving(channel: Channel) {
+    for _ in 0..300 {
+        if matches!(health(channel.clone()).await, Ok(ServingStatus::Serving)) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("keygate did not become SERVING within 15 s");
+}
+
+// ---- shorthands for common calls ----
+
+pub async fn put_tenant(app: &TestApp, tenant_id: &str) -> Tenant {
+    put_tenant_with(app, PutTenantRequest { tenant_id: tenant_id.into(), ..Default::default() }).await
+}
+
+pub async fn put_tenant_with(app: &TestApp, request: PutTenantRequest) -> Tenant {
+    app.admin.clone().put_tenant(request).await.expect("PutTenant").into_inner().tenant.unwrap()
+}
+
+pub async fn get_key(app: &TestApp, tenant_id: &str, key_id: &str) -> ApiKey {
+    let request = GetKeyRequest { tenant_id: tenant_id.into(), key_id: key_id.into() };
+    app.admin.clone().get_key(request).await.expect("GetKey").into_inner().key.unwrap()
+}
+
+pub async fn put_site(app: &TestApp, tenant_id: &str, site_id: &str) -> Result<Site, Status> {
+    let request = PutSiteRequest { tenant_id: tenant_id.into(), site_id: site_id.into(), display_name: String::new() };
+    Ok(app.admin.clone().put_site(request).await?.into_inner().site.unwrap())
+}
+
+/// A CreateKey request with one scope and nothing else.
+pub fn key_request(tenant_id: &str, scopes: &[&str]) -> CreateKeyRequest {
+    CreateKeyRequest {
+        tenant_id: tenant_id.into(),
+        name: "test key".into(),
+        scopes: scopes.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+pub async fn create_key(app: &TestApp, request: CreateKeyRequest) -> Result<(ApiKey, String), Status> {
+    let response = app.admin.clone().create_key(request).await?.into_inner();
+    Ok((response.key.unwrap(), response.secret))
+}
+
+pub async fn check(app: &TestApp, key: &str, scope: &str, site_id: &str) -> CheckResponse {
+    try_check(app, key, scope, site_id).await.expect("Check")
+}
+
+pub async fn try_check(app: &TestApp, key: &str, scope: &str, site_id: &str) -> Result<CheckResponse, Status> {
+    let request = CheckRequest { key: key.into(), scope: scope.into(), site_id: site_id.into() };
+    Ok(app.authorize.clone().check(request).await?.into_inner())
+}
+
+/// Asserts a deny with its reason, HTTP status and message.
+#[track_caller]
+pub fn assert_denied(response: &CheckResponse, reason: DenyReason, http_status: u32, message: &str) {
+    assert!(!response.allowed, "expected a deny, got {response:?}");
+    assert_eq!(response.reason(), reason, "{response:?}");
+    assert_eq!(response.http_status, http_status);
+    assert_eq!(response.message, message);
+}
+
+/// Asserts a gRPC error code and, for INVALID_ARGUMENT, that BadRequest names `field`.
+#[track_caller]
+pub fn assert_status(result: Result<impl std::fmt::Debug, Status>, code: Code, field: Option<&str>) {
+    let status = result.expect_err("expected an error");
+    assert_eq!(status.code(), code, "{status:?}");
+    if let Some(field) = field {
+        use tonic_types::StatusExt;
+        let details = status.get_error_details();
+        let bad_request = details.bad_request().unwrap_or_else(|| panic!("no BadRequest in {status:?}"));
+        let fields: Vec<_> = bad_request.field_violations.iter().map(|v| v.field.as_str()).collect();
+        assert!(fields.contains(&field), "violations {fields:?} do not name {field}");
+    }
+}
+
+/// Instantiates behaviour tests for SQLite, PostgreSQL and MySQL. Each listed function takes a
+/// `Backend`.
+#[macro_export]
+macro_rules! on_every_backend {
+    ($($test:ident),* $(,)?) => {
+        mod sqlite {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() { super::$test($crate::support::Backend::Sqlite).await })*
+        }
+        mod postgres {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() { super::$test($crate::support::Backend::Postgres).await })*
+        }
+        mod mysql {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $test() { super::$test($crate::support::Backend::MySql).await })*
+        }
+    };
+}
