@@ -22,6 +22,7 @@ on_every_backend!(
     deleting_a_site_denies_it_on_the_next_check,
     updating_a_key_takes_effect_on_the_next_check,
     a_rate_limit_is_reported_when_one_applies,
+    a_configured_prefix_and_scope_implications_apply,
 );
 
 async fn an_allowed_check_returns_the_tenant_context(backend: Backend) {
@@ -219,6 +220,19 @@ async fn a_rate_limit_is_reported_when_one_applies(backend: Backend) {
     let now = app.clock_now_seconds();
     assert!(reset > now && reset <= now + 60, "resets at the next minute");
     assert_eq!(check(&app, &own, "events:read", "").await.rate_limit.unwrap().limit, 7);
+}
+
+async fn a_configured_prefix_and_scope_implications_apply(backend: Backend) {
+    let flags = ["--key-prefix", "et", "--scope-implies", "admin>write,write>read"];
+    let Some(app) = spawn_app_with(backend, &flags).await else { return };
+    put_tenant(&app, "acme").await;
+    let (_, secret) = create_key(&app, key_request("acme", &["goals:admin"])).await.unwrap();
+    assert!(secret.starts_with("et_live_"), "{}", &secret[..8]);
+    assert!(check(&app, &secret, "goals:write", "").await.allowed);
+    assert!(check(&app, &secret, "goals:read", "").await.allowed, "admin > write > read");
+    assert_eq!(check(&app, &secret, "sites:read", "").await.reason(), DenyReason::ScopeMissing);
+    let foreign = check(&app, &well_formed_unknown_key(), "goals:read", "").await;
+    assert_eq!(foreign.reason(), DenyReason::KeyMalformed, "a kg_ key is not a key of this deployment");
 }
 
 /// A key with a valid checksum that keygate never minted.
