@@ -13,6 +13,7 @@ use subtle::ConstantTimeEq;
 use crate::cache::CacheSettings;
 use crate::domain::key::KeyPrefix;
 use crate::domain::scope::{Scope, ScopePolicy, parse_implications};
+use crate::gateway::{GatewaySettings, KeySources};
 use crate::service::KeyPolicy;
 
 /// keygate: API-key authorization over gRPC.
@@ -29,7 +30,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gRPC server (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Apply database migrations and exit.
     Migrate(DatabaseArgs),
     /// Print a fresh random admin token, for KEYGATE_ADMIN_TOKENS.
@@ -93,6 +94,14 @@ pub struct ServeArgs {
     /// Seconds an unknown key, tenant or site stays cached.
     #[arg(long, env = "KEYGATE_NEGATIVE_CACHE_TTL_SECONDS", default_value_t = 5)]
     pub negative_cache_ttl_seconds: u64,
+    /// Where Envoy requests carry their key, tried in order: `bearer` (Authorization: Bearer),
+    /// `header:<name>`, `query:<name>`.
+    #[arg(long, env = "KEYGATE_ENVOY_KEY_SOURCES", default_value = "bearer,header:x-api-key,query:_apikey")]
+    pub envoy_key_sources: String,
+    /// Remove the key's header or query parameter from allowed Envoy requests before they reach
+    /// the upstream.
+    #[arg(long, env = "KEYGATE_ENVOY_STRIP_CREDENTIALS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub envoy_strip_credentials: bool,
     /// Log format.
     #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -202,6 +211,7 @@ pub struct Config {
     pub authorize_tokens: TokenSet,
     pub policy: KeyPolicy,
     pub cache: CacheSettings,
+    pub gateway: GatewaySettings,
     pub log_format: LogFormat,
 }
 
@@ -246,6 +256,11 @@ impl Config {
                 capacity: args.cache_capacity,
                 ttl: Duration::from_secs(args.cache_ttl_seconds),
                 negative_ttl: Duration::from_secs(args.negative_cache_ttl_seconds),
+            },
+            gateway: GatewaySettings {
+                key_sources: KeySources::parse(&args.envoy_key_sources)
+                    .map_err(|error| format!("KEYGATE_ENVOY_KEY_SOURCES: {error}"))?,
+                strip_credentials: args.envoy_strip_credentials,
             },
             log_format: args.log_format,
         })

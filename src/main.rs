@@ -9,7 +9,7 @@ use keygate::telemetry;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Serve(cli.serve)) {
+    match cli.command.unwrap_or(Command::Serve(Box::new(cli.serve))) {
         Command::Serve(args) => {
             let config = Config::from_args(&args).map_err(|error| anyhow!(error))?;
             telemetry::init(config.log_format);

@@ -16,15 +16,17 @@ use tracing::{error, info, info_span, warn};
 use crate::cache::DecisionCache;
 use crate::config::Config;
 use crate::domain::clock::{Clock, SystemClock};
-use crate::grpc::{AuthorizeApi, BearerAuth, KeyAdminApi};
+use crate::gateway::Gateway;
+use crate::grpc::{AuthorizeApi, BearerAuth, EnvoyAuthorizationApi, KeyAdminApi};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::authorize_server::AuthorizeServer;
 use crate::proto::key_admin_server::KeyAdminServer;
 use crate::service::{Authorizer, Core, KeyService};
 use crate::store::Store;
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
 /// The fully qualified names health reports on, besides the overall "".
-const SERVICE_NAMES: [&str; 2] = ["keygate.v1.KeyAdmin", "keygate.v1.Authorize"];
+const SERVICE_NAMES: [&str; 3] = ["keygate.v1.KeyAdmin", "keygate.v1.Authorize", "envoy.service.auth.v3.Authorization"];
 
 /// A bound, not yet running keygate server.
 pub struct App {
@@ -71,9 +73,15 @@ impl App {
             KeyAdminApi::new(KeyService::new(self.core.clone()), self.core.clock.clone()),
             BearerAuth::required(self.config.admin_tokens.clone(), "KeyAdmin"),
         );
+        let authorizer = Authorizer::new(self.core.clone());
+        let gateway = Gateway::new(authorizer.clone(), self.config.gateway.clone(), self.core.clock.clone());
         let authorize = AuthorizeServer::with_interceptor(
-            AuthorizeApi::new(Authorizer::new(self.core.clone())),
+            AuthorizeApi::new(authorizer),
             BearerAuth::when_configured(self.config.authorize_tokens.clone(), "Authorize"),
+        );
+        let envoy = AuthorizationServer::with_interceptor(
+            EnvoyAuthorizationApi::new(gateway),
+            BearerAuth::when_configured(self.config.authorize_tokens.clone(), "envoy ext_authz"),
         );
 
         let address = self.local_addr();
@@ -86,6 +94,7 @@ impl App {
             .add_service(reflection_v1alpha)
             .add_service(admin)
             .add_service(authorize)
+            .add_service(envoy)
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
                 shutdown.await;
                 set_health(&health_on_shutdown, ServingStatus::NotServing).await;

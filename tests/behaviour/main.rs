@@ -1,11 +1,13 @@
 //! keygate's behaviour suite: black-box tests against a real server, run on SQLite always and on
 //! PostgreSQL and MySQL when `KEYGATE_TEST_POSTGRES_URL` / `KEYGATE_TEST_MYSQL_URL` are set.
 
+mod envoy_support;
 mod support;
 
 mod authorization;
 mod caching;
 mod checks;
+mod gateway;
 mod isolation;
 mod keys;
 mod rotation;

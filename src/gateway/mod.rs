@@ -1,0 +1,112 @@
+//! keygate behind Envoy: the `envoy.service.auth.v3.Authorization` decision, on the same path
+//! and cache as `Authorize.Check`.
+//!
+//! A route says what it needs through its ext_authz `context_extensions`: `scope` (required; a
+//! route without one is denied, fail closed) and at most one site source (`site`, `site_header`,
+//! `site_path`, `site_query`). The key comes from the first configured [`KeySource`] present.
+
+mod extract;
+mod response;
+
+use std::collections::HashMap;
+
+use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
+use tracing::{error, info};
+
+pub use extract::{ExtractedKey, KeySource, KeySources, SiteError, SiteSource, extract_key, extract_site};
+pub use response::{GatewayDeny, KEY_ID_HEADER, SCOPES_HEADER, TENANT_HEADER};
+
+use crate::domain::clock::Clock;
+use crate::domain::scope::Scope;
+use crate::service::{self, Authorizer, ServiceResult};
+
+/// Gateway settings.
+#[derive(Clone, Debug)]
+pub struct GatewaySettings {
+    pub key_sources: KeySources,
+    /// Remove the credential headers and query parameters before the request goes upstream.
+    pub strip_credentials: bool,
+}
+
+impl Default for GatewaySettings {
+    fn default() -> Self {
+        Self { key_sources: KeySources::default(), strip_credentials: true }
+    }
+}
+
+/// Decides Envoy's Checks.
+#[derive(Clone)]
+pub struct Gateway {
+    authorizer: Authorizer,
+    settings: GatewaySettings,
+    clock: std::sync::Arc<dyn Clock>,
+}
+
+impl Gateway {
+    pub fn new(authorizer: Authorizer, settings: GatewaySettings, clock: std::sync::Arc<dyn Clock>) -> Self {
+        Self { authorizer, settings, clock }
+    }
+
+    /// Decides one request. `Err` only when the store cannot answer (Envoy then applies its
+    /// failure mode, which must be closed).
+    pub async fn check(&self, request: &CheckRequest) -> ServiceResult<CheckResponse> {
+        let attributes = request.attributes.as_ref();
+        let empty = HashMap::new();
+        let context = attributes.map_or(&empty, |attributes| &attributes.context_extensions);
+        let http =
+            attributes.and_then(|attributes| attributes.request.as_ref()).and_then(|request| request.http.as_ref());
+        let headers = http.map(headers_of).unwrap_or_default();
+        let target = http.map_or("", |http| http.path.as_str());
+        let route = target.split('?').next().unwrap_or_default();
+
+        let Some(scope) = context.get("scope").and_then(|scope| Scope::parse(scope).ok()) else {
+            error!(path = route, "ext_authz route has no valid `scope` context extension: denying");
+            return Ok(response::gateway_denied(GatewayDeny::RouteMisconfigured));
+        };
+        let credentials = extract_key(&self.settings.key_sources, &headers, target);
+        let site_id = match extract_site(&SiteSource::from_context(context), &headers, target) {
+            Ok(site_id) => site_id,
+            Err(problem) => {
+                info!(path = route, ?problem, "gateway request names no valid site: denying");
+                return Ok(response::gateway_denied(GatewayDeny::SiteMissing));
+            }
+        };
+        let check = service::CheckRequest { key: credentials.key.clone().unwrap_or_default(), scope, site_id };
+        let outcome = self.authorizer.check(&check).await?;
+        let site = check.site_id.as_deref().unwrap_or_default();
+        Ok(response::decided(
+            &outcome,
+            &credentials,
+            self.settings.strip_credentials,
+            check.scope.as_str(),
+            site,
+            self.clock.now(),
+        ))
+    }
+}
+
+/// The request headers, from `headers` or, when Envoy sends raw headers, from `header_map`
+/// (repeated headers joined by commas, as Envoy joins them in `headers`).
+fn headers_of(
+    http: &envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest,
+) -> HashMap<String, String> {
+    if !http.headers.is_empty() {
+        return http.headers.clone();
+    }
+    let mut headers: HashMap<String, String> = HashMap::new();
+    for header in http.header_map.iter().flat_map(|map| &map.headers) {
+        let value = if header.raw_value.is_empty() {
+            header.value.clone()
+        } else {
+            String::from_utf8_lossy(&header.raw_value).into_owned()
+        };
+        headers
+            .entry(header.key.to_ascii_lowercase())
+            .and_modify(|joined| {
+                joined.push(',');
+                joined.push_str(&value);
+            })
+            .or_insert(value);
+    }
+    headers
+}

@@ -1,0 +1,26 @@
+//! `envoy.service.auth.v3.Authorization`: Envoy's ext_authz, served next to keygate's own APIs.
+
+use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse};
+use tonic::{Request, Response, Status};
+use tracing::instrument;
+
+use crate::gateway::Gateway;
+
+/// The ext_authz gRPC service.
+pub struct EnvoyAuthorizationApi {
+    gateway: Gateway,
+}
+
+impl EnvoyAuthorizationApi {
+    pub fn new(gateway: Gateway) -> Self {
+        Self { gateway }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for EnvoyAuthorizationApi {
+    #[instrument(name = "envoy.Authorization.Check", skip_all)]
+    async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
+        Ok(Response::new(self.gateway.check(request.get_ref()).await?))
+    }
+}

@@ -1,0 +1,178 @@
+//! keygate behind a real Envoy: the example config, real HTTP requests, an echo upstream.
+
+use keygate::proto::*;
+
+use crate::checks::well_formed_unknown_key;
+use crate::envoy_support::*;
+use crate::support::*;
+
+/// keygate with a tenant, two sites and an upstream, behind Envoy.
+struct Stack {
+    app: TestApp,
+    envoy: Envoy,
+}
+
+async fn stack() -> Option<Stack> {
+    let binary = envoy_binary()?;
+    let app = spawn_app(Backend::Sqlite).await?;
+    put_tenant(&app, "acme").await;
+    put_tenant(&app, "globex").await;
+    put_site(&app, "acme", "shop.example").await.unwrap();
+    put_site(&app, "acme", "blog.example").await.unwrap();
+    put_site(&app, "globex", "globex.example").await.unwrap();
+    let upstream = start_echo_upstream().await;
+    let envoy = Envoy::start(&binary, app.address, upstream).await;
+    Some(Stack { app, envoy })
+}
+
+impl Stack {
+    async fn key(&self, scopes: &[&str], site_ids: &[&str]) -> (ApiKey, String) {
+        let mut request = key_request("acme", scopes);
+        request.site_ids = site_ids.iter().map(|site| site.to_string()).collect();
+        create_key(&self.app, request).await.unwrap()
+    }
+
+    async fn get(&self, target: &str, headers: &[(&str, &str)]) -> HttpResponse {
+        get(self.envoy.address, target, headers).await.expect("HTTP request through envoy")
+    }
+}
+
+#[track_caller]
+fn assert_http_denied(response: &HttpResponse, status: u16, code: &str, message: &str) {
+    assert_eq!(response.status, status, "{response:?}");
+    assert_eq!(response.headers.get("content-type").map(String::as_str), Some("application/json"));
+    let body = response.json();
+    assert_eq!(body["code"], code, "{body}");
+    assert_eq!(body["error"], message, "{body}");
+    assert_eq!(response.headers.contains_key("www-authenticate"), status == 401, "{response:?}");
+}
+
+#[tokio::test]
+async fn a_good_key_reaches_the_upstream_with_tenant_headers_and_without_the_credential() {
+    let Some(stack) = stack().await else { return };
+    let (key, secret) = stack.key(&["account:read", "stats:read"], &[]).await;
+    let bearer = format!("Bearer {secret}");
+    let forged = [("x-keygate-tenant-id", "globex"), ("x-keygate-scopes", "*")];
+    for (target, headers) in [
+        ("/v1/account?x=1".to_owned(), vec![("authorization", bearer.as_str()), forged[0], forged[1]]),
+        ("/v1/account?x=1".to_owned(), vec![("x-api-key", secret.as_str())]),
+        (format!("/v1/account?_apikey={secret}&x=1"), vec![]),
+    ] {
+        let response = stack.get(&target, &headers).await;
+        assert_eq!(response.status, 200, "{target}: {response:?}");
+        let upstream = response.upstream_headers();
+        assert_eq!(
+            upstream.get("x-keygate-tenant-id").map(String::as_str),
+            Some("acme"),
+            "forged headers are overwritten"
+        );
+        assert_eq!(upstream.get("x-keygate-key-id"), Some(&key.key_id));
+        assert_eq!(upstream.get("x-keygate-scopes").map(String::as_str), Some("account:read,stats:read"));
+        assert!(!upstream.contains_key("authorization") && !upstream.contains_key("x-api-key"), "{upstream:?}");
+        assert_eq!(response.upstream_path(), "/v1/account?x=1", "the _apikey parameter is stripped");
+        assert!(!response.body.contains(&secret[8..]), "the upstream never sees the key");
+    }
+}
+
+#[tokio::test]
+async fn every_deny_reason_has_its_status_body_and_headers() {
+    let Some(stack) = stack().await else { return };
+    let (_, reader) = stack.key(&["account:read"], &[]).await;
+    let bearer = |secret: &str| format!("Bearer {secret}");
+
+    let response = stack.get("/v1/account", &[]).await;
+    assert_http_denied(&response, 401, "KEY_MISSING", "API key is required");
+    let response = stack.get("/v1/account", &[("authorization", "Bearer")]).await;
+    assert_http_denied(&response, 401, "KEY_MISSING", "API key is required");
+    let response = stack.get("/v1/account", &[("authorization", "Bearer kg_live_nope")]).await;
+    assert_http_denied(&response, 401, "KEY_MALFORMED", "Invalid API key");
+    let response = stack.get("/v1/account", &[("authorization", &bearer(&well_formed_unknown_key()))]).await;
+    assert_http_denied(&response, 401, "KEY_UNKNOWN", "Invalid API key");
+    let response = stack.get("/v1/stats?siteId=shop.example", &[("authorization", &bearer(&reader))]).await;
+    assert_http_denied(&response, 403, "SCOPE_MISSING", "API key missing required scope: stats:read");
+    let (_, stats) = stack.key(&["stats:read"], &["shop.example"]).await;
+    let response = stack.get("/v1/stats?siteId=blog.example", &[("authorization", &bearer(&stats))]).await;
+    assert_http_denied(&response, 403, "SITE_FORBIDDEN", "This API key cannot access blog.example");
+    let response = stack.get("/v1/unrouted", &[("authorization", &bearer(&reader))]).await;
+    assert_http_denied(&response, 500, "ROUTE_MISCONFIGURED", "The API gateway route is misconfigured");
+
+    let mut expiring = key_request("acme", &["account:read"]);
+    expiring.expiry = Some(create_key_request::Expiry::ExpiresIn(prost_types::Duration { seconds: 60, nanos: 0 }));
+    let (_, expiring) = create_key(&stack.app, expiring).await.unwrap();
+    stack.app.clock.advance(chrono::Duration::seconds(61));
+    let response = stack.get("/v1/account", &[("authorization", &bearer(&expiring))]).await;
+    assert_http_denied(&response, 401, "KEY_EXPIRED", "API key has expired");
+
+    let downgrade =
+        PutTenantRequest { tenant_id: "acme".into(), api_access_enabled: Some(false), ..Default::default() };
+    put_tenant_with(&stack.app, downgrade).await;
+    let response = stack.get("/v1/account", &[("authorization", &bearer(&reader))]).await;
+    assert_http_denied(&response, 402, "PLAN_REQUIRED", "API key access is not included in this plan");
+}
+
+#[tokio::test]
+async fn the_site_comes_from_the_path_a_header_the_query_or_the_route() {
+    let Some(stack) = stack().await else { return };
+    let (_, shop_only) = stack.key(&["stats:read", "events:write"], &["shop.example"]).await;
+    let auth = format!("Bearer {shop_only}");
+    let auth = [("authorization", auth.as_str())];
+    let with_site = |site: &'static str| [auth[0], ("x-site-id", site)];
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16);
+    let cases: [Case; 10] = [
+        ("/v1/sites/shop.example/stats", auth.to_vec(), 200),
+        ("/v1/sites/shop%2Eexample/stats", auth.to_vec(), 200),
+        ("/v1/sites/blog.example/stats", auth.to_vec(), 403),
+        ("/v1/sites/globex.example/stats", auth.to_vec(), 403),
+        ("/v1/events", with_site("shop.example").to_vec(), 200),
+        ("/v1/events", with_site("blog.example").to_vec(), 403),
+        ("/v1/events", auth.to_vec(), 403),
+        ("/v1/stats?siteId=shop%2Eexample", auth.to_vec(), 200),
+        ("/v1/stats?siteId=blog.example", auth.to_vec(), 403),
+        ("/v1/shop/overview", auth.to_vec(), 200),
+    ];
+    for (target, headers, status) in cases {
+        let response = stack.get(target, &headers).await;
+        assert_eq!(response.status, status, "{target} {headers:?}: {response:?}");
+    }
+    let response = stack.get("/v1/events", &auth).await;
+    assert_http_denied(&response, 403, "SITE_FORBIDDEN", "This request does not name a valid site");
+}
+
+#[tokio::test]
+async fn a_revoked_key_is_denied_on_the_very_next_request() {
+    let Some(stack) = stack().await else { return };
+    let (key, secret) = stack.key(&["account:read"], &[]).await;
+    let auth = format!("Bearer {secret}");
+    assert_eq!(stack.get("/v1/account", &[("authorization", &auth)]).await.status, 200);
+    crate::keys::revoke(&stack.app, "acme", &key.key_id).await.unwrap();
+    let response = stack.get("/v1/account", &[("authorization", &auth)]).await;
+    assert_http_denied(&response, 401, "KEY_REVOKED", "Invalid API key");
+}
+
+#[tokio::test]
+async fn rate_limit_headers_reach_the_client_and_health_skips_keygate() {
+    let Some(stack) = stack().await else { return };
+    let mut request = key_request("acme", &["account:read"]);
+    request.rate_limit_per_minute = 42;
+    let (_, secret) = create_key(&stack.app, request).await.unwrap();
+    let response = stack.get("/v1/account", &[("x-api-key", &secret)]).await;
+    assert_eq!(response.status, 200);
+    assert_eq!(response.headers.get("x-ratelimit-limit").map(String::as_str), Some("42"));
+    assert!(response.headers.contains_key("x-ratelimit-remaining"));
+    let reset: i64 = response.headers["x-ratelimit-reset"].parse().unwrap();
+    assert!(reset > chrono::Utc::now().timestamp() - 5, "reset is a Unix time");
+    assert_eq!(stack.get("/health", &[]).await.status, 200, "no key needed");
+}
+
+#[tokio::test]
+async fn with_keygate_stopped_envoy_fails_closed() {
+    let Some(stack) = stack().await else { return };
+    let (_, secret) = stack.key(&["account:read"], &[]).await;
+    let auth = format!("Bearer {secret}");
+    assert_eq!(stack.get("/v1/account", &[("authorization", &auth)]).await.status, 200);
+    let Stack { app, envoy } = stack;
+    app.stop().await;
+    let response = get(envoy.address, "/v1/account", &[("authorization", &auth)]).await.unwrap();
+    assert_eq!(response.status, 503, "{response:?}");
+    assert!(!response.body.contains("x-keygate"), "never reaches the upstream");
+}
