@@ -1,17 +1,20 @@
 //! The decision cache: everything Check needs, held in moka caches in front of the store.
 //!
-//! Three caches, each invalidated on its own by the admin calls that change it: keys by hash,
-//! tenants by id, site owners by site id. A miss for one entry makes one store query however
-//! many Checks wait for it; an entry that does not exist is cached too, for a shorter time, so a
-//! repeated unknown key costs no query. An invalidation that races with a load in flight wins:
-//! the load's result is dropped and read again.
+//! Three entry sets, each invalidated on its own by the admin calls that change it: keys by
+//! hash, tenants by id, site owners by site id. A miss for one entry makes one store query
+//! however many Checks wait for it. "Does not exist" is cached too, for a shorter time and in a
+//! separate, bounded set, so a repeated unknown key costs no query and a flood of unknown keys
+//! cannot push known keys out.
+//!
+//! An invalidation always wins against a load that raced with it: every loaded entry remembers
+//! the invalidation generation at which its store read began, every invalidation records its
+//! generation per id, and an entry older than the last invalidation of its id is never served.
 
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use moka::Expiry;
 use moka::future::Cache;
 
 use crate::domain::model::{KeyRecord, Tenant};
@@ -20,7 +23,7 @@ use crate::store::StoreError;
 /// Sizes and lifetimes of the cache.
 #[derive(Clone, Debug)]
 pub struct CacheSettings {
-    /// Most entries in each of the three caches.
+    /// Most found entries in each of the three sets.
     pub capacity: u64,
     /// How long a found key, tenant or site stays cached.
     pub ttl: Duration,
@@ -34,25 +37,45 @@ impl Default for CacheSettings {
     }
 }
 
-/// Found entries live `ttl`, absent ones `negative_ttl`.
-struct PresenceExpiry {
-    ttl: Duration,
-    negative_ttl: Duration,
+/// A found value and the generation at which its store read began.
+#[derive(Clone)]
+struct Loaded<V> {
+    value: V,
+    generation: u64,
 }
 
-impl<K, V> Expiry<K, Option<V>> for PresenceExpiry {
-    fn expire_after_create(&self, _key: &K, value: &Option<V>, _created_at: Instant) -> Option<Duration> {
-        Some(if value.is_some() { self.ttl } else { self.negative_ttl })
-    }
-}
-
-type Entries<V> = Cache<String, Option<V>>;
-
-/// Why a load was not cached.
-enum LoadError {
+/// Why a load produced no entry.
+#[derive(Clone)]
+enum Miss {
+    Absent,
     Store(StoreError),
-    /// An invalidation ran during the load.
-    Raced,
+}
+
+/// One set of entries: found values, known absences, and the last invalidation of each id.
+struct Entries<V> {
+    found: Cache<String, Loaded<V>>,
+    absent: Cache<String, u64>,
+    invalidated: Cache<String, u64>,
+}
+
+impl<V: Clone + Send + Sync + 'static> Entries<V> {
+    fn new(settings: &CacheSettings) -> Self {
+        let longest = settings.ttl.max(settings.negative_ttl) + Duration::from_secs(1);
+        Self {
+            found: Cache::builder().max_capacity(settings.capacity).time_to_live(settings.ttl).build(),
+            absent: Cache::builder()
+                .max_capacity((settings.capacity / 4).max(1_000))
+                .time_to_live(settings.negative_ttl)
+                .build(),
+            // Outlives every entry it may have to overrule.
+            invalidated: Cache::builder().max_capacity(settings.capacity).time_to_live(longest).build(),
+        }
+    }
+
+    /// Whether something read at `generation` predates the last invalidation of `id`.
+    async fn is_stale(&self, id: &str, generation: u64) -> bool {
+        self.invalidated.get(id).await.is_some_and(|invalidated_at| invalidated_at > generation)
+    }
 }
 
 /// The cached view of keys, tenants and site ownership.
@@ -60,22 +83,16 @@ pub struct DecisionCache {
     keys: Entries<Arc<KeyRecord>>,
     tenants: Entries<Arc<Tenant>>,
     site_owners: Entries<Arc<str>>,
-    /// Bumped by every invalidation, so a load that raced with one is not trusted.
+    /// Counts invalidations; loads remember it so a racing invalidation can overrule them.
     generation: AtomicU64,
 }
 
 impl DecisionCache {
     pub fn new(settings: &CacheSettings) -> Self {
-        fn build<V: Clone + Send + Sync + 'static>(settings: &CacheSettings) -> Entries<V> {
-            Cache::builder()
-                .max_capacity(settings.capacity)
-                .expire_after(PresenceExpiry { ttl: settings.ttl, negative_ttl: settings.negative_ttl })
-                .build()
-        }
         Self {
-            keys: build(settings),
-            tenants: build(settings),
-            site_owners: build(settings),
+            keys: Entries::new(settings),
+            tenants: Entries::new(settings),
+            site_owners: Entries::new(settings),
             generation: AtomicU64::new(0),
         }
     }
@@ -107,57 +124,146 @@ impl DecisionCache {
         self.get(&self.site_owners, site_id, || async { Ok(load().await?.map(Arc::from)) }).await
     }
 
-    async fn get<V, F, Fut>(&self, cache: &Entries<V>, id: &str, load: F) -> Result<Option<V>, StoreError>
+    async fn get<V, F, Fut>(&self, entries: &Entries<V>, id: &str, load: F) -> Result<Option<V>, StoreError>
     where
         V: Clone + Send + Sync + 'static,
         F: Fn() -> Fut,
         Fut: Future<Output = Result<Option<V>, StoreError>>,
     {
-        // Invalidations are rare (admin calls), so a few retries always settle.
+        // Invalidations are rare (admin calls), so a few rounds always settle.
         for _ in 0..3 {
+            if let Some(loaded) = entries.found.get(id).await {
+                if !entries.is_stale(id, loaded.generation).await {
+                    return Ok(Some(loaded.value));
+                }
+                entries.found.invalidate(id).await;
+            }
+            if let Some(generation) = entries.absent.get(id).await {
+                if !entries.is_stale(id, generation).await {
+                    return Ok(None);
+                }
+                entries.absent.invalidate(id).await;
+            }
             let generation = self.generation.load(Ordering::Acquire);
-            let loaded = cache
+            let loaded = entries
+                .found
                 .try_get_with_by_ref(id, async {
-                    let value = load().await.map_err(LoadError::Store)?;
-                    // An admin change landed while the store was read: the value may predate it.
-                    if self.generation.load(Ordering::Acquire) != generation {
-                        return Err(LoadError::Raced);
+                    match load().await {
+                        Ok(Some(value)) => Ok(Loaded { value, generation }),
+                        Ok(None) => Err(Miss::Absent),
+                        Err(error) => Err(Miss::Store(error)),
                     }
-                    Ok(value)
                 })
                 .await;
             match loaded {
-                Ok(value) if self.generation.load(Ordering::Acquire) == generation => return Ok(value),
-                Ok(_) => cache.invalidate(id).await,
-                Err(error) => match &*error {
-                    LoadError::Raced => {}
-                    LoadError::Store(error) => return Err(error.clone()),
+                Ok(loaded) if !entries.is_stale(id, loaded.generation).await => return Ok(Some(loaded.value)),
+                Ok(_) => entries.found.invalidate(id).await,
+                Err(miss) => match &*miss {
+                    Miss::Store(error) => return Err(error.clone()),
+                    Miss::Absent if !entries.is_stale(id, generation).await => {
+                        entries.absent.insert(id.to_owned(), generation).await;
+                        return Ok(None);
+                    }
+                    Miss::Absent => {}
                 },
             }
         }
         load().await
     }
 
+    async fn invalidate<V: Clone + Send + Sync + 'static>(&self, entries: &Entries<V>, id: &str) {
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        entries.invalidated.insert(id.to_owned(), generation).await;
+        entries.found.invalidate(id).await;
+        entries.absent.invalidate(id).await;
+    }
+
     /// Drops a key after RevokeKey, RotateKey or UpdateKey.
     pub async fn invalidate_key(&self, key_hash: &str) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.keys.invalidate(key_hash).await;
+        self.invalidate(&self.keys, key_hash).await;
     }
 
     /// Drops a tenant after PutTenant.
     pub async fn invalidate_tenant(&self, tenant_id: &str) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.tenants.invalidate(tenant_id).await;
+        self.invalidate(&self.tenants, tenant_id).await;
     }
 
     /// Drops a site's owner after PutSite or DeleteSite.
     pub async fn invalidate_site(&self, site_id: &str) {
-        self.generation.fetch_add(1, Ordering::AcqRel);
-        self.site_owners.invalidate(site_id).await;
+        self.invalidate(&self.site_owners, site_id).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::AtomicUsize;
+
+    use super::*;
+
+    fn cache() -> DecisionCache {
+        DecisionCache::new(&CacheSettings::default())
     }
 
-    /// Entries held across the three caches (approximate, as moka counts).
-    pub fn entry_count(&self) -> u64 {
-        self.keys.entry_count() + self.tenants.entry_count() + self.site_owners.entry_count()
+    #[tokio::test]
+    async fn found_and_absent_entries_are_served_without_loading_again() {
+        let cache = cache();
+        let loads = AtomicUsize::new(0);
+        let load = |value: Option<&'static str>| {
+            let loads = &loads;
+            move || async move {
+                loads.fetch_add(1, Ordering::SeqCst);
+                Ok(value.map(str::to_owned))
+            }
+        };
+        for _ in 0..3 {
+            assert_eq!(cache.site_owner("s1", load(Some("acme"))).await.unwrap().as_deref(), Some("acme"));
+            assert_eq!(cache.site_owner("s2", load(None)).await.unwrap(), None);
+        }
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn an_invalidation_during_a_load_wins() {
+        let cache = Arc::new(cache());
+        let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+        let (release_tx, release_rx) = tokio::sync::oneshot::channel::<()>();
+        let slow = {
+            let cache = cache.clone();
+            tokio::spawn(async move {
+                let started = std::sync::Mutex::new(Some(started_tx));
+                let release = tokio::sync::Mutex::new(Some(release_rx));
+                cache
+                    .site_owner("s1", || async {
+                        let first_read = started.lock().unwrap().take();
+                        let Some(started) = first_read else {
+                            // Read again after the change: the database has the new owner.
+                            return Ok(Some("new-owner".to_owned()));
+                        };
+                        // The first read sees the old owner, then stalls past the admin change.
+                        let _ = started.send(());
+                        if let Some(release) = release.lock().await.take() {
+                            let _ = release.await;
+                        }
+                        Ok(Some("old-owner".to_owned()))
+                    })
+                    .await
+            })
+        };
+        started_rx.await.unwrap();
+        cache.invalidate_site("s1").await;
+        release_tx.send(()).unwrap();
+        let slow_result = slow.await.unwrap().unwrap();
+        assert_eq!(slow_result.as_deref(), Some("new-owner"), "the racing load read again");
+        let owner = cache.site_owner("s1", || async { Ok(Some("unexpected load".to_owned())) }).await.unwrap();
+        assert_eq!(owner.as_deref(), Some("new-owner"), "a value read before an invalidation is never served after it");
+    }
+
+    #[tokio::test]
+    async fn store_errors_are_not_cached() {
+        let cache = cache();
+        let failing = || async { Err(StoreError::Unavailable("down".into())) };
+        assert!(cache.site_owner("s1", failing).await.is_err());
+        let owner = cache.site_owner("s1", || async { Ok(Some("acme".to_owned())) }).await.unwrap();
+        assert_eq!(owner.as_deref(), Some("acme"));
     }
 }

@@ -130,19 +130,21 @@ impl TokenSet {
     pub fn parse(setting: &str, value: &str) -> Result<Self, String> {
         let mut names = BTreeSet::new();
         let mut tokens = Vec::new();
-        for pair in value.split(',').map(str::trim).filter(|pair| !pair.is_empty()) {
+        // Errors name entries by position, never by content: a mistyped entry may hold a token.
+        for (index, pair) in value.split(',').map(str::trim).filter(|pair| !pair.is_empty()).enumerate() {
+            let entry = index + 1;
             let (name, token) =
-                pair.split_once('=').ok_or_else(|| format!("{setting}: each entry must read name=token"))?;
+                pair.split_once('=').ok_or_else(|| format!("{setting}: entry {entry} must read name=token"))?;
             let name_ok = (1..=64).contains(&name.len())
                 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b));
             if !name_ok {
-                return Err(format!("{setting}: token name {name:?} must be 1 to 64 of A-Z a-z 0-9 . _ -"));
+                return Err(format!("{setting}: the name of entry {entry} must be 1 to 64 of A-Z a-z 0-9 . _ -"));
             }
             if !(16..=256).contains(&token.len()) || !token.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(format!("{setting}: the token named {name} must be 16 to 256 printable characters"));
+                return Err(format!("{setting}: the token of entry {entry} must be 16 to 256 printable characters"));
             }
             if !names.insert(name.to_owned()) {
-                return Err(format!("{setting}: token name {name} appears twice"));
+                return Err(format!("{setting}: the name of entry {entry} appears twice"));
             }
             tokens.push(NamedToken { name: name.to_owned(), digest: Sha256::digest(token.as_bytes()).into() });
         }
@@ -279,6 +281,15 @@ mod tests {
         assert_eq!(tokens.authenticate("0123456789abcdef012"), None);
         assert_eq!(tokens.authenticate(""), None);
         assert!(!format!("{tokens:?}").contains("0123456789abcdef"));
+    }
+
+    #[test]
+    fn token_errors_never_echo_the_setting() {
+        let secret = "0123456789abcdef0123456789abcdef";
+        for value in [format!("{secret}=ops"), format!("ops {secret}"), format!("ops={secret},ops={secret}")] {
+            let error = TokenSet::parse("T", &value).unwrap_err();
+            assert!(!error.contains(secret), "{error}");
+        }
     }
 
     #[test]

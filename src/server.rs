@@ -11,7 +11,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
-use tracing::{error, info, info_span, warn};
+use tracing::{info, info_span, warn};
 
 use crate::cache::DecisionCache;
 use crate::config::Config;
@@ -121,7 +121,11 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 async fn become_ready(store: Store, health: HealthReporter) {
     let mut delay = Duration::from_millis(200);
     loop {
-        match store.migrate().await {
+        let ready = match store.migrate().await {
+            Ok(()) => store.ping().await,
+            Err(error) => Err(error),
+        };
+        match ready {
             Ok(()) => break,
             Err(error) => {
                 warn!(%error, retry_in_ms = delay.as_millis() as u64, "store not ready");
@@ -130,13 +134,8 @@ async fn become_ready(store: Store, health: HealthReporter) {
             }
         }
     }
-    match store.ping().await {
-        Ok(()) => {
-            set_health(&health, ServingStatus::Serving).await;
-            info!("store migrated and reachable: serving");
-        }
-        Err(error) => error!(%error, "store failed right after migrating"),
-    }
+    set_health(&health, ServingStatus::Serving).await;
+    info!("store migrated and reachable: serving");
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {

@@ -87,27 +87,14 @@ impl KeyRecord {
     }
 }
 
-/// The editable settings of a key, as UpdateKey changes them.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeySettings {
-    pub name: String,
-    pub scopes: Vec<Scope>,
-    pub site_ids: Vec<String>,
-    pub expires_at: Option<DateTime<Utc>>,
-    pub metadata: BTreeMap<String, String>,
-    pub rate_limit_per_minute: u32,
-}
-
-impl KeyRecord {
-    /// The editable part of the record.
-    pub fn settings(&self) -> KeySettings {
-        KeySettings {
-            name: self.name.clone(),
-            scopes: self.scopes.clone(),
-            site_ids: self.site_ids.clone(),
-            expires_at: self.expires_at,
-            metadata: self.metadata.clone(),
-            rate_limit_per_minute: self.rate_limit_per_minute,
-        }
-    }
+/// The changes of an UpdateKey call: `None` leaves a field as it is.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KeyPatch {
+    pub name: Option<String>,
+    pub scopes: Option<Vec<Scope>>,
+    pub site_ids: Option<Vec<String>>,
+    /// `Some(None)` removes the expiry.
+    pub expires_at: Option<Option<DateTime<Utc>>>,
+    pub metadata: Option<BTreeMap<String, String>>,
+    pub rate_limit_per_minute: Option<u32>,
 }

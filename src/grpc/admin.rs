@@ -4,11 +4,12 @@ use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use super::auth::caller;
-use super::convert;
+use super::{Untrusted, convert};
 use crate::domain::clock::Clock;
+use crate::domain::model::KeyPatch;
 use crate::proto::key_admin_server::KeyAdmin;
 use crate::proto::*;
-use crate::service::{CreateKey, KeyChanges, KeyService, ListKeys};
+use crate::service::{CreateKey, KeyService, ListKeys};
 
 /// The KeyAdmin gRPC service.
 pub struct KeyAdminApi {
@@ -28,15 +29,15 @@ impl KeyAdminApi {
 
 #[tonic::async_trait]
 impl KeyAdmin for KeyAdminApi {
-    #[instrument(name = "KeyAdmin.PutTenant", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    #[instrument(name = "KeyAdmin.PutTenant", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn put_tenant(&self, request: Request<PutTenantRequest>) -> Result<Response<PutTenantResponse>, Status> {
         let (tenant_id, changes) = convert::put_tenant(request.into_inner())?;
-        let tenant = self.keys.put_tenant(&tenant_id, &changes).await?;
+        let tenant = self.keys.put_tenant(tenant_id, changes).await?;
         let tenant = convert::tenant(&tenant, self.keys.effective_max_keys(&tenant));
         Ok(Response::new(PutTenantResponse { tenant: Some(tenant) }))
     }
 
-    #[instrument(name = "KeyAdmin.GetTenant", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    #[instrument(name = "KeyAdmin.GetTenant", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn get_tenant(&self, request: Request<GetTenantRequest>) -> Result<Response<GetTenantResponse>, Status> {
         let request = request.into_inner();
         convert::ids(&[("tenant_id", &request.tenant_id)])?;
@@ -45,23 +46,23 @@ impl KeyAdmin for KeyAdminApi {
         Ok(Response::new(GetTenantResponse { tenant: Some(tenant) }))
     }
 
-    #[instrument(name = "KeyAdmin.PutSite", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    #[instrument(name = "KeyAdmin.PutSite", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn put_site(&self, request: Request<PutSiteRequest>) -> Result<Response<PutSiteResponse>, Status> {
         let request = request.into_inner();
         convert::put_site(&request)?;
-        let site = self.keys.put_site(&request.tenant_id, &request.site_id, &request.display_name).await?;
+        let site = self.keys.put_site(request.tenant_id, request.site_id, request.display_name).await?;
         Ok(Response::new(PutSiteResponse { site: Some(convert::site(&site)) }))
     }
 
-    #[instrument(name = "KeyAdmin.DeleteSite", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    #[instrument(name = "KeyAdmin.DeleteSite", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn delete_site(&self, request: Request<DeleteSiteRequest>) -> Result<Response<DeleteSiteResponse>, Status> {
         let request = request.into_inner();
         convert::ids(&[("tenant_id", &request.tenant_id), ("site_id", &request.site_id)])?;
-        self.keys.delete_site(&request.tenant_id, &request.site_id).await?;
+        self.keys.delete_site(request.tenant_id, request.site_id).await?;
         Ok(Response::new(DeleteSiteResponse {}))
     }
 
-    #[instrument(name = "KeyAdmin.ListSites", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    #[instrument(name = "KeyAdmin.ListSites", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn list_sites(&self, request: Request<ListSitesRequest>) -> Result<Response<ListSitesResponse>, Status> {
         let request = request.into_inner();
         let page_size = convert::list(&request.tenant_id, request.page_size)?;
@@ -70,14 +71,14 @@ impl KeyAdmin for KeyAdminApi {
         Ok(Response::new(ListSitesResponse { sites, next_page_token: page.next_page_token }))
     }
 
-    #[instrument(name = "KeyAdmin.CreateKey", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    #[instrument(name = "KeyAdmin.CreateKey", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn create_key(&self, request: Request<CreateKeyRequest>) -> Result<Response<CreateKeyResponse>, Status> {
         let request = CreateKey::try_from(request.into_inner())?;
         let (key, secret) = self.keys.create_key(request).await?;
         Ok(Response::new(CreateKeyResponse { key: Some(self.key(&key)), secret: secret.expose() }))
     }
 
-    #[instrument(name = "KeyAdmin.GetKey", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    #[instrument(name = "KeyAdmin.GetKey", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn get_key(&self, request: Request<GetKeyRequest>) -> Result<Response<GetKeyResponse>, Status> {
         let request = request.into_inner();
         convert::ids(&[("tenant_id", &request.tenant_id), ("key_id", &request.key_id)])?;
@@ -85,7 +86,7 @@ impl KeyAdmin for KeyAdminApi {
         Ok(Response::new(GetKeyResponse { key: Some(self.key(&key)) }))
     }
 
-    #[instrument(name = "KeyAdmin.ListKeys", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    #[instrument(name = "KeyAdmin.ListKeys", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn list_keys(&self, request: Request<ListKeysRequest>) -> Result<Response<ListKeysResponse>, Status> {
         let request = ListKeys::try_from(request.into_inner())?;
         let page = self.keys.list_keys(&request).await?;
@@ -93,28 +94,28 @@ impl KeyAdmin for KeyAdminApi {
         Ok(Response::new(ListKeysResponse { keys, next_page_token: page.next_page_token }))
     }
 
-    #[instrument(name = "KeyAdmin.UpdateKey", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    #[instrument(name = "KeyAdmin.UpdateKey", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn update_key(&self, request: Request<UpdateKeyRequest>) -> Result<Response<UpdateKeyResponse>, Status> {
         let request = request.into_inner();
         let (tenant_id, key_id) = (request.tenant_id.clone(), request.key_id.clone());
-        let changes = KeyChanges::try_from(request)?;
-        let key = self.keys.update_key(&tenant_id, &key_id, changes).await?;
+        let patch = KeyPatch::try_from(request)?;
+        let key = self.keys.update_key(tenant_id, key_id, patch).await?;
         Ok(Response::new(UpdateKeyResponse { key: Some(self.key(&key)) }))
     }
 
-    #[instrument(name = "KeyAdmin.RevokeKey", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    #[instrument(name = "KeyAdmin.RevokeKey", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn revoke_key(&self, request: Request<RevokeKeyRequest>) -> Result<Response<RevokeKeyResponse>, Status> {
         let request = request.into_inner();
         convert::ids(&[("tenant_id", &request.tenant_id), ("key_id", &request.key_id)])?;
-        let key = self.keys.revoke_key(&request.tenant_id, &request.key_id).await?;
+        let key = self.keys.revoke_key(request.tenant_id, request.key_id).await?;
         Ok(Response::new(RevokeKeyResponse { key: Some(self.key(&key)) }))
     }
 
-    #[instrument(name = "KeyAdmin.RotateKey", skip_all, fields(caller = caller(&request), tenant_id = %request.get_ref().tenant_id))]
+    #[instrument(name = "KeyAdmin.RotateKey", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn rotate_key(&self, request: Request<RotateKeyRequest>) -> Result<Response<RotateKeyResponse>, Status> {
         let request = request.into_inner();
         let grace = convert::rotate_key(&request)?;
-        let rotation = self.keys.rotate_key(&request.tenant_id, &request.key_id, grace).await?;
+        let rotation = self.keys.rotate_key(request.tenant_id, request.key_id, grace).await?;
         Ok(Response::new(RotateKeyResponse {
             key: Some(self.key(&rotation.key)),
             secret: rotation.secret.expose(),

@@ -6,10 +6,10 @@ use chrono::{DateTime, Duration, Utc};
 use prost_types::Timestamp;
 
 use crate::domain::key::Environment;
-use crate::domain::model::{KeyRecord, KeyState, Site, Tenant, TenantChanges};
+use crate::domain::model::{KeyPatch, KeyRecord, KeyState, Site, Tenant, TenantChanges};
 use crate::domain::validation::{MAX_DISPLAY_NAME_CHARS, MAX_NAME_CHARS, Violations};
 use crate::proto;
-use crate::service::{CreateKey, Expiry, KeyChanges, ListKeys, ServiceError};
+use crate::service::{CreateKey, Expiry, ListKeys, ServiceError};
 
 /// The longest grace period RotateKey accepts.
 pub const MAX_GRACE_DAYS: i64 = 30;
@@ -179,7 +179,7 @@ impl TryFrom<proto::ListKeysRequest> for ListKeys {
 /// The fields UpdateKey may change, as update_mask paths.
 const UPDATABLE: [&str; 6] = ["name", "scopes", "site_ids", "expires_at", "metadata", "rate_limit_per_minute"];
 
-impl TryFrom<proto::UpdateKeyRequest> for KeyChanges {
+impl TryFrom<proto::UpdateKeyRequest> for KeyPatch {
     type Error = ServiceError;
 
     fn try_from(request: proto::UpdateKeyRequest) -> Result<Self, ServiceError> {
@@ -190,7 +190,7 @@ impl TryFrom<proto::UpdateKeyRequest> for KeyChanges {
         if paths.is_empty() {
             violations.add("update_mask", format!("must name at least one of {}", UPDATABLE.join(", ")));
         }
-        let mut changes = KeyChanges::default();
+        let mut changes = KeyPatch::default();
         for path in &paths {
             match path.as_str() {
                 "name" => {

@@ -11,3 +11,28 @@ pub use admin::KeyAdminApi;
 pub use auth::{BearerAuth, bearer_token};
 pub use authorize::AuthorizeApi;
 pub use envoy::EnvoyAuthorizationApi;
+
+/// A request field for a log line before it is validated: escaped and cut to 64 characters, so
+/// hostile input can neither forge log lines nor flood them.
+pub(crate) struct Untrusted<'a>(pub &'a str);
+
+impl std::fmt::Debug for Untrusted<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        const LIMIT: usize = 64;
+        let shown: String = self.0.chars().take(LIMIT).collect();
+        let ellipsis = if self.0.chars().nth(LIMIT).is_some() { "…" } else { "" };
+        write!(f, "{shown:?}{ellipsis}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Untrusted;
+
+    #[test]
+    fn untrusted_fields_are_escaped_and_cut() {
+        assert_eq!(format!("{:?}", Untrusted("acme")), "\"acme\"");
+        assert_eq!(format!("{:?}", Untrusted("a\nfake log line")), "\"a\\nfake log line\"");
+        assert_eq!(format!("{:?}", Untrusted(&"x".repeat(1000))).len(), 66 + "…".len());
+    }
+}

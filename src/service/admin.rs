@@ -8,10 +8,10 @@ use tracing::info;
 
 use super::{Core, PageToken, ServiceError, ServiceResult};
 use crate::domain::key::{ApiKeySecret, Environment, new_key_id};
-use crate::domain::model::{KeyRecord, KeySettings, KeyState, Site, Tenant, TenantChanges};
+use crate::domain::model::{KeyPatch, KeyRecord, KeyState, Site, Tenant, TenantChanges};
 use crate::domain::scope::Scope;
 use crate::domain::validation::Violations;
-use crate::store::{InsertKeyOutcome, KeyEnd, KeyFilter, PutSiteOutcome, RotateOutcome};
+use crate::store::{InsertKeyOutcome, KeyEnd, KeyFilter, KeyWrite, PutSiteOutcome, RotateOutcome};
 
 /// The longest expiry keygate accepts, so timestamps stay far from overflow.
 const MAX_LIFETIME_DAYS: i64 = 36_500;
@@ -36,18 +36,6 @@ pub struct CreateKey {
     pub environment: Environment,
     pub metadata: BTreeMap<String, String>,
     pub rate_limit_per_minute: u32,
-}
-
-/// The fields an UpdateKey call changes; `None` leaves a field as it is.
-#[derive(Clone, Debug, Default)]
-pub struct KeyChanges {
-    pub name: Option<String>,
-    pub scopes: Option<Vec<Scope>>,
-    pub site_ids: Option<Vec<String>>,
-    /// `Some(None)` removes the expiry.
-    pub expires_at: Option<Option<DateTime<Utc>>>,
-    pub metadata: Option<BTreeMap<String, String>>,
-    pub rate_limit_per_minute: Option<u32>,
 }
 
 /// A validated ListKeys request.
@@ -96,39 +84,55 @@ impl KeyService {
         if tenant.max_keys == 0 { self.core.policy.default_max_keys } else { tenant.max_keys }
     }
 
-    pub async fn put_tenant(&self, tenant_id: &str, changes: &TenantChanges) -> ServiceResult<Tenant> {
-        let tenant = self.core.store.put_tenant(tenant_id, changes, self.now()).await?;
-        self.core.cache.invalidate_tenant(tenant_id).await;
-        info!(tenant_id, api_access_enabled = tenant.api_access_enabled, "tenant saved");
-        Ok(tenant)
+    /// Creates or updates a tenant; runs to completion, then drops the tenant's cache entry.
+    pub async fn put_tenant(&self, tenant_id: String, changes: TenantChanges) -> ServiceResult<Tenant> {
+        let this = self.clone();
+        to_completion(async move {
+            let tenant = this.core.store.put_tenant(&tenant_id, &changes, this.now()).await?;
+            this.core.cache.invalidate_tenant(&tenant_id).await;
+            info!(tenant_id, api_access_enabled = tenant.api_access_enabled, "tenant saved");
+            Ok(tenant)
+        })
+        .await
     }
 
     pub async fn get_tenant(&self, tenant_id: &str) -> ServiceResult<Tenant> {
         self.core.store.get_tenant(tenant_id).await?.ok_or_else(|| tenant_not_found(tenant_id))
     }
 
-    pub async fn put_site(&self, tenant_id: &str, site_id: &str, display_name: &str) -> ServiceResult<Site> {
-        let display_name = if display_name.is_empty() { site_id } else { display_name };
-        match self.core.store.put_site(tenant_id, site_id, display_name, self.now()).await? {
-            PutSiteOutcome::Saved(site) => {
-                self.core.cache.invalidate_site(site_id).await;
-                info!(tenant_id, site_id, "site saved");
-                Ok(site)
+    /// Creates or renames a site of the tenant; a site owned by another tenant is ALREADY_EXISTS.
+    pub async fn put_site(&self, tenant_id: String, site_id: String, display_name: String) -> ServiceResult<Site> {
+        let this = self.clone();
+        to_completion(async move {
+            let display_name = if display_name.is_empty() { &site_id } else { &display_name };
+            match this.core.store.put_site(&tenant_id, &site_id, display_name, this.now()).await? {
+                PutSiteOutcome::Saved(site) => {
+                    this.core.cache.invalidate_site(&site_id).await;
+                    info!(tenant_id, site_id, "site saved");
+                    Ok(site)
+                }
+                PutSiteOutcome::TenantMissing => Err(tenant_not_found(&tenant_id)),
+                PutSiteOutcome::OwnedByAnotherTenant => {
+                    Err(ServiceError::AlreadyExists(format!("site {site_id} belongs to another tenant")))
+                }
             }
-            PutSiteOutcome::TenantMissing => Err(tenant_not_found(tenant_id)),
-            PutSiteOutcome::OwnedByAnotherTenant => {
-                Err(ServiceError::AlreadyExists(format!("site {site_id} belongs to another tenant")))
-            }
-        }
+        })
+        .await
     }
 
-    pub async fn delete_site(&self, tenant_id: &str, site_id: &str) -> ServiceResult<()> {
-        if !self.core.store.delete_site(tenant_id, site_id).await? {
-            return Err(ServiceError::NotFound(format!("site {site_id} not found")));
-        }
-        self.core.cache.invalidate_site(site_id).await;
-        info!(tenant_id, site_id, "site deleted");
-        Ok(())
+    /// Deletes a site of the tenant; keys restricted to it keep the restriction.
+    pub async fn delete_site(&self, tenant_id: String, site_id: String) -> ServiceResult<()> {
+        let this = self.clone();
+        to_completion(async move {
+            let deleted = this.core.store.delete_site(&tenant_id, &site_id).await?;
+            this.core.cache.invalidate_site(&site_id).await;
+            if !deleted {
+                return Err(ServiceError::NotFound(format!("site {site_id} not found")));
+            }
+            info!(tenant_id, site_id, "site deleted");
+            Ok(())
+        })
+        .await
     }
 
     pub async fn list_sites(&self, tenant_id: &str, page_size: usize, page_token: &str) -> ServiceResult<Page<Site>> {
@@ -211,55 +215,71 @@ impl KeyService {
         Ok(paginate(keys, request.page_size, "keys", |key| &key.key_id))
     }
 
-    /// Changes a key's settings; a revoked key cannot be changed.
-    pub async fn update_key(&self, tenant_id: &str, key_id: &str, changes: KeyChanges) -> ServiceResult<KeyRecord> {
+    /// Changes the patched fields of an active key that was not rotated. Runs to completion
+    /// even if the caller goes away, so the cache is always invalidated after a change.
+    pub async fn update_key(&self, tenant_id: String, key_id: String, mut patch: KeyPatch) -> ServiceResult<KeyRecord> {
         let now = self.now();
-        let current = self.get_key(tenant_id, key_id).await?;
-        if current.state(now) == KeyState::Revoked {
-            return Err(revoked(key_id));
-        }
-        let mut settings: KeySettings = current.settings();
-        if let Some(name) = changes.name {
-            settings.name = name;
-        }
-        if let Some(scopes) = changes.scopes {
+        if let Some(scopes) = patch.scopes.take() {
             self.check_catalogue("scopes", &scopes)?;
-            settings.scopes = sorted_unique(scopes);
+            patch.scopes = Some(sorted_unique(scopes));
         }
-        if let Some(site_ids) = changes.site_ids {
-            self.check_sites_owned(tenant_id, &site_ids).await?;
-            settings.site_ids = site_ids;
+        if let Some(site_ids) = &patch.site_ids {
+            self.check_sites_owned(&tenant_id, site_ids).await?;
         }
-        if let Some(expires_at) = changes.expires_at {
-            settings.expires_at = expires_at.map(|at| future_time("expires_at", at, now)).transpose()?;
+        if let Some(Some(expires_at)) = patch.expires_at {
+            future_time("expires_at", expires_at, now)?;
         }
-        if let Some(metadata) = changes.metadata {
-            settings.metadata = metadata;
-        }
-        if let Some(limit) = changes.rate_limit_per_minute {
-            settings.rate_limit_per_minute = limit;
-        }
-        if !self.core.store.update_key(tenant_id, key_id, &settings).await? {
-            return Err(revoked(key_id));
-        }
-        self.core.cache.invalidate_key(&current.key_hash).await;
-        info!(tenant_id, key_id, "key updated");
-        self.get_key(tenant_id, key_id).await
+        let this = self.clone();
+        to_completion(async move {
+            let written = this.core.store.update_key(&tenant_id, &key_id, &patch, now).await?;
+            let key = this.written(written, &key_id).await?;
+            info!(tenant_id, key_id, "key updated");
+            Ok(key)
+        })
+        .await
     }
 
-    /// Revokes a key at once; revoking a revoked key returns it unchanged.
-    pub async fn revoke_key(&self, tenant_id: &str, key_id: &str) -> ServiceResult<KeyRecord> {
-        let changed = self.core.store.revoke_key(tenant_id, key_id, self.now()).await?;
-        let key = self.get_key(tenant_id, key_id).await?;
-        if changed {
-            self.core.cache.invalidate_key(&key.key_hash).await;
-            info!(tenant_id, key_id, "key revoked");
+    /// Invalidates whatever a write touched and maps its outcome.
+    async fn written(&self, written: KeyWrite, key_id: &str) -> ServiceResult<KeyRecord> {
+        let key = match &written {
+            KeyWrite::Done(key) | KeyWrite::NotActive { key, .. } | KeyWrite::Rotated { key } => key,
+            KeyWrite::NotFound => return Err(key_not_found(key_id)),
+        };
+        self.core.cache.invalidate_key(&key.key_hash).await;
+        match written {
+            KeyWrite::Done(key) => Ok(*key),
+            KeyWrite::NotActive { state: KeyState::Revoked, .. } => Err(revoked(key_id)),
+            KeyWrite::NotActive { .. } => Err(ServiceError::FailedPrecondition(format!(
+                "key {key_id} has expired and cannot be changed; create a new key"
+            ))),
+            KeyWrite::Rotated { .. } => {
+                Err(ServiceError::FailedPrecondition(format!("key {key_id} was rotated; change its successor instead")))
+            }
+            KeyWrite::NotFound => Err(key_not_found(key_id)),
         }
-        Ok(key)
+    }
+
+    /// Revokes a key at once; revoking a revoked key returns it unchanged. The cache entry is
+    /// dropped every time, so a retried revoke also repairs a cache a failed one left behind.
+    pub async fn revoke_key(&self, tenant_id: String, key_id: String) -> ServiceResult<KeyRecord> {
+        let this = self.clone();
+        to_completion(async move {
+            let key = this.core.store.revoke_key(&tenant_id, &key_id, this.now()).await?;
+            let key = key.ok_or_else(|| key_not_found(&key_id))?;
+            this.core.cache.invalidate_key(&key.key_hash).await;
+            info!(tenant_id, key_id, "key revoked");
+            Ok(key)
+        })
+        .await
     }
 
     /// Mints a successor of an active key; the old key works for `grace` more, or is revoked now.
-    pub async fn rotate_key(&self, tenant_id: &str, key_id: &str, grace: Duration) -> ServiceResult<Rotation> {
+    pub async fn rotate_key(&self, tenant_id: String, key_id: String, grace: Duration) -> ServiceResult<Rotation> {
+        let this = self.clone();
+        to_completion(async move { this.rotate(&tenant_id, &key_id, grace).await }).await
+    }
+
+    async fn rotate(&self, tenant_id: &str, key_id: &str, grace: Duration) -> ServiceResult<Rotation> {
         let now = self.now();
         let old = self.get_key(tenant_id, key_id).await?;
         if old.state(now) != KeyState::Active {
@@ -284,13 +304,12 @@ impl KeyService {
             let grace_end = now + grace;
             KeyEnd::ExpireAt(old.expires_at.map_or(grace_end, |expires_at| expires_at.min(grace_end)))
         };
-        match self.core.store.rotate_key(&old, end, &successor).await? {
-            RotateOutcome::Rotated => {}
-            RotateOutcome::Conflict => {
-                return Err(ServiceError::FailedPrecondition(format!("key {key_id} was rotated or revoked already")));
-            }
-        }
+        let outcome = self.core.store.rotate_key(&old, end, &successor).await?;
+        // Whatever happened, the old key's cached state may be out of date now.
         self.core.cache.invalidate_key(&old.key_hash).await;
+        if let RotateOutcome::Conflict = outcome {
+            return Err(ServiceError::FailedPrecondition(format!("key {key_id} was rotated or revoked already")));
+        }
         info!(tenant_id, key_id = %successor.key_id, previous_key_id = key_id, grace_seconds = grace.num_seconds(), "key rotated");
         let previous_key = self.get_key(tenant_id, key_id).await?;
         Ok(Rotation { key: successor, secret, previous_key })
@@ -327,6 +346,14 @@ fn paginate<T>(mut items: Vec<T>, page_size: usize, kind: &str, id: impl Fn(&T) 
         String::new()
     };
     Page { items, next_page_token }
+}
+
+/// Runs an admin change on its own task, so a caller that goes away (a cancelled call, a
+/// deadline) cannot stop it between the database write and the cache invalidation.
+async fn to_completion<T: Send + 'static>(
+    change: impl std::future::Future<Output = ServiceResult<T>> + Send + 'static,
+) -> ServiceResult<T> {
+    tokio::spawn(change).await.map_err(|error| ServiceError::Internal(format!("admin task failed: {error}")))?
 }
 
 fn sorted_unique(mut scopes: Vec<Scope>) -> Vec<Scope> {

@@ -7,7 +7,7 @@ mod page_token;
 
 use std::sync::Arc;
 
-pub use admin::{CreateKey, Expiry, KeyChanges, KeyService, ListKeys, Page, Rotation};
+pub use admin::{CreateKey, Expiry, KeyService, ListKeys, Page, Rotation};
 pub use authorizer::{Authorizer, CheckOutcome, CheckRequest, RateLimitState};
 pub use page_token::PageToken;
 
@@ -76,7 +76,7 @@ impl From<Vec<FieldViolation>> for ServiceError {
 impl From<StoreError> for ServiceError {
     fn from(error: StoreError) -> Self {
         match error {
-            StoreError::Corrupt(detail) => Self::Internal(detail),
+            StoreError::Corrupt(detail) | StoreError::Rejected(detail) => Self::Internal(detail),
             other => Self::Unavailable(other),
         }
     }

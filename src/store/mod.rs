@@ -19,7 +19,7 @@ use sqlx::{Any, AnyPool, Transaction};
 pub use backend::Backend;
 use rows::{key_from_row, micros, site_from_row, tenant_from_row, to_json};
 
-use crate::domain::model::{KeyRecord, KeySettings, Site, Tenant, TenantChanges};
+use crate::domain::model::{KeyPatch, KeyRecord, KeyState, Site, Tenant, TenantChanges};
 
 /// What can go wrong below the domain.
 #[derive(Clone, Debug, thiserror::Error)]
@@ -30,6 +30,9 @@ pub enum StoreError {
     /// A row could not be read back (corrupt JSON, an out-of-range number).
     #[error("stored data is invalid: {0}")]
     Corrupt(String),
+    /// The database refused a statement for good (a constraint, a bug): retrying will not help.
+    #[error("database refused the statement: {0}")]
+    Rejected(String),
     /// The database URL or pool settings are unusable.
     #[error("{0}")]
     Config(String),
@@ -37,13 +40,31 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
-        match error {
+        match &error {
             sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::ColumnNotFound(_) => {
                 Self::Corrupt(error.to_string())
             }
-            other => Self::Unavailable(other.to_string()),
+            sqlx::Error::Database(database) if !is_transient(database.as_ref()) => Self::Rejected(error.to_string()),
+            _ => Self::Unavailable(error.to_string()),
         }
     }
+}
+
+/// Whether a database's own error is worth retrying (connection trouble, overload, deadlock,
+/// lock timeout, shutdown) rather than a statement the database will always refuse.
+fn is_transient(error: &dyn sqlx::error::DatabaseError) -> bool {
+    if let Some(mysql) = error.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
+        // Lock wait timeout, deadlock, too many connections, server shutdown, read-only.
+        return matches!(mysql.number(), 1205 | 1213 | 1040 | 1053 | 1290 | 1836);
+    }
+    let code = error.code().unwrap_or_default();
+    if error.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        // SQLITE_BUSY and SQLITE_LOCKED, with their extended codes.
+        return code.parse::<i32>().is_ok_and(|code| matches!(code & 0xff, 5 | 6));
+    }
+    // PostgreSQL SQLSTATE classes: connection, rollback (serialisation, deadlock),
+    // insufficient resources, operator intervention; and lock not available.
+    ["08", "40", "53", "57"].iter().any(|class| code.starts_with(class)) || code == "55P03"
 }
 
 impl From<sqlx::migrate::MigrateError> for StoreError {
@@ -73,6 +94,19 @@ pub enum InsertKeyOutcome {
     LimitReached {
         limit: u32,
     },
+}
+
+/// Result of a write to an existing key.
+#[derive(Debug)]
+pub enum KeyWrite {
+    /// Written; the key as it is now.
+    Done(Box<KeyRecord>),
+    /// No such key for this tenant.
+    NotFound,
+    /// The key is revoked or expired.
+    NotActive { key: Box<KeyRecord>, state: KeyState },
+    /// The key was rotated: its successor is the one to change.
+    Rotated { key: Box<KeyRecord> },
 }
 
 /// Result of RotateKey's write.
@@ -423,13 +457,8 @@ impl Store {
 
     /// A key of the tenant by id.
     pub async fn get_key(&self, tenant_id: &str, key_id: &str) -> StoreResult<Option<KeyRecord>> {
-        let row = self
-            .query(format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = ? AND tenant_id = ?"))
-            .bind(key_id.to_owned())
-            .bind(tenant_id.to_owned())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(key_from_row).transpose()
+        let mut connection = self.pool.acquire().await?;
+        self.key_in(&mut connection, tenant_id, key_id).await
     }
 
     /// The key whose secret hashes to `key_hash`: the lookup behind every cache miss of Check.
@@ -466,42 +495,118 @@ impl Store {
         rows.iter().map(key_from_row).collect()
     }
 
-    /// Writes a key's editable settings unless it has been revoked meanwhile; false then.
-    pub async fn update_key(&self, tenant_id: &str, key_id: &str, settings: &KeySettings) -> StoreResult<bool> {
+    /// Applies the fields of `patch` that are set to an active key that was not rotated.
+    /// Serialised with the tenant's other key writes, and only the patched columns are written,
+    /// so concurrent updates of different fields all land.
+    pub async fn update_key(
+        &self,
+        tenant_id: &str,
+        key_id: &str,
+        patch: &KeyPatch,
+        now: DateTime<Utc>,
+    ) -> StoreResult<KeyWrite> {
         let mut tx = self.pool.begin().await?;
-        let updated = self
-            .query(
-                "UPDATE api_keys SET name = ?, scopes = ?, site_ids = ?, expires_at = ?, metadata = ?, \
-                 rate_limit_per_minute = ? WHERE key_id = ? AND tenant_id = ? AND revoked_at IS NULL",
-            )
-            .bind(settings.name.clone())
-            .bind(to_json(&settings.scopes.iter().map(|s| s.as_str()).collect::<Vec<_>>()))
-            .bind(to_json(&settings.site_ids))
-            .bind(settings.expires_at.map(micros))
-            .bind(to_json(&settings.metadata))
-            .bind(i64::from(settings.rate_limit_per_minute))
+        if !self.lock_tenant(&mut tx, tenant_id).await? {
+            return Ok(KeyWrite::NotFound);
+        }
+        let Some(current) = self.key_in(&mut tx, tenant_id, key_id).await? else {
+            return Ok(KeyWrite::NotFound);
+        };
+        match current.state(now) {
+            KeyState::Active => {}
+            state => return Ok(KeyWrite::NotActive { key: Box::new(current), state }),
+        }
+        if self.successors_in(&mut tx, key_id).await? > 0 {
+            return Ok(KeyWrite::Rotated { key: Box::new(current) });
+        }
+        let mut assignments: Vec<(&str, Column)> = Vec::new();
+        if let Some(name) = &patch.name {
+            assignments.push(("name", Column::Text(Some(name.clone()))));
+        }
+        if let Some(scopes) = &patch.scopes {
+            let scopes = to_json(&scopes.iter().map(|scope| scope.as_str()).collect::<Vec<_>>());
+            assignments.push(("scopes", Column::Text(Some(scopes))));
+        }
+        if let Some(site_ids) = &patch.site_ids {
+            assignments.push(("site_ids", Column::Text(Some(to_json(site_ids)))));
+        }
+        if let Some(metadata) = &patch.metadata {
+            assignments.push(("metadata", Column::Text(Some(to_json(metadata)))));
+        }
+        if let Some(expires_at) = patch.expires_at {
+            assignments.push(("expires_at", Column::Integer(expires_at.map(micros))));
+        }
+        if let Some(limit) = patch.rate_limit_per_minute {
+            assignments.push(("rate_limit_per_minute", Column::Integer(Some(i64::from(limit)))));
+        }
+        if !assignments.is_empty() {
+            let columns = assignments.iter().map(|(column, _)| format!("{column} = ?")).collect::<Vec<_>>();
+            let sql = format!(
+                "UPDATE api_keys SET {} WHERE key_id = ? AND tenant_id = ? AND revoked_at IS NULL",
+                columns.join(", ")
+            );
+            let mut query = self.query(sql);
+            for (_, value) in assignments {
+                query = match value {
+                    Column::Text(text) => query.bind(text),
+                    Column::Integer(number) => query.bind(number),
+                };
+            }
+            let updated = query.bind(key_id.to_owned()).bind(tenant_id.to_owned()).execute(&mut *tx).await?;
+            if updated.rows_affected() == 0 {
+                return Ok(KeyWrite::NotFound);
+            }
+        }
+        if let Some(site_ids) = &patch.site_ids {
+            self.replace_key_sites(&mut tx, key_id, site_ids).await?;
+        }
+        let updated = self.key_in(&mut tx, tenant_id, key_id).await?;
+        tx.commit().await?;
+        Ok(updated.map_or(KeyWrite::NotFound, |key| KeyWrite::Done(Box::new(key))))
+    }
+
+    /// Revokes a key at `now` unless it is revoked already, and returns it as it is afterwards.
+    pub async fn revoke_key(
+        &self,
+        tenant_id: &str,
+        key_id: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<Option<KeyRecord>> {
+        let mut tx = self.pool.begin().await?;
+        self.query("UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND tenant_id = ? AND revoked_at IS NULL")
+            .bind(micros(now))
             .bind(key_id.to_owned())
             .bind(tenant_id.to_owned())
             .execute(&mut *tx)
             .await?;
-        if updated.rows_affected() == 0 {
-            return Ok(false);
-        }
-        self.replace_key_sites(&mut tx, key_id, &settings.site_ids).await?;
+        let key = self.key_in(&mut tx, tenant_id, key_id).await?;
         tx.commit().await?;
-        Ok(true)
+        Ok(key)
     }
 
-    /// Revokes a key at `now` unless it is revoked already. False when nothing changed.
-    pub async fn revoke_key(&self, tenant_id: &str, key_id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
-        let result = self
-            .query("UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND tenant_id = ? AND revoked_at IS NULL")
-            .bind(micros(now))
+    async fn key_in(
+        &self,
+        connection: &mut sqlx::AnyConnection,
+        tenant_id: &str,
+        key_id: &str,
+    ) -> StoreResult<Option<KeyRecord>> {
+        let row = self
+            .query(format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE key_id = ? AND tenant_id = ?"))
             .bind(key_id.to_owned())
             .bind(tenant_id.to_owned())
-            .execute(&self.pool)
+            .fetch_optional(connection)
             .await?;
-        Ok(result.rows_affected() > 0)
+        row.as_ref().map(key_from_row).transpose()
+    }
+
+    async fn successors_in(&self, connection: &mut sqlx::AnyConnection, key_id: &str) -> StoreResult<i64> {
+        self.counted();
+        let successors: (i64,) =
+            sqlx::query_as(self.backend.sql("SELECT COUNT(*) FROM api_keys WHERE rotated_from_key_id = ?"))
+                .bind(key_id.to_owned())
+                .fetch_one(connection)
+                .await?;
+        Ok(successors.0)
     }
 
     /// Atomically ends the old key (revoked at `revoke_at`, or expiring at `expire_at`) and
@@ -512,13 +617,7 @@ impl Store {
         if !self.lock_tenant(&mut tx, &old.tenant_id).await? {
             return Ok(RotateOutcome::Conflict);
         }
-        let successors: (i64,) =
-            sqlx::query_as(self.backend.sql("SELECT COUNT(*) FROM api_keys WHERE rotated_from_key_id = ?"))
-                .bind(old.key_id.clone())
-                .fetch_one(&mut *tx)
-                .await?;
-        self.counted();
-        if successors.0 > 0 {
+        if self.successors_in(&mut tx, &old.key_id).await? > 0 {
             return Ok(RotateOutcome::Conflict);
         }
         let (revoked_at, expires_at) = match end {
@@ -543,6 +642,12 @@ impl Store {
         tx.commit().await?;
         Ok(RotateOutcome::Rotated)
     }
+}
+
+/// A value for one column of a dynamic UPDATE.
+enum Column {
+    Text(Option<String>),
+    Integer(Option<i64>),
 }
 
 /// How RotateKey ends the old key.

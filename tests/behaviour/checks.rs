@@ -98,6 +98,9 @@ async fn a_revoked_key_is_denied_on_the_next_check(backend: Backend) {
     let response = check(&app, &secret, "events:read", "").await;
     assert_denied(&response, DenyReason::KeyRevoked, 401, "Invalid API key");
     assert_eq!(response.key_id, key.key_id);
+    // A retried revoke changes nothing and the key stays denied.
+    crate::keys::revoke(&app, "acme", &key.key_id).await.unwrap();
+    assert_eq!(check(&app, &secret, "events:read", "").await.reason(), DenyReason::KeyRevoked);
 }
 
 async fn an_expired_key_is_denied(backend: Backend) {

@@ -19,7 +19,8 @@ on_every_backend!(
     list_keys_pages_through_250_keys,
     list_keys_filters_revoked_keys_and_sites,
     update_key_changes_only_the_masked_fields,
-    update_key_refuses_revoked_keys_and_unknown_fields,
+    update_key_refuses_keys_that_are_not_active_and_unknown_fields,
+    concurrent_updates_of_different_fields_all_land,
     revoke_key_is_immediate_and_idempotent,
 );
 
@@ -230,24 +231,68 @@ async fn update_key_changes_only_the_masked_fields(backend: Backend) {
     assert_eq!(cleared.name, "renamed");
 }
 
-async fn update_key_refuses_revoked_keys_and_unknown_fields(backend: Backend) {
+/// An UpdateKey request that changes `paths` of `key_id` (name "x", no expiry, limit 7).
+fn update_request(key_id: &str, paths: &[&str]) -> UpdateKeyRequest {
+    UpdateKeyRequest {
+        tenant_id: "acme".into(),
+        key_id: key_id.into(),
+        name: "x".into(),
+        rate_limit_per_minute: 7,
+        update_mask: Some(FieldMask { paths: paths.iter().map(|p| p.to_string()).collect() }),
+        ..Default::default()
+    }
+}
+
+async fn update_key_refuses_keys_that_are_not_active_and_unknown_fields(backend: Backend) {
     let Some(app) = spawn_app(backend).await else { return };
     put_tenant(&app, "acme").await;
     let (key, _) = create_key(&app, key_request("acme", &["events:read"])).await.unwrap();
-    let mask = |paths: &[&str]| Some(FieldMask { paths: paths.iter().map(|p| p.to_string()).collect() });
-    let update = |paths: &[&str]| UpdateKeyRequest {
-        tenant_id: "acme".into(),
-        key_id: key.key_id.clone(),
-        name: "x".into(),
-        update_mask: mask(paths),
-        ..Default::default()
-    };
-    assert_status(app.admin.clone().update_key(update(&[])).await, Code::InvalidArgument, Some("update_mask"));
-    assert_status(app.admin.clone().update_key(update(&["state"])).await, Code::InvalidArgument, Some("update_mask"));
-    let renamed = app.admin.clone().update_key(update(&["name"])).await.unwrap().into_inner().key.unwrap();
+    let mut admin = app.admin.clone();
+    assert_status(admin.update_key(update_request(&key.key_id, &[])).await, Code::InvalidArgument, Some("update_mask"));
+    let read_only = update_request(&key.key_id, &["state"]);
+    assert_status(admin.update_key(read_only).await, Code::InvalidArgument, Some("update_mask"));
+    let renamed = admin.update_key(update_request(&key.key_id, &["name"])).await.unwrap().into_inner().key.unwrap();
     assert_eq!(renamed.name, "x");
     revoke(&app, "acme", &key.key_id).await.unwrap();
-    assert_status(app.admin.clone().update_key(update(&["name"])).await, Code::FailedPrecondition, None);
+    let revoked = admin.update_key(update_request(&key.key_id, &["name"])).await;
+    assert_status(revoked, Code::FailedPrecondition, None);
+
+    // An expired key cannot be revived by removing its expiry: that would undo the active-key limit.
+    let mut expiring = key_request("acme", &["events:read"]);
+    expiring.expiry = Some(create_key_request::Expiry::ExpiresIn(Duration { seconds: 60, nanos: 0 }));
+    let (expiring, _) = create_key(&app, expiring).await.unwrap();
+    app.clock.advance(chrono::Duration::seconds(61));
+    let revive = admin.update_key(update_request(&expiring.key_id, &["expires_at"])).await;
+    assert_status(revive, Code::FailedPrecondition, None);
+    assert_eq!(get_key(&app, "acme", &expiring.key_id).await.state(), KeyState::Expired);
+
+    // A rotated key in its grace period is on its way out: its successor is the one to change.
+    let (old, _) = create_key(&app, key_request("acme", &["events:read"])).await.unwrap();
+    let rotate = RotateKeyRequest {
+        tenant_id: "acme".into(),
+        key_id: old.key_id.clone(),
+        grace_period: Some(Duration { seconds: 3600, nanos: 0 }),
+    };
+    admin.rotate_key(rotate).await.unwrap();
+    let extend = admin.update_key(update_request(&old.key_id, &["expires_at"])).await;
+    assert_status(extend, Code::FailedPrecondition, None);
+    assert!(get_key(&app, "acme", &old.key_id).await.expires_at.is_some());
+}
+
+async fn concurrent_updates_of_different_fields_all_land(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else { return };
+    put_tenant(&app, "acme").await;
+    let (key, _) = create_key(&app, key_request("acme", &["events:read"])).await.unwrap();
+    for _ in 0..5 {
+        let (mut first, mut second) = (app.admin.clone(), app.admin.clone());
+        let rename = update_request(&key.key_id, &["name"]);
+        let limit = update_request(&key.key_id, &["rate_limit_per_minute"]);
+        let (renamed, limited) = tokio::join!(first.update_key(rename), second.update_key(limit));
+        renamed.unwrap();
+        limited.unwrap();
+    }
+    let key = get_key(&app, "acme", &key.key_id).await;
+    assert_eq!((key.name.as_str(), key.rate_limit_per_minute), ("x", 7));
 }
 
 async fn revoke_key_is_immediate_and_idempotent(backend: Backend) {

@@ -64,7 +64,7 @@ impl TestDatabase {
         let name = format!("keygate_test_{}", keygate::domain::key::new_admin_token().unwrap()[..16].to_owned());
         let mut connection = sqlx::AnyConnection::connect(&server_url)
             .await
-            .unwrap_or_else(|error| panic!("cannot reach {variable}={server_url}: {error}"));
+            .unwrap_or_else(|error| panic!("cannot reach the server of {variable}: {error}"));
         sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
             .execute(&mut connection)
             .await

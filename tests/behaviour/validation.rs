@@ -213,4 +213,14 @@ async fn the_scope_catalogue_rejects_unlisted_scopes(backend: Backend) {
     create_key(&app, key_request("acme", &["events:read", "events:*"])).await.unwrap();
     let request = key_request("acme", &["events:read", "billing:read"]);
     assert_status(create_key(&app, request).await, Code::InvalidArgument, Some("scopes[1]"));
+    let (key, _) = create_key(&app, key_request("acme", &["goals:read"])).await.unwrap();
+    let update = UpdateKeyRequest {
+        tenant_id: "acme".into(),
+        key_id: key.key_id.clone(),
+        scopes: vec!["goals:read".into(), "goals:read".into(), "billing:*".into()],
+        update_mask: Some(FieldMask { paths: vec!["scopes".into()] }),
+        ..Default::default()
+    };
+    assert_status(app.admin.clone().update_key(update).await, Code::InvalidArgument, Some("scopes[2]"));
+    assert_eq!(get_key(&app, "acme", &key.key_id).await.scopes, ["goals:read"]);
 }
