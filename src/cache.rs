@@ -18,7 +18,7 @@ use std::time::Duration;
 use moka::future::Cache;
 
 use crate::domain::model::{KeyRecord, Tenant};
-use crate::store::StoreError;
+use crate::store::{ChangeTarget, StoreError};
 
 /// Sizes and lifetimes of the cache.
 #[derive(Clone, Debug)]
@@ -73,8 +73,14 @@ impl<V: Clone + Send + Sync + 'static> Entries<V> {
     }
 
     /// Whether something read at `generation` predates the last invalidation of `id`.
-    async fn is_stale(&self, id: &str, generation: u64) -> bool {
-        self.invalidated.get(id).await.is_some_and(|invalidated_at| invalidated_at > generation)
+    async fn is_stale(&self, id: &str, generation: u64, everything_invalidated_at: u64) -> bool {
+        generation < everything_invalidated_at
+            || self.invalidated.get(id).await.is_some_and(|invalidated_at| invalidated_at > generation)
+    }
+
+    fn clear(&self) {
+        self.found.invalidate_all();
+        self.absent.invalidate_all();
     }
 }
 
@@ -85,6 +91,8 @@ pub struct DecisionCache {
     site_owners: Entries<Arc<str>>,
     /// Counts invalidations; loads remember it so a racing invalidation can overrule them.
     generation: AtomicU64,
+    /// The generation of the last [`invalidate_all`](Self::invalidate_all): older entries are stale.
+    everything_invalidated_at: AtomicU64,
 }
 
 impl DecisionCache {
@@ -94,6 +102,7 @@ impl DecisionCache {
             tenants: Entries::new(settings),
             site_owners: Entries::new(settings),
             generation: AtomicU64::new(0),
+            everything_invalidated_at: AtomicU64::new(0),
         }
     }
 
@@ -130,16 +139,20 @@ impl DecisionCache {
         F: Fn() -> Fut,
         Fut: Future<Output = Result<Option<V>, StoreError>>,
     {
+        let is_stale = |generation| async move {
+            let everything = self.everything_invalidated_at.load(Ordering::Acquire);
+            entries.is_stale(id, generation, everything).await
+        };
         // Invalidations are rare (admin calls), so a few rounds always settle.
         for _ in 0..3 {
             if let Some(loaded) = entries.found.get(id).await {
-                if !entries.is_stale(id, loaded.generation).await {
+                if !is_stale(loaded.generation).await {
                     return Ok(Some(loaded.value));
                 }
                 entries.found.invalidate(id).await;
             }
             if let Some(generation) = entries.absent.get(id).await {
-                if !entries.is_stale(id, generation).await {
+                if !is_stale(generation).await {
                     return Ok(None);
                 }
                 entries.absent.invalidate(id).await;
@@ -156,11 +169,11 @@ impl DecisionCache {
                 })
                 .await;
             match loaded {
-                Ok(loaded) if !entries.is_stale(id, loaded.generation).await => return Ok(Some(loaded.value)),
+                Ok(loaded) if !is_stale(loaded.generation).await => return Ok(Some(loaded.value)),
                 Ok(_) => entries.found.invalidate(id).await,
                 Err(miss) => match &*miss {
                     Miss::Store(error) => return Err(error.clone()),
-                    Miss::Absent if !entries.is_stale(id, generation).await => {
+                    Miss::Absent if !is_stale(generation).await => {
                         entries.absent.insert(id.to_owned(), generation).await;
                         return Ok(None);
                     }
@@ -176,6 +189,24 @@ impl DecisionCache {
         entries.invalidated.insert(id.to_owned(), generation).await;
         entries.found.invalidate(id).await;
         entries.absent.invalidate(id).await;
+    }
+
+    /// Drops everything, for a replica that may have missed changes.
+    pub fn invalidate_all(&self) {
+        let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
+        self.everything_invalidated_at.store(generation, Ordering::Release);
+        self.keys.clear();
+        self.tenants.clear();
+        self.site_owners.clear();
+    }
+
+    /// Drops what a change of the feed touched.
+    pub async fn apply(&self, target: &ChangeTarget) {
+        match target {
+            ChangeTarget::Key(hash) => self.invalidate_key(hash).await,
+            ChangeTarget::Tenant(tenant_id) => self.invalidate_tenant(tenant_id).await,
+            ChangeTarget::Site(site_id) => self.invalidate_site(site_id).await,
+        }
     }
 
     /// Drops a key after RevokeKey, RotateKey or UpdateKey.

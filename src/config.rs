@@ -13,6 +13,7 @@ use subtle::ConstantTimeEq;
 use crate::cache::CacheSettings;
 use crate::domain::key::KeyPrefix;
 use crate::domain::scope::{Scope, ScopePolicy, parse_implications};
+use crate::feed::FeedSettings;
 use crate::gateway::{GatewaySettings, KeySources};
 use crate::service::KeyPolicy;
 
@@ -94,6 +95,13 @@ pub struct ServeArgs {
     /// Seconds an unknown key, tenant or site stays cached.
     #[arg(long, env = "KEYGATE_NEGATIVE_CACHE_TTL_SECONDS", default_value_t = 5)]
     pub negative_cache_ttl_seconds: u64,
+    /// Milliseconds between two reads of the change feed, through which admin changes on any
+    /// replica reach this one's cache.
+    #[arg(long, env = "KEYGATE_CHANGE_POLL_INTERVAL_MS", default_value_t = 100)]
+    pub change_poll_interval_ms: u64,
+    /// Seconds changes stay in the feed before they are pruned.
+    #[arg(long, env = "KEYGATE_CHANGE_RETENTION_SECONDS", default_value_t = 3600)]
+    pub change_retention_seconds: u64,
     /// Where Envoy requests carry their key, tried in order: `bearer` (Authorization: Bearer),
     /// `header:<name>`, `query:<name>`.
     #[arg(long, env = "KEYGATE_ENVOY_KEY_SOURCES", default_value = "bearer,header:x-api-key,query:_apikey")]
@@ -214,6 +222,7 @@ pub struct Config {
     pub policy: KeyPolicy,
     pub cache: CacheSettings,
     pub gateway: GatewaySettings,
+    pub feed: FeedSettings,
     pub log_format: LogFormat,
 }
 
@@ -263,6 +272,10 @@ impl Config {
                 key_sources: KeySources::parse(&args.envoy_key_sources)
                     .map_err(|error| format!("KEYGATE_ENVOY_KEY_SOURCES: {error}"))?,
                 strip_credentials: args.envoy_strip_credentials,
+            },
+            feed: FeedSettings {
+                poll_interval: Duration::from_millis(args.change_poll_interval_ms.clamp(10, 60_000)),
+                retention: Duration::from_secs(args.change_retention_seconds.max(60)),
             },
             log_format: args.log_format,
         })

@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod config;
 pub mod domain;
+pub mod feed;
 pub mod gateway;
 pub mod grpc;
 pub mod server;

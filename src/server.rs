@@ -66,6 +66,7 @@ impl App {
         set_health(&health, ServingStatus::NotServing).await;
         let store = self.core.store.clone();
         let readiness = tokio::spawn(become_ready(store.clone(), health.clone()));
+        let follower = tokio::spawn(crate::feed::follow(self.core.clone(), self.config.feed.clone()));
 
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
@@ -102,6 +103,7 @@ impl App {
             })
             .await;
         readiness.abort();
+        follower.abort();
         store.close().await;
         info!("keygate stopped");
         Ok(result?)

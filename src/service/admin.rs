@@ -124,7 +124,7 @@ impl KeyService {
     pub async fn delete_site(&self, tenant_id: String, site_id: String) -> ServiceResult<()> {
         let this = self.clone();
         to_completion(async move {
-            let deleted = this.core.store.delete_site(&tenant_id, &site_id).await?;
+            let deleted = this.core.store.delete_site(&tenant_id, &site_id, this.now()).await?;
             this.core.cache.invalidate_site(&site_id).await;
             if !deleted {
                 return Err(ServiceError::NotFound(format!("site {site_id} not found")));

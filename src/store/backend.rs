@@ -74,9 +74,18 @@ impl Backend {
     /// The schema migrations of this backend, embedded in the binary.
     pub fn migrator(self) -> Migrator {
         let files: &[(i64, &str, &'static str)] = match self {
-            Self::Sqlite => &[(1, "init", include_str!("../../migrations/sqlite/0001_init.sql"))],
-            Self::Postgres => &[(1, "init", include_str!("../../migrations/postgres/0001_init.sql"))],
-            Self::MySql => &[(1, "init", include_str!("../../migrations/mysql/0001_init.sql"))],
+            Self::Sqlite => &[
+                (1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
+                (2, "change feed", include_str!("../../migrations/sqlite/0002_change_feed.sql")),
+            ],
+            Self::Postgres => &[
+                (1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
+                (2, "change feed", include_str!("../../migrations/postgres/0002_change_feed.sql")),
+            ],
+            Self::MySql => &[
+                (1, "init", include_str!("../../migrations/mysql/0001_init.sql")),
+                (2, "change feed", include_str!("../../migrations/mysql/0002_change_feed.sql")),
+            ],
         };
         let migrations = files
             .iter()

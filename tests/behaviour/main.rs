@@ -10,6 +10,7 @@ mod checks;
 mod gateway;
 mod isolation;
 mod keys;
+mod replicas;
 mod rotation;
 mod server;
 mod tenants_and_sites;

@@ -124,9 +124,12 @@ pub struct TestApp {
     pub store: Store,
     pub clock: Arc<ManualClock>,
     pub channel: Channel,
+    /// The database this server uses; replicas share it.
+    pub database_url: String,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    _database: TestDatabase,
+    /// The first server of a test owns (and drops) the database; replicas do not.
+    _database: Option<TestDatabase>,
 }
 
 impl TestApp {
@@ -163,13 +166,25 @@ impl Drop for TestApp {
 /// configured here (outside CI).
 pub async fn spawn_app_with(backend: Backend, flags: &[&str]) -> Option<TestApp> {
     let database = TestDatabase::create(backend).await?;
+    let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let mut app = start(&database.url, flags, clock).await;
+    app._database = Some(database);
+    Some(app)
+}
+
+/// Starts another server on the database of `app`, sharing its clock: a second replica.
+pub async fn spawn_replica(app: &TestApp, flags: &[&str]) -> TestApp {
+    start(&app.database_url, flags, app.clock.clone()).await
+}
+
+async fn start(database_url: &str, flags: &[&str], clock: Arc<ManualClock>) -> TestApp {
     let admin_tokens = format!("tests={ADMIN_TOKEN}");
     let mut args = vec![
         "keygate",
         "--listen",
         "127.0.0.1:0",
         "--database-url",
-        &database.url,
+        database_url,
         "--admin-tokens",
         &admin_tokens,
         "--negative-cache-ttl-seconds",
@@ -178,7 +193,6 @@ pub async fn spawn_app_with(backend: Backend, flags: &[&str]) -> Option<TestApp>
     args.extend_from_slice(flags);
     let cli = Cli::try_parse_from(args).expect("flags parse");
     let config = Config::from_args(&cli.serve).expect("valid config");
-    let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
     let app = App::bind_with_clock(config, clock.clone()).await.expect("bind");
     let address = app.local_addr();
     let store = app.store();
@@ -188,17 +202,18 @@ pub async fn spawn_app_with(backend: Backend, flags: &[&str]) -> Option<TestApp>
     }));
     let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect_lazy();
     wait_until_serving(channel.clone()).await;
-    Some(TestApp {
+    TestApp {
         address,
         admin: KeyAdminClient::with_interceptor(channel.clone(), WithToken(Some(ADMIN_TOKEN.to_owned()))),
         authorize: AuthorizeClient::with_interceptor(channel.clone(), WithToken(None)),
         store,
         clock,
         channel,
+        database_url: database_url.to_owned(),
         stop: Some(stop),
         server: Some(server),
-        _database: database,
-    })
+        _database: None,
+    }
 }
 
 /// Starts keygate on `backend` with default settings.

@@ -1,0 +1,165 @@
+//! Following the change feed: every replica polls the shared database for admin changes made
+//! anywhere and drops the cache entries they touch, so a revoke on one replica is denied by all
+//! of them within about one poll interval. The feed is in commit order with no holes, so a
+//! replica that falls behind (a slow poll, a database outage) catches up from where it stopped;
+//! one that finds changes pruned before it read them drops its whole cache.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tracing::{debug, info, warn};
+
+use crate::cache::DecisionCache;
+use crate::service::Core;
+use crate::store::Store;
+
+/// How the feed is followed and kept small.
+#[derive(Clone, Debug)]
+pub struct FeedSettings {
+    /// Time between two reads of the feed.
+    pub poll_interval: Duration,
+    /// How long changes stay in the feed.
+    pub retention: Duration,
+}
+
+impl Default for FeedSettings {
+    fn default() -> Self {
+        Self { poll_interval: Duration::from_millis(100), retention: Duration::from_secs(3600) }
+    }
+}
+
+const BATCH: i64 = 1000;
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+
+/// Follows the feed until the task is aborted. Starts at the current head: this replica's
+/// cache is empty, so nothing older can be in it.
+pub async fn follow(core: Arc<Core>, settings: FeedSettings) {
+    let (store, cache) = (&core.store, &core.cache);
+    let mut last_seen = loop {
+        match store.feed_head().await {
+            Ok(head) => break head,
+            Err(error) => {
+                debug!(%error, "change feed not readable yet");
+                tokio::time::sleep(settings.poll_interval).await;
+            }
+        }
+    };
+    info!(from = last_seen, interval_ms = settings.poll_interval.as_millis() as u64, "following the change feed");
+    let mut ticker = tokio::time::interval(settings.poll_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_prune = tokio::time::Instant::now();
+    let mut failing = false;
+    loop {
+        ticker.tick().await;
+        match catch_up(store, cache, last_seen).await {
+            Ok(seen) => {
+                if failing {
+                    info!(last_seen = seen, "change feed readable again");
+                }
+                failing = false;
+                last_seen = seen;
+            }
+            Err(error) => {
+                if !failing {
+                    warn!(%error, "cannot read the change feed; will retry");
+                }
+                failing = true;
+            }
+        }
+        if last_prune.elapsed() >= PRUNE_EVERY {
+            last_prune = tokio::time::Instant::now();
+            let retention = chrono::Duration::from_std(settings.retention).unwrap_or(chrono::Duration::hours(1));
+            if let Err(error) = store.prune_changes(core.clock.now() - retention).await {
+                debug!(%error, "could not prune the change feed");
+            }
+        }
+    }
+}
+
+/// Applies every change after `last_seen`; returns the newest sequence number applied.
+pub async fn catch_up(
+    store: &Store,
+    cache: &DecisionCache,
+    mut last_seen: i64,
+) -> Result<i64, crate::store::StoreError> {
+    loop {
+        let changes = store.changes_after(last_seen, BATCH).await?;
+        if changes.first().is_some_and(|first| first.seq != last_seen + 1) {
+            warn!(
+                last_seen,
+                next = changes[0].seq,
+                "changes were pruned before this replica read them: dropping the whole cache"
+            );
+            cache.invalidate_all();
+        }
+        for change in &changes {
+            if !store.take_own_change(change.seq) {
+                cache.apply(&change.target).await;
+            }
+            let lag = Utc::now() - change.created_at;
+            debug!(seq = change.seq, lag_ms = lag.num_milliseconds(), "applied a change from the feed");
+            last_seen = change.seq;
+        }
+        if (changes.len() as i64) < BATCH {
+            return Ok(last_seen);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::*;
+    use crate::cache::CacheSettings;
+    use crate::domain::model::TenantChanges;
+
+    #[tokio::test]
+    async fn a_replica_that_missed_pruned_changes_drops_its_whole_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("feed.db").display());
+        let store = Store::connect_lazy(&url, 2, Duration::from_secs(5)).unwrap();
+        store.migrate().await.unwrap();
+        let cache = DecisionCache::new(&CacheSettings::default());
+        let now = Utc::now();
+        store.put_tenant("acme", &TenantChanges::default(), now).await.unwrap();
+        let last_seen = store.feed_head().await.unwrap();
+        let loads = AtomicUsize::new(0);
+        let load_tenant = || async {
+            loads.fetch_add(1, Ordering::SeqCst);
+            store.get_tenant("acme").await
+        };
+        cache.tenant("acme", load_tenant).await.unwrap();
+
+        // Changes this replica never read are pruned; a later unrelated change shows the hole.
+        store
+            .put_tenant("acme", &TenantChanges { api_access_enabled: Some(false), ..Default::default() }, now)
+            .await
+            .unwrap();
+        store.prune_changes(now + chrono::Duration::seconds(1)).await.unwrap();
+        store.put_tenant("globex", &TenantChanges::default(), now + chrono::Duration::seconds(2)).await.unwrap();
+
+        let seen = catch_up(&store, &cache, last_seen).await.unwrap();
+        assert_eq!(seen, store.feed_head().await.unwrap());
+        let tenant = cache.tenant("acme", load_tenant).await.unwrap().unwrap();
+        assert!(!tenant.api_access_enabled, "the cached tenant was dropped and read again");
+        assert_eq!(loads.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn catching_up_applies_changes_in_order_and_resumes_where_it_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("feed.db").display());
+        let store = Store::connect_lazy(&url, 2, Duration::from_secs(5)).unwrap();
+        store.migrate().await.unwrap();
+        let cache = DecisionCache::new(&CacheSettings::default());
+        let start = store.feed_head().await.unwrap();
+        for tenant in ["a", "b", "c"] {
+            store.put_tenant(tenant, &TenantChanges::default(), Utc::now()).await.unwrap();
+        }
+        let seen = catch_up(&store, &cache, start).await.unwrap();
+        assert_eq!(seen, start + 3);
+        assert_eq!(catch_up(&store, &cache, seen).await.unwrap(), seen, "nothing new");
+    }
+}

@@ -1,0 +1,107 @@
+//! Several replicas on one database: admin changes on one reach every other's cache through the
+//! change feed within a second.
+
+use std::time::{Duration, Instant};
+
+use keygate::proto::*;
+
+use crate::on_every_backend;
+use crate::support::*;
+
+on_every_backend!(
+    a_revocation_on_one_replica_is_denied_by_another_within_a_second,
+    every_change_that_can_deny_reaches_the_other_replica,
+);
+
+/// Polls `check` on `replica` until `done` holds; returns how long it took.
+async fn time_until(replica: &TestApp, secret: &str, done: impl Fn(&CheckResponse) -> bool) -> Duration {
+    let started = Instant::now();
+    loop {
+        let response = check(replica, secret, "events:read", "").await;
+        if done(&response) {
+            return started.elapsed();
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "the change never reached the replica: {response:?}");
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+async fn a_revocation_on_one_replica_is_denied_by_another_within_a_second(backend: Backend) {
+    let Some(a) = spawn_app(backend).await else { return };
+    let b = spawn_replica(&a, &[]).await;
+    put_tenant(&a, "acme").await;
+    let mut delays = Vec::new();
+    for _ in 0..50 {
+        let (key, secret) = create_key(&a, key_request("acme", &["events:read"])).await.unwrap();
+        assert!(check(&a, &secret, "events:read", "").await.allowed);
+        assert!(check(&b, &secret, "events:read", "").await.allowed, "cached on B now");
+        crate::keys::revoke(&a, "acme", &key.key_id).await.unwrap();
+        assert_eq!(check(&a, &secret, "events:read", "").await.reason(), DenyReason::KeyRevoked);
+        delays.push(time_until(&b, &secret, |response| response.reason() == DenyReason::KeyRevoked).await);
+    }
+    delays.sort();
+    let (median, max) = (delays[delays.len() / 2], delays[delays.len() - 1]);
+    eprintln!("{backend:?}: revocation reached the other replica in median {median:?}, max {max:?} over 50");
+    assert!(max < Duration::from_secs(1), "{backend:?}: slowest propagation {max:?}");
+}
+
+async fn every_change_that_can_deny_reaches_the_other_replica(backend: Backend) {
+    let Some(a) = spawn_app(backend).await else { return };
+    let b = spawn_replica(&a, &[]).await;
+    put_tenant(&a, "acme").await;
+    put_site(&a, "acme", "site-a").await.unwrap();
+    let (key, secret) = create_key(&a, key_request("acme", &["events:read"])).await.unwrap();
+    assert!(check(&b, &secret, "events:read", "site-a").await.allowed);
+
+    // The tenant loses API access, then gets it back.
+    let plan = |enabled| PutTenantRequest {
+        tenant_id: "acme".into(),
+        api_access_enabled: Some(enabled),
+        ..Default::default()
+    };
+    put_tenant_with(&a, plan(false)).await;
+    time_until(&b, &secret, |response| response.reason() == DenyReason::PlanRequired).await;
+    put_tenant_with(&a, plan(true)).await;
+    time_until(&b, &secret, |response| response.allowed).await;
+
+    // The site is deleted.
+    assert!(check(&b, &secret, "events:read", "site-a").await.allowed);
+    let delete = DeleteSiteRequest { tenant_id: "acme".into(), site_id: "site-a".into() };
+    a.admin.clone().delete_site(delete).await.unwrap();
+    let started = Instant::now();
+    while check(&b, &secret, "events:read", "site-a").await.allowed {
+        assert!(started.elapsed() < Duration::from_secs(1), "site deletion did not reach the replica");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    // The key loses its scope, and then its expiry is moved into the past.
+    let update = |paths: &[&str], request: UpdateKeyRequest| UpdateKeyRequest {
+        tenant_id: "acme".into(),
+        key_id: key.key_id.clone(),
+        update_mask: Some(prost_types::FieldMask { paths: paths.iter().map(|p| p.to_string()).collect() }),
+        ..request
+    };
+    let narrow = update(&["scopes"], UpdateKeyRequest { scopes: vec!["goals:read".into()], ..Default::default() });
+    a.admin.clone().update_key(narrow).await.unwrap();
+    time_until(&b, &secret, |response| response.reason() == DenyReason::ScopeMissing).await;
+    let widen = update(&["scopes"], UpdateKeyRequest { scopes: vec!["events:read".into()], ..Default::default() });
+    a.admin.clone().update_key(widen).await.unwrap();
+    time_until(&b, &secret, |response| response.allowed).await;
+    let soon = prost_types::Timestamp { seconds: a_now(&a) + 10, nanos: 0 };
+    let expire_soon = update(&["expires_at"], UpdateKeyRequest { expires_at: Some(soon), ..Default::default() });
+    a.admin.clone().update_key(expire_soon).await.unwrap();
+    a.clock.advance(chrono::Duration::seconds(11));
+    time_until(&b, &secret, |response| response.reason() == DenyReason::KeyExpired).await;
+
+    // A rotation without grace revokes the old key everywhere.
+    let (other, other_secret) = create_key(&a, key_request("acme", &["events:read"])).await.unwrap();
+    assert!(check(&b, &other_secret, "events:read", "").await.allowed);
+    let rotate = RotateKeyRequest { tenant_id: "acme".into(), key_id: other.key_id, grace_period: None };
+    a.admin.clone().rotate_key(rotate).await.unwrap();
+    time_until(&b, &other_secret, |response| response.reason() == DenyReason::KeyRevoked).await;
+}
+
+fn a_now(app: &TestApp) -> i64 {
+    use keygate::domain::clock::Clock;
+    app.clock.now().timestamp()
+}
