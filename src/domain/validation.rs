@@ -42,6 +42,9 @@ impl Violations {
             self.add(field, "is required");
         } else if value.len() > MAX_ID_LEN || !value.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b)) {
             self.add(field, format!("must be 1 to {MAX_ID_LEN} characters of A-Z, a-z, 0-9, '.', '_' or '-'"));
+        } else if value == "." || value == ".." {
+            // A path segment that means "here" or "up" is no id: it could redirect a gateway.
+            self.add(field, "must not be '.' or '..'");
         }
     }
 
@@ -149,7 +152,7 @@ mod tests {
         let mut violations = Violations::default();
         violations.id("tenant_id", "acme-Inc_1.eu");
         assert!(violations.finish(()).is_ok());
-        for bad in ["", "a b", "a/b", "ä", &"x".repeat(65)] {
+        for bad in ["", "a b", "a/b", "ä", ".", "..", &"x".repeat(65)] {
             let mut violations = Violations::default();
             violations.id("tenant_id", bad);
             let errors = violations.finish(()).unwrap_err();

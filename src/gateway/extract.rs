@@ -53,23 +53,38 @@ fn is_token(name: &str) -> bool {
     !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
+/// What a request presents as its key.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Presented {
+    /// No configured source is present.
+    Absent,
+    /// The value of the first present source (possibly empty, as in `Bearer ` with nothing after it).
+    Key(String),
+    /// The first present source cannot be read unambiguously: repeated (Envoy joins repeated
+    /// headers with commas), mixed with another scheme, or badly percent-encoded. Denied as
+    /// malformed, never guessed at.
+    Unreadable,
+}
+
 /// The key found in a request, and every credential to strip before the request goes upstream.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, PartialEq, Eq)]
 pub struct ExtractedKey {
-    /// The key from the first source that is present; `None` when no source is present.
-    /// Present but empty (`Bearer ` with nothing after it) is `Some("")`.
-    pub key: Option<String>,
+    pub presented: Presented,
     /// Headers that carried a keygate credential (lower-case names).
     pub headers_to_remove: Vec<String>,
-    /// Query parameters that carried a keygate credential.
+    /// Query parameters that carried a keygate credential, by their raw names (Envoy removes
+    /// parameters by raw name).
     pub query_parameters_to_remove: Vec<String>,
 }
 
-/// Reads the key from the first configured source present in the request. Several values of one
-/// header arrive joined by commas; such a value never parses as a key, so it is denied as
-/// malformed rather than guessed at.
-pub fn extract_key(sources: &KeySources, headers: &HashMap<String, String>, path: &str) -> ExtractedKey {
-    let mut extracted = ExtractedKey::default();
+/// Reads the key from the first configured source present in the request, and lists every
+/// source present so that none reaches the upstream.
+pub fn extract_key(sources: &KeySources, headers: &HashMap<String, String>, target: &str) -> ExtractedKey {
+    let mut extracted = ExtractedKey {
+        presented: Presented::Absent,
+        headers_to_remove: Vec::new(),
+        query_parameters_to_remove: Vec::new(),
+    };
     for source in &sources.0 {
         let found = match source {
             KeySource::Bearer => headers.get("authorization").and_then(|value| bearer_value(value)).inspect(|_| {
@@ -77,25 +92,44 @@ pub fn extract_key(sources: &KeySources, headers: &HashMap<String, String>, path
             }),
             KeySource::Header(name) => headers.get(name).map(|value| {
                 extracted.headers_to_remove.push(name.clone());
-                value.trim().to_owned()
+                if value.contains(',') { Presented::Unreadable } else { Presented::Key(value.trim().to_owned()) }
             }),
-            KeySource::Query(name) => query_parameter(path, name).inspect(|_| {
-                extracted.query_parameters_to_remove.push(name.clone());
-            }),
+            KeySource::Query(name) => {
+                let parameter = query_parameter(target, name);
+                extracted.query_parameters_to_remove.extend(parameter.raw_names);
+                match parameter.value {
+                    QueryValue::Absent => None,
+                    QueryValue::One(value) => Some(Presented::Key(value)),
+                    QueryValue::Unreadable => Some(Presented::Unreadable),
+                }
+            }
         };
-        if extracted.key.is_none() {
-            extracted.key = found;
+        if let (Presented::Absent, Some(found)) = (&extracted.presented, found) {
+            extracted.presented = found;
         }
     }
     extracted
 }
 
-/// The credential of an `Authorization` value whose scheme is Bearer; `None` for other schemes
-/// (which belong to someone else and are left alone).
-fn bearer_value(value: &str) -> Option<String> {
+/// The credential of an `Authorization` value with the Bearer scheme; `None` when no part of
+/// it is Bearer (another scheme belongs to someone else and is left alone). Several values
+/// (joined by commas) of which one is Bearer are unreadable.
+fn bearer_value(value: &str) -> Option<Presented> {
+    let is_bearer = |part: &str| {
+        let part = part.trim();
+        let scheme = part.split([' ', '\t']).next().unwrap_or_default();
+        scheme.eq_ignore_ascii_case("bearer")
+    };
+    let parts: Vec<&str> = value.split(',').collect();
+    if !parts.iter().any(|part| is_bearer(part)) {
+        return None;
+    }
+    if parts.len() > 1 {
+        return Some(Presented::Unreadable);
+    }
     let value = value.trim();
-    let (scheme, rest) = value.split_once([' ', '\t']).unwrap_or((value, ""));
-    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim().to_owned())
+    let credential = value.split_once([' ', '\t']).map_or("", |(_, rest)| rest.trim());
+    Some(Presented::Key(credential.to_owned()))
 }
 
 /// How a route names the site of a request, from its `context_extensions`.
@@ -150,8 +184,13 @@ pub fn extract_site(
         SiteSource::None => return Ok(None),
         SiteSource::Literal(site) => Some(site.clone()),
         SiteSource::Header(name) => headers.get(name).map(|value| value.trim().to_owned()),
+        SiteSource::Path(_) if has_dot_segments(path_only(path)) => return Err(SiteError::Invalid),
         SiteSource::Path(template) => match_path(template, path_only(path)),
-        SiteSource::Query(name) => query_parameter(path, name),
+        SiteSource::Query(name) => match query_parameter(path, name).value {
+            QueryValue::Absent => None,
+            QueryValue::One(site) => Some(site),
+            QueryValue::Unreadable => return Err(SiteError::Invalid),
+        },
     };
     let site = raw.filter(|site| !site.is_empty()).ok_or(SiteError::Missing)?;
     let mut violations = Violations::default();
@@ -175,15 +214,46 @@ fn match_path(template: &str, path: &str) -> Option<String> {
     after_matches.then(|| percent_decode(segment, false)).flatten()
 }
 
-/// The value of the first `name` parameter in the query of a request target, percent-decoded
-/// (`+` is a space, as in forms).
-pub fn query_parameter(target: &str, name: &str) -> Option<String> {
-    let query = target.split_once('?')?.1;
+/// What the query holds for one parameter name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum QueryValue {
+    Absent,
+    /// Exactly one occurrence, spelled exactly, with a value that decodes.
+    One(String),
+    /// Repeated, spelled with percent-escapes, or with a value that does not decode: backends
+    /// disagree on what such a query means, so keygate decides nothing from it.
+    Unreadable,
+}
+
+/// A parameter's value and the raw names under which it occurs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct QueryParameter {
+    pub value: QueryValue,
+    pub raw_names: Vec<String>,
+}
+
+/// Looks up `name` in the query of a request target. Names are matched both as written and
+/// percent-decoded, so `%5Fapikey` cannot slip past a check of `_apikey`.
+pub fn query_parameter(target: &str, name: &str) -> QueryParameter {
+    let query = target.split_once('?').map_or("", |(_, query)| query);
     let query = query.split('#').next().unwrap_or_default();
-    query.split('&').find_map(|pair| {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        (percent_decode(key, true).as_deref() == Some(name)).then(|| percent_decode(value, true)).flatten()
-    })
+    let occurrences: Vec<(&str, &str)> = query
+        .split('&')
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+        .filter(|(raw, _)| *raw == name || percent_decode(raw, true).as_deref() == Some(name))
+        .collect();
+    let raw_names = occurrences.iter().map(|(raw, _)| (*raw).to_owned()).collect();
+    let value = match occurrences.as_slice() {
+        [] => QueryValue::Absent,
+        [(raw, value)] if *raw == name => percent_decode(value, true).map_or(QueryValue::Unreadable, QueryValue::One),
+        _ => QueryValue::Unreadable,
+    };
+    QueryParameter { value, raw_names }
+}
+
+/// Whether a path has a `.` or `..` segment, as written or percent-encoded.
+pub fn has_dot_segments(path: &str) -> bool {
+    path.split('/').any(|segment| matches!(percent_decode(segment, false).as_deref(), Some(".") | Some("..")))
 }
 
 /// Percent-decodes `text`; `None` for a broken escape or bytes that are not UTF-8.
@@ -219,19 +289,20 @@ mod tests {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
-    fn key(pairs: &[(&str, &str)], path: &str) -> Option<String> {
-        extract_key(&KeySources::default(), &headers(pairs), path).key
+    fn key(pairs: &[(&str, &str)], path: &str) -> Presented {
+        extract_key(&KeySources::default(), &headers(pairs), path).presented
+    }
+
+    fn found(value: &str) -> Presented {
+        Presented::Key(value.to_owned())
     }
 
     #[test]
     fn the_first_present_source_wins() {
-        assert_eq!(
-            key(&[("authorization", "Bearer aaa"), ("x-api-key", "bbb")], "/x?_apikey=ccc").as_deref(),
-            Some("aaa")
-        );
-        assert_eq!(key(&[("x-api-key", "bbb")], "/x?_apikey=ccc").as_deref(), Some("bbb"));
-        assert_eq!(key(&[], "/x?a=1&_apikey=ccc").as_deref(), Some("ccc"));
-        assert_eq!(key(&[], "/x"), None);
+        assert_eq!(key(&[("authorization", "Bearer aaa"), ("x-api-key", "bbb")], "/x?_apikey=ccc"), found("aaa"));
+        assert_eq!(key(&[("x-api-key", "bbb")], "/x?_apikey=ccc"), found("bbb"));
+        assert_eq!(key(&[], "/x?a=1&_apikey=ccc"), found("ccc"));
+        assert_eq!(key(&[], "/x"), Presented::Absent);
     }
 
     #[test]
@@ -247,38 +318,55 @@ mod tests {
 
     #[test]
     fn hostile_authorization_values() {
-        assert_eq!(key(&[("authorization", "bEaReR   aaa  ")], "/").as_deref(), Some("aaa"));
-        assert_eq!(key(&[("authorization", "Bearer")], "/").as_deref(), Some(""), "Bearer with no key is an empty key");
-        assert_eq!(key(&[("authorization", "Bearer ")], "/").as_deref(), Some(""));
-        assert_eq!(key(&[("authorization", "")], "/"), None);
-        // Two Authorization headers arrive joined; the joined value is never a valid key.
-        assert_eq!(key(&[("authorization", "Bearer a,Bearer b")], "/").as_deref(), Some("a,Bearer b"));
-        // Another scheme is not ours: fall through to the next source, and leave the header be.
+        assert_eq!(key(&[("authorization", "bEaReR   aaa  ")], "/"), found("aaa"));
+        assert_eq!(key(&[("authorization", "Bearer")], "/"), found(""), "Bearer with no key is an empty key");
+        assert_eq!(key(&[("authorization", "Bearer ")], "/"), found(""));
+        assert_eq!(key(&[("authorization", "")], "/"), Presented::Absent);
+        // Several Authorization headers arrive joined by commas: never guessed at.
+        assert_eq!(key(&[("authorization", "Bearer a,Bearer b")], "/"), Presented::Unreadable);
+        let mixed = extract_key(&KeySources::default(), &headers(&[("authorization", "Basic eA==,Bearer k")]), "/");
+        assert_eq!(mixed.presented, Presented::Unreadable);
+        assert_eq!(mixed.headers_to_remove, ["authorization"], "a Bearer part is never forwarded");
+        // Another scheme alone is not ours: fall through to the next source, and leave the header be.
         let extracted = extract_key(
             &KeySources::default(),
             &headers(&[("authorization", "Basic dXNlcjpwdw=="), ("x-api-key", "k")]),
             "/",
         );
-        assert_eq!(extracted.key.as_deref(), Some("k"));
+        assert_eq!(extracted.presented, found("k"));
         assert_eq!(extracted.headers_to_remove, ["x-api-key"]);
+        assert_eq!(key(&[("x-api-key", "a, b")], "/"), Presented::Unreadable);
         let huge = "k".repeat(100_000);
-        assert_eq!(key(&[("x-api-key", &huge)], "/").map(|k| k.len()), Some(100_000));
+        assert_eq!(key(&[("x-api-key", &huge)], "/"), found(&huge));
+        assert_eq!(key(&[("authorization", &format!("Bearer {huge}"))], "/"), found(&huge));
     }
 
     #[test]
-    fn query_keys_are_percent_decoded_and_exact() {
-        assert_eq!(key(&[], "/x?_apikey=kg%5Flive").as_deref(), Some("kg_live"));
-        assert_eq!(key(&[], "/x?_APIKEY=nope"), None);
-        assert_eq!(key(&[], "/x?x_apikey=nope"), None);
-        assert_eq!(key(&[], "/x?_apikey=%zz"), None, "a broken escape is not a key");
-        assert_eq!(key(&[], "/x?_apikey").as_deref(), Some(""));
+    fn query_keys_are_exact_single_and_decodable() {
+        assert_eq!(key(&[], "/x?_apikey=kg%5Flive"), found("kg_live"));
+        assert_eq!(key(&[], "/x?_APIKEY=nope"), Presented::Absent);
+        assert_eq!(key(&[], "/x?x_apikey=nope"), Presented::Absent);
+        assert_eq!(key(&[], "/x?_apikey"), found(""));
+        for unreadable in
+            ["/x?_apikey=%zz", "/x?_apikey=%ff", "/x?_apikey=a&_apikey=b", "/x?%5Fapikey=k", "/x?_api%6Bey=k"]
+        {
+            let extracted = extract_key(&KeySources::default(), &HashMap::new(), unreadable);
+            assert_eq!(extracted.presented, Presented::Unreadable, "{unreadable}");
+            assert!(!extracted.query_parameters_to_remove.is_empty(), "{unreadable} is stripped");
+        }
+        let encoded = extract_key(&KeySources::default(), &HashMap::new(), "/x?%5Fapikey=k&_apikey=j");
+        assert_eq!(
+            encoded.query_parameters_to_remove,
+            ["%5Fapikey", "_apikey"],
+            "removed by raw name, as Envoy matches"
+        );
     }
 
     #[test]
     fn key_sources_are_configurable() {
         let sources = KeySources::parse("header:X-Token, query:key").unwrap();
         let extracted = extract_key(&sources, &headers(&[("authorization", "Bearer a"), ("x-token", "t")]), "/?key=q");
-        assert_eq!(extracted.key.as_deref(), Some("t"));
+        assert_eq!(extracted.presented, found("t"));
         assert_eq!(extracted.headers_to_remove, ["x-token"]);
         for bad in ["", "cookie:x", "header:", "header:a b", "query:a&b"] {
             assert!(KeySources::parse(bad).is_err(), "{bad}");
@@ -308,18 +396,24 @@ mod tests {
 
     #[test]
     fn missing_or_hostile_sites_are_errors() {
+        let path = [("site_path", "/v1/sites/{site}/")];
         assert_eq!(site(&[("site_header", "x-site")], &[], "/"), Err(SiteError::Missing));
-        assert_eq!(site(&[("site_path", "/v1/sites/{site}/")], &[], "/v2/other"), Err(SiteError::Missing));
-        assert_eq!(site(&[("site_path", "/v1/sites/{site}/")], &[], "/v1/sites//events"), Err(SiteError::Missing));
+        assert_eq!(site(&path, &[], "/v2/other"), Err(SiteError::Missing));
+        assert_eq!(site(&path, &[], "/v1/sites//events"), Err(SiteError::Missing));
         assert_eq!(site(&[("site_query", "siteId")], &[], "/v1/stats"), Err(SiteError::Missing));
         // Percent-encoding is decoded, and what it hides is validated.
-        assert_eq!(
-            site(&[("site_path", "/v1/sites/{site}/")], &[], "/v1/sites/shop%2Eexample/x"),
-            Ok(Some("shop.example".into()))
-        );
-        assert_eq!(site(&[("site_path", "/v1/sites/{site}/")], &[], "/v1/sites/a%2Fb/x"), Err(SiteError::Invalid));
-        assert_eq!(site(&[("site_path", "/v1/sites/{site}/")], &[], "/v1/sites/%E0%A4/x"), Err(SiteError::Missing));
+        assert_eq!(site(&path, &[], "/v1/sites/shop%2Eexample/x"), Ok(Some("shop.example".into())));
+        assert_eq!(site(&path, &[], "/v1/sites/a%2Fb/x"), Err(SiteError::Invalid));
+        assert_eq!(site(&path, &[], "/v1/sites/%E0%A4/x"), Err(SiteError::Missing));
+        // Dot segments could make a backend serve another site than the one checked.
+        for traversal in
+            ["/v1/sites/shop/../blog/x", "/v1/sites/shop/%2e%2e/blog/x", "/v1/sites/../x", "/v1/sites/./shop/"]
+        {
+            assert_eq!(site(&path, &[], traversal), Err(SiteError::Invalid), "{traversal}");
+        }
         assert_eq!(site(&[("site_query", "siteId")], &[], "/s?siteId=a+b"), Err(SiteError::Invalid));
+        assert_eq!(site(&[("site_query", "siteId")], &[], "/s?siteId=shop&siteId=blog"), Err(SiteError::Invalid));
+        assert_eq!(site(&[("site_query", "siteId")], &[], "/s?site%49d=blog"), Err(SiteError::Invalid));
         assert_eq!(site(&[("site_header", "x-site")], &[("x-site", &"s".repeat(65))], "/"), Err(SiteError::Invalid));
         assert_eq!(site(&[("site_header", "x-site")], &[("x-site", "a,b")], "/"), Err(SiteError::Invalid));
     }

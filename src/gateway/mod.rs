@@ -13,8 +13,8 @@ use std::collections::HashMap;
 use envoy_types::ext_authz::v3::pb::{CheckRequest, CheckResponse};
 use tracing::{error, info};
 
-pub use extract::{ExtractedKey, KeySource, KeySources, SiteError, SiteSource, extract_key, extract_site};
-pub use response::{GatewayDeny, KEY_ID_HEADER, SCOPES_HEADER, TENANT_HEADER};
+pub use extract::{ExtractedKey, KeySource, KeySources, Presented, SiteError, SiteSource, extract_key, extract_site};
+pub use response::{GatewayDeny, KEY_ID_HEADER, SCOPES_HEADER, SITE_HEADER, TENANT_HEADER};
 
 use crate::domain::clock::Clock;
 use crate::domain::scope::Scope;
@@ -48,7 +48,8 @@ impl Gateway {
     }
 
     /// Decides one request. `Err` only when the store cannot answer (Envoy then applies its
-    /// failure mode, which must be closed).
+    /// failure mode, which must be closed). Logs name the route by its `route` context
+    /// extension, never by its path: a path can hold a key.
     pub async fn check(&self, request: &CheckRequest) -> ServiceResult<CheckResponse> {
         let attributes = request.attributes.as_ref();
         let empty = HashMap::new();
@@ -57,31 +58,37 @@ impl Gateway {
             attributes.and_then(|attributes| attributes.request.as_ref()).and_then(|request| request.http.as_ref());
         let headers = http.map(headers_of).unwrap_or_default();
         let target = http.map_or("", |http| http.path.as_str());
-        let route = target.split('?').next().unwrap_or_default();
+        let route = context.get("route").map_or("unnamed", String::as_str);
 
         let Some(scope) = context.get("scope").and_then(|scope| Scope::parse(scope).ok()) else {
-            error!(path = route, "ext_authz route has no valid `scope` context extension: denying");
+            error!(route, "ext_authz route has no valid `scope` context extension: denying");
             return Ok(response::gateway_denied(GatewayDeny::RouteMisconfigured));
         };
         let credentials = extract_key(&self.settings.key_sources, &headers, target);
-        let site_id = match extract_site(&SiteSource::from_context(context), &headers, target) {
-            Ok(site_id) => site_id,
-            Err(problem) => {
-                info!(path = route, ?problem, "gateway request names no valid site: denying");
-                return Ok(response::gateway_denied(GatewayDeny::SiteMissing));
-            }
+        let key = match &credentials.presented {
+            Presented::Unreadable => return Ok(response::malformed()),
+            // No key: say so first, before anything about the site.
+            Presented::Absent => String::new(),
+            Presented::Key(key) => key.clone(),
         };
-        let check = service::CheckRequest { key: credentials.key.clone().unwrap_or_default(), scope, site_id };
+        let site_id = match key.is_empty() {
+            true => None,
+            false => match extract_site(&SiteSource::from_context(context), &headers, target) {
+                Ok(site_id) => site_id,
+                Err(problem) => {
+                    info!(route, ?problem, "gateway request names no valid site: denying");
+                    return Ok(response::gateway_denied(GatewayDeny::SiteMissing));
+                }
+            },
+        };
+        let check = service::CheckRequest { key, scope, site_id };
         let outcome = self.authorizer.check(&check).await?;
-        let site = check.site_id.as_deref().unwrap_or_default();
-        Ok(response::decided(
-            &outcome,
-            &credentials,
-            self.settings.strip_credentials,
-            check.scope.as_str(),
-            site,
-            self.clock.now(),
-        ))
+        let allowed = response::Allowed {
+            credentials: &credentials,
+            strip_credentials: self.settings.strip_credentials,
+            site_id: check.site_id.as_deref(),
+        };
+        Ok(response::decided(&outcome, &allowed, check.scope.as_str(), self.clock.now()))
     }
 }
 
@@ -109,4 +116,33 @@ fn headers_of(
             .or_insert(value);
     }
     headers
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::envoy::config::core::v3::{HeaderMap, HeaderValue};
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest;
+
+    use super::*;
+
+    #[test]
+    fn raw_headers_are_read_and_repeated_ones_joined_as_envoy_joins_them() {
+        let raw =
+            |key: &str, value: &str| HeaderValue { key: key.into(), value: String::new(), raw_value: value.into() };
+        let http = HttpRequest {
+            header_map: Some(HeaderMap {
+                headers: vec![
+                    raw("Authorization", "Bearer a"),
+                    raw("authorization", "Bearer b"),
+                    raw("x-site-id", "s1"),
+                ],
+            }),
+            ..Default::default()
+        };
+        let headers = headers_of(&http);
+        assert_eq!(headers["authorization"], "Bearer a,Bearer b");
+        assert_eq!(headers["x-site-id"], "s1");
+        let extracted = extract_key(&KeySources::default(), &headers, "/");
+        assert_eq!(extracted.presented, Presented::Unreadable);
+    }
 }

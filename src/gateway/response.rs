@@ -18,6 +18,15 @@ use crate::service::{CheckOutcome, RateLimitState};
 pub const TENANT_HEADER: &str = "x-keygate-tenant-id";
 pub const KEY_ID_HEADER: &str = "x-keygate-key-id";
 pub const SCOPES_HEADER: &str = "x-keygate-scopes";
+/// The site keygate approved, when the route names one; removed otherwise.
+pub const SITE_HEADER: &str = "x-keygate-site-id";
+
+/// What an allow needs beyond the decision.
+pub struct Allowed<'a> {
+    pub credentials: &'a ExtractedKey,
+    pub strip_credentials: bool,
+    pub site_id: Option<&'a str>,
+}
 
 /// A deny that is not a key decision: the route itself is wrong or the request names no site.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -47,14 +56,8 @@ fn rate_limit_headers(limit: &RateLimitState) -> Vec<HeaderValueOption> {
 }
 
 /// The answer for a decided Check.
-pub fn decided(
-    outcome: &CheckOutcome,
-    credentials: &ExtractedKey,
-    strip: bool,
-    scope: &str,
-    site_id: &str,
-    now: DateTime<Utc>,
-) -> CheckResponse {
+pub fn decided(outcome: &CheckOutcome, allowed: &Allowed<'_>, scope: &str, now: DateTime<Utc>) -> CheckResponse {
+    let site_id = allowed.site_id.unwrap_or_default();
     match (outcome.decision, &outcome.key) {
         (Ok(()), Some(key)) => {
             let scopes = key.scopes.iter().map(|scope| scope.as_str()).collect::<Vec<_>>().join(",");
@@ -67,9 +70,13 @@ pub fn decided(
                 response_headers_to_add: outcome.rate_limit.as_ref().map(rate_limit_headers).unwrap_or_default(),
                 ..Default::default()
             };
-            if strip {
-                ok.headers_to_remove = credentials.headers_to_remove.clone();
-                ok.query_parameters_to_remove = credentials.query_parameters_to_remove.clone();
+            match allowed.site_id {
+                Some(site_id) => ok.headers.push(header(SITE_HEADER, site_id)),
+                None => ok.headers_to_remove.push(SITE_HEADER.to_owned()),
+            }
+            if allowed.strip_credentials {
+                ok.headers_to_remove.extend(allowed.credentials.headers_to_remove.iter().cloned());
+                ok.query_parameters_to_remove = allowed.credentials.query_parameters_to_remove.clone();
             }
             CheckResponse {
                 status: Some(RpcStatus { code: Code::Ok as i32, ..Default::default() }),
@@ -81,6 +88,12 @@ pub fn decided(
         // An allow without a key cannot happen; never turn it into an allow.
         (Ok(()), None) => gateway_denied(GatewayDeny::RouteMisconfigured),
     }
+}
+
+/// The answer for a credential that cannot be read unambiguously.
+pub fn malformed() -> CheckResponse {
+    let reason = DenyReason::KeyMalformed;
+    denied(reason, &reason.message("", ""), None, Utc::now())
 }
 
 /// The answer for a request that never reached a key decision.
@@ -144,5 +157,77 @@ fn denied_response(
             body,
         })),
         ..Default::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use chrono::Duration;
+
+    use super::*;
+    use crate::gateway::extract::Presented;
+
+    fn credentials() -> ExtractedKey {
+        ExtractedKey {
+            presented: Presented::Key("k".into()),
+            headers_to_remove: vec!["x-api-key".into()],
+            query_parameters_to_remove: vec!["_apikey".into()],
+        }
+    }
+
+    fn headers_of(headers: &[HeaderValueOption]) -> HashMap<String, String> {
+        headers.iter().filter_map(|option| option.header.as_ref()).map(|h| (h.key.clone(), h.value.clone())).collect()
+    }
+
+    fn denied_parts(response: &CheckResponse) -> (i32, i32, HashMap<String, String>, serde_json::Value) {
+        let Some(HttpResponse::DeniedResponse(denied)) = &response.http_response else { panic!("not a deny") };
+        let status = denied.status.as_ref().map_or(0, |status| status.code);
+        let body = serde_json::from_str(&denied.body).unwrap();
+        (response.status.as_ref().unwrap().code, status, headers_of(&denied.headers), body)
+    }
+
+    fn outcome(reason: DenyReason, limit: Option<RateLimitState>) -> CheckOutcome {
+        CheckOutcome { decision: Err(reason), key: None, rate_limit: limit }
+    }
+
+    #[test]
+    fn a_429_carries_retry_after_and_the_rate_limit_headers() {
+        let now = Utc::now();
+        let limit = RateLimitState { limit: 60, remaining: 0, reset_at: now + Duration::seconds(42) };
+        let allowed = Allowed { credentials: &credentials(), strip_credentials: true, site_id: None };
+        let response = decided(&outcome(DenyReason::RateLimited, Some(limit)), &allowed, "events:read", now);
+        let (grpc, status, headers, body) = denied_parts(&response);
+        assert_eq!((grpc, status), (Code::ResourceExhausted as i32, 429));
+        assert_eq!(headers["retry-after"], "42");
+        assert_eq!(headers["x-ratelimit-limit"], "60");
+        assert_eq!(headers["x-ratelimit-remaining"], "0");
+        assert_eq!(headers["x-ratelimit-reset"], (now + Duration::seconds(42)).timestamp().to_string());
+        assert_eq!(body, serde_json::json!({"error": "Rate limit exceeded", "code": "RATE_LIMITED"}));
+    }
+
+    #[test]
+    fn deny_statuses_map_to_grpc_codes_and_www_authenticate() {
+        let allowed = Allowed { credentials: &credentials(), strip_credentials: true, site_id: Some("s1") };
+        let cases = [
+            (DenyReason::KeyRevoked, Code::Unauthenticated, 401),
+            (DenyReason::PlanRequired, Code::PermissionDenied, 402),
+            (DenyReason::SiteForbidden, Code::PermissionDenied, 403),
+            (DenyReason::QuotaExceeded, Code::ResourceExhausted, 429),
+        ];
+        for (reason, code, http) in cases {
+            let response = decided(&outcome(reason, None), &allowed, "events:read", Utc::now());
+            let (grpc, status, headers, body) = denied_parts(&response);
+            assert_eq!((grpc, status), (code as i32, http), "{reason:?}");
+            assert_eq!(headers.contains_key("www-authenticate"), http == 401, "{reason:?}");
+            assert_eq!(headers["content-type"], "application/json");
+            assert_eq!(body["code"], reason.code());
+        }
+        let (grpc, status, _, body) = denied_parts(&malformed());
+        assert_eq!((grpc, status), (Code::Unauthenticated as i32, 401));
+        assert_eq!(body["code"], "KEY_MALFORMED");
+        let (grpc, status, _, body) = denied_parts(&gateway_denied(GatewayDeny::RouteMisconfigured));
+        assert_eq!((grpc, status, body["code"].as_str()), (Code::Internal as i32, 500, Some("ROUTE_MISCONFIGURED")));
     }
 }

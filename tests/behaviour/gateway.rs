@@ -52,9 +52,10 @@ async fn a_good_key_reaches_the_upstream_with_tenant_headers_and_without_the_cre
     let Some(stack) = stack().await else { return };
     let (key, secret) = stack.key(&["account:read", "stats:read"], &[]).await;
     let bearer = format!("Bearer {secret}");
-    let forged = [("x-keygate-tenant-id", "globex"), ("x-keygate-scopes", "*")];
+    let forged =
+        [("x-keygate-tenant-id", "globex"), ("x-keygate-scopes", "*"), ("x-keygate-site-id", "globex.example")];
     for (target, headers) in [
-        ("/v1/account?x=1".to_owned(), vec![("authorization", bearer.as_str()), forged[0], forged[1]]),
+        ("/v1/account?x=1".to_owned(), vec![("authorization", bearer.as_str()), forged[0], forged[1], forged[2]]),
         ("/v1/account?x=1".to_owned(), vec![("x-api-key", secret.as_str())]),
         (format!("/v1/account?_apikey={secret}&x=1"), vec![]),
     ] {
@@ -69,6 +70,7 @@ async fn a_good_key_reaches_the_upstream_with_tenant_headers_and_without_the_cre
         assert_eq!(upstream.get("x-keygate-key-id"), Some(&key.key_id));
         assert_eq!(upstream.get("x-keygate-scopes").map(String::as_str), Some("account:read,stats:read"));
         assert!(!upstream.contains_key("authorization") && !upstream.contains_key("x-api-key"), "{upstream:?}");
+        assert!(!upstream.contains_key("x-keygate-site-id"), "a tenant-wide route names no site: {upstream:?}");
         assert_eq!(response.upstream_path(), "/v1/account?x=1", "the _apikey parameter is stripped");
         assert!(!response.body.contains(&secret[8..]), "the upstream never sees the key");
     }
@@ -93,8 +95,9 @@ async fn every_deny_reason_has_its_status_body_and_headers() {
     let (_, stats) = stack.key(&["stats:read"], &["shop.example"]).await;
     let response = stack.get("/v1/stats?siteId=blog.example", &[("authorization", &bearer(&stats))]).await;
     assert_http_denied(&response, 403, "SITE_FORBIDDEN", "This API key cannot access blog.example");
-    let response = stack.get("/v1/unrouted", &[("authorization", &bearer(&reader))]).await;
+    let response = stack.get("/v1/legacy", &[("authorization", &bearer(&reader))]).await;
     assert_http_denied(&response, 500, "ROUTE_MISCONFIGURED", "The API gateway route is misconfigured");
+    assert_eq!(stack.get("/v1/unrouted", &[("authorization", &bearer(&reader))]).await.status, 404);
 
     let mut expiring = key_request("acme", &["account:read"]);
     expiring.expiry = Some(create_key_request::Expiry::ExpiresIn(prost_types::Duration { seconds: 60, nanos: 0 }));
@@ -136,6 +139,64 @@ async fn the_site_comes_from_the_path_a_header_the_query_or_the_route() {
     }
     let response = stack.get("/v1/events", &auth).await;
     assert_http_denied(&response, 403, "SITE_FORBIDDEN", "This request does not name a valid site");
+    let response = stack.get("/v1/events", &[]).await;
+    assert_http_denied(&response, 401, "KEY_MISSING", "API key is required");
+    let response = stack.get("/v1/events", &with_site("shop.example")).await;
+    assert_eq!(
+        response.upstream_headers()["x-keygate-site-id"],
+        "shop.example",
+        "the approved site reaches the upstream"
+    );
+}
+
+#[tokio::test]
+async fn path_and_query_tricks_do_not_change_the_site_that_was_checked() {
+    let Some(stack) = stack().await else { return };
+    let (_, shop_only) = stack.key(&["stats:read", "account:read"], &["shop.example"]).await;
+    let auth = format!("Bearer {shop_only}");
+    let auth = [("authorization", auth.as_str())];
+    for (target, status) in [
+        ("/v1/sites/shop.example/../blog.example/stats", 403),
+        ("/v1/sites/shop.example/%2e%2e/blog.example/stats", 403),
+        ("/v1/sites//blog.example/stats", 403),
+        ("/v1/stats?siteId=shop.example&siteId=blog.example", 403),
+        ("/v1/stats?site%49d=blog.example&siteId=shop.example", 403),
+        ("/v1/account/../../admin", 404),
+        ("/v1/accountXYZ", 404),
+    ] {
+        let response = stack.get(target, &auth).await;
+        assert_eq!(response.status, status, "{target}: {response:?}");
+    }
+    let escaped = stack.get("/v1/sites/shop.example%2F..%2Fblog.example/stats", &auth).await;
+    assert_ne!(escaped.status, 200, "{escaped:?}");
+}
+
+#[tokio::test]
+async fn no_credential_reaches_the_upstream_however_it_is_spelled() {
+    let Some(stack) = stack().await else { return };
+    let (_, secret) = stack.key(&["account:read"], &[]).await;
+    let api_key = [("x-api-key", secret.as_str())];
+    for target in [
+        format!("/v1/account?%5Fapikey={secret}"),
+        format!("/v1/account?_api%6Bey={secret}"),
+        format!("/v1/account?_apikey={secret}%zz"),
+        format!("/v1/account?_apikey={secret}&_apikey={secret}"),
+    ] {
+        let response = stack.get(&target, &api_key).await;
+        assert_eq!(response.status, 200, "{target}: {response:?}");
+        assert!(!response.body.contains(&secret[8..]), "{target}: the key reached the upstream: {}", response.body);
+    }
+    let mixed = format!("Basic dXNlcjpwdw==,Bearer {secret}");
+    let response = stack.get("/v1/account", &[("authorization", mixed.as_str()), api_key[0]]).await;
+    assert_http_denied(&response, 401, "KEY_MALFORMED", "Invalid API key");
+    // Routes without keygate still never pass forged identity headers on.
+    let response = stack.get("/health", &[("x-keygate-tenant-id", "globex"), ("x-keygate-key-id", "key_forged")]).await;
+    assert_eq!(response.status, 200);
+    let upstream = response.upstream_headers();
+    assert!(
+        !upstream.contains_key("x-keygate-tenant-id") && !upstream.contains_key("x-keygate-key-id"),
+        "{upstream:?}"
+    );
 }
 
 #[tokio::test]
