@@ -44,12 +44,11 @@ impl TryFrom<CheckRequest> for service::CheckRequest {
 
 #[tonic::async_trait]
 impl Authorize for AuthorizeApi {
-    #[instrument(name = "Authorize.Check", skip_all, fields(scope = tracing::field::Empty, site_id = tracing::field::Empty))]
+    #[instrument(name = "Authorize.Check", skip_all, fields(scope = tracing::field::Empty))]
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         let request = service::CheckRequest::try_from(request.into_inner())?;
         let span = tracing::Span::current();
         span.record("scope", request.scope.as_str());
-        span.record("site_id", request.site_id.as_deref().unwrap_or_default());
         let outcome = self.authorizer.check(&request).await?;
         let site_id = request.site_id.as_deref().unwrap_or_default();
         Ok(Response::new(convert::check_response(&outcome, request.scope.as_str(), site_id)))

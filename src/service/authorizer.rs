@@ -82,9 +82,10 @@ impl Authorizer {
         let decision = decide(&input, &core.policy.scopes);
         match decision {
             Ok(()) => debug!(tenant_id = %key.tenant_id, key_id = %key.key_id, scope = %request.scope, "check allowed"),
+            // The site id is left out: behind Envoy it is a request header value.
             Err(reason) => info!(
                 tenant_id = %key.tenant_id, key_id = %key.key_id, reason = reason.code(), scope = %request.scope,
-                site_id = request.site_id.as_deref().unwrap_or_default(), "check denied"
+                "check denied"
             ),
         }
         let rate_limit = rate_limit(&key, &tenant, now);

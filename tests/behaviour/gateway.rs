@@ -237,3 +237,53 @@ async fn with_keygate_stopped_envoy_fails_closed() {
     assert_eq!(response.status, 503, "{response:?}");
     assert!(!response.body.contains("x-keygate"), "never reaches the upstream");
 }
+
+/// Collects everything keygate logs on this thread (tests run on a current-thread runtime, so
+/// the server's tasks log here too).
+#[derive(Clone, Default)]
+struct CapturedLogs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for CapturedLogs {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn no_key_or_header_value_reaches_a_log_line() {
+    let logs = CapturedLogs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let Some(stack) = stack().await else { return };
+    let (key, secret) = stack.key(&["account:read"], &["shop.example"]).await;
+    let bearer = format!("Bearer {secret}");
+    let requests: Vec<(String, Vec<(&str, &str)>)> = vec![
+        ("/v1/account".into(), vec![("authorization", bearer.as_str())]),
+        (format!("/v1/legacy/{secret}"), vec![("x-api-key", secret.as_str())]),
+        (format!("/v1/stats?siteId=blog.example&_apikey={secret}"), vec![]),
+        ("/v1/events".into(), vec![("authorization", bearer.as_str()), ("x-site-id", "secret-site-header-value")]),
+        ("/v1/account".into(), vec![("authorization", "Bearer kg_live_not-a-key-but-secret-anyway")]),
+    ];
+    for (target, headers) in &requests {
+        stack.get(target, headers).await;
+    }
+    crate::keys::revoke(&stack.app, "acme", &key.key_id).await.unwrap();
+    stack.get("/v1/account", &[("authorization", bearer.as_str())]).await;
+    let logs = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    assert!(logs.contains("check denied"), "the logs were captured: {logs}");
+    for secret_text in
+        [&secret[8..], "secret-site-header-value", "not-a-key-but-secret-anyway", super::support::ADMIN_TOKEN]
+    {
+        assert!(!logs.contains(secret_text), "{secret_text} was logged:\n{logs}");
+    }
+}
