@@ -95,6 +95,10 @@ pub struct ServeArgs {
     /// Seconds an unknown key, tenant or site stays cached.
     #[arg(long, env = "KEYGATE_NEGATIVE_CACHE_TTL_SECONDS", default_value_t = 5)]
     pub negative_cache_ttl_seconds: u64,
+    /// Most store lookups Check misses (unknown or uncached keys) make at once; 0 means half
+    /// of KEYGATE_DB_MAX_CONNECTIONS. Beyond it, lookups wait up to the acquire timeout.
+    #[arg(long, env = "KEYGATE_MAX_LOOKUPS_IN_FLIGHT", default_value_t = 0)]
+    pub max_lookups_in_flight: u32,
     /// Milliseconds between two reads of the change feed, through which admin changes on any
     /// replica reach this one's cache.
     #[arg(long, env = "KEYGATE_CHANGE_POLL_INTERVAL_MS", default_value_t = 100)]
@@ -223,6 +227,8 @@ pub struct Config {
     pub cache: CacheSettings,
     pub gateway: GatewaySettings,
     pub feed: FeedSettings,
+    /// Bound on concurrent store lookups of Check misses.
+    pub max_lookups_in_flight: u32,
     pub log_format: LogFormat,
 }
 
@@ -276,6 +282,10 @@ impl Config {
             feed: FeedSettings {
                 poll_interval: Duration::from_millis(args.change_poll_interval_ms.clamp(10, 60_000)),
                 retention: Duration::from_secs(args.change_retention_seconds.max(60)),
+            },
+            max_lookups_in_flight: match args.max_lookups_in_flight {
+                0 => (args.database.db_max_connections / 2).max(1),
+                limit => limit,
             },
             log_format: args.log_format,
         })

@@ -21,7 +21,7 @@ use crate::grpc::{AuthorizeApi, BearerAuth, EnvoyAuthorizationApi, KeyAdminApi};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::authorize_server::AuthorizeServer;
 use crate::proto::key_admin_server::KeyAdminServer;
-use crate::service::{Authorizer, Core, KeyService};
+use crate::service::{Authorizer, Core, KeyService, LookupLimit};
 use crate::store::Store;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
@@ -46,8 +46,13 @@ impl App {
         let database = &config.database;
         let store = Store::connect_lazy(&database.url.0, database.max_connections, database.acquire_timeout)?;
         let listener = TcpListener::bind(config.listen).await?;
-        let core =
-            Arc::new(Core { store, cache: DecisionCache::new(&config.cache), clock, policy: config.policy.clone() });
+        let core = Arc::new(Core {
+            store,
+            cache: DecisionCache::new(&config.cache),
+            clock,
+            policy: config.policy.clone(),
+            lookups: LookupLimit::new(config.max_lookups_in_flight as usize, database.acquire_timeout),
+        });
         Ok(Self { listener, config, core })
     }
 

@@ -39,6 +39,36 @@ pub struct Core {
     pub cache: DecisionCache,
     pub clock: Arc<dyn Clock>,
     pub policy: KeyPolicy,
+    /// Bounds the store lookups that Check misses make at once, so a flood of unknown keys
+    /// cannot take every database connection (admin calls and other replicas keep theirs).
+    pub lookups: LookupLimit,
+}
+
+/// A bound on concurrent store lookups of the Check path.
+pub struct LookupLimit {
+    permits: tokio::sync::Semaphore,
+    wait: std::time::Duration,
+}
+
+impl LookupLimit {
+    /// At most `in_flight` lookups at once; a lookup waits at most `wait` for its turn.
+    pub fn new(in_flight: usize, wait: std::time::Duration) -> Self {
+        Self { permits: tokio::sync::Semaphore::new(in_flight.max(1)), wait }
+    }
+
+    /// Runs `lookup` when a slot is free; UNAVAILABLE when none frees up in time.
+    pub async fn run<T>(
+        &self,
+        lookup: impl std::future::Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let permit = tokio::time::timeout(self.wait, self.permits.acquire())
+            .await
+            .map_err(|_| StoreError::Unavailable("too many key lookups in flight".into()))?
+            .map_err(|_| StoreError::Unavailable("lookups closed".into()))?;
+        let result = lookup.await;
+        drop(permit);
+        result
+    }
 }
 
 /// Errors of the application layer; the gRPC adapters map each to one status code.

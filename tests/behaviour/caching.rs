@@ -9,6 +9,7 @@ on_every_backend!(
     a_repeated_check_is_served_from_the_cache,
     an_unknown_key_is_looked_up_once,
     concurrent_checks_of_an_uncached_key_make_one_lookup,
+    a_flood_of_unknown_keys_costs_one_lookup_each_and_cached_keys_keep_working,
 );
 
 async fn a_repeated_check_is_served_from_the_cache(backend: Backend) {
@@ -59,4 +60,48 @@ async fn concurrent_checks_of_an_uncached_key_make_one_lookup(backend: Backend) 
     }
     // One lookup for the key, one for its tenant.
     assert_eq!(app.store.query_count(), before + 2);
+}
+
+async fn a_flood_of_unknown_keys_costs_one_lookup_each_and_cached_keys_keep_working(backend: Backend) {
+    let flags = ["--db-max-connections", "4", "--max-lookups-in-flight", "2"];
+    let Some(app) = spawn_app_with(backend, &flags).await else { return };
+    put_tenant(&app, "acme").await;
+    let (_, secret) = create_key(&app, key_request("acme", &["events:read"])).await.unwrap();
+    assert!(check(&app, &secret, "events:read", "").await.allowed);
+    let prefix = keygate::domain::key::KeyPrefix::default();
+    let environment = keygate::domain::key::Environment::Live;
+    let unknown: Vec<String> = (0..400)
+        .map(|_| keygate::domain::key::ApiKeySecret::generate(&prefix, environment).unwrap().expose())
+        .collect();
+    let before = app.store.query_count();
+
+    let flood: Vec<_> = unknown
+        .chunks(50)
+        .map(|chunk| {
+            let (mut authorize, chunk) = (app.authorize.clone(), chunk.to_vec());
+            tokio::spawn(async move {
+                // Every unknown key twice: the second time it is negatively cached.
+                for key in chunk.iter().chain(chunk.iter()) {
+                    let request = keygate::proto::CheckRequest {
+                        key: key.clone(),
+                        scope: "events:read".into(),
+                        site_id: String::new(),
+                    };
+                    let response = authorize.check(request).await.expect("check during the flood").into_inner();
+                    assert_eq!(response.reason(), keygate::proto::DenyReason::KeyUnknown);
+                }
+            })
+        })
+        .collect();
+    for _ in 0..200 {
+        assert!(check(&app, &secret, "events:read", "").await.allowed, "a cached key keeps passing during the flood");
+    }
+    let tenant = app.admin.clone().get_tenant(keygate::proto::GetTenantRequest { tenant_id: "acme".into() }).await;
+    assert!(tenant.is_ok(), "admin calls still get a connection during the flood: {tenant:?}");
+    for task in flood {
+        task.await.unwrap();
+    }
+    let lookups = app.store.query_count() - before;
+    // One lookup per distinct unknown key, plus the one query of GetTenant.
+    assert!(lookups <= unknown.len() as u64 + 1, "{lookups} queries for {} distinct unknown keys", unknown.len());
 }
