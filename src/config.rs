@@ -15,6 +15,7 @@ use crate::domain::key::KeyPrefix;
 use crate::domain::scope::{Scope, ScopePolicy, parse_implications};
 use crate::feed::FeedSettings;
 use crate::gateway::{GatewaySettings, KeySources};
+use crate::limits::LimitSettings;
 use crate::service::KeyPolicy;
 
 /// keygate: API-key authorization over gRPC.
@@ -99,6 +100,10 @@ pub struct ServeArgs {
     /// of KEYGATE_DB_MAX_CONNECTIONS. Beyond it, lookups wait up to the acquire timeout.
     #[arg(long, env = "KEYGATE_MAX_LOOKUPS_IN_FLIGHT", default_value_t = 0)]
     pub max_lookups_in_flight: u32,
+    /// Milliseconds between two exchanges of request counts with the database, for rate limits
+    /// and quotas shared by all replicas.
+    #[arg(long, env = "KEYGATE_USAGE_SYNC_INTERVAL_MS", default_value_t = 500)]
+    pub usage_sync_interval_ms: u64,
     /// Milliseconds between two reads of the change feed, through which admin changes on any
     /// replica reach this one's cache.
     #[arg(long, env = "KEYGATE_CHANGE_POLL_INTERVAL_MS", default_value_t = 100)]
@@ -229,6 +234,7 @@ pub struct Config {
     pub feed: FeedSettings,
     /// Bound on concurrent store lookups of Check misses.
     pub max_lookups_in_flight: u32,
+    pub limits: LimitSettings,
     pub log_format: LogFormat,
 }
 
@@ -282,6 +288,9 @@ impl Config {
             feed: FeedSettings {
                 poll_interval: Duration::from_millis(args.change_poll_interval_ms.clamp(10, 60_000)),
                 retention: Duration::from_secs(args.change_retention_seconds.max(60)),
+            },
+            limits: LimitSettings {
+                sync_interval: Duration::from_millis(args.usage_sync_interval_ms.clamp(10, 60_000)),
             },
             max_lookups_in_flight: match args.max_lookups_in_flight {
                 0 => (args.database.db_max_connections / 2).max(1),

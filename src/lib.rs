@@ -10,6 +10,7 @@ pub mod domain;
 pub mod feed;
 pub mod gateway;
 pub mod grpc;
+pub mod limits;
 pub mod server;
 pub mod service;
 pub mod store;

@@ -18,6 +18,7 @@ use crate::config::Config;
 use crate::domain::clock::{Clock, SystemClock};
 use crate::gateway::Gateway;
 use crate::grpc::{AuthorizeApi, BearerAuth, EnvoyAuthorizationApi, KeyAdminApi};
+use crate::limits::{LimitSettings, Limiter};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::authorize_server::AuthorizeServer;
 use crate::proto::key_admin_server::KeyAdminServer;
@@ -52,6 +53,7 @@ impl App {
             clock,
             policy: config.policy.clone(),
             lookups: LookupLimit::new(config.max_lookups_in_flight as usize, database.acquire_timeout),
+            limiter: Limiter::default(),
         });
         Ok(Self { listener, config, core })
     }
@@ -72,6 +74,7 @@ impl App {
         let store = self.core.store.clone();
         let readiness = tokio::spawn(become_ready(store.clone(), health.clone()));
         let follower = tokio::spawn(crate::feed::follow(self.core.clone(), self.config.feed.clone()));
+        let counting = tokio::spawn(share_counts(self.core.clone(), self.config.limits.clone()));
 
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
@@ -109,9 +112,37 @@ impl App {
             .await;
         readiness.abort();
         follower.abort();
+        counting.abort();
+        // Counts not yet shared are written before the pool closes.
+        if let Err(error) = self.core.limiter.sync(&store, self.core.clock.now()).await {
+            warn!(%error, "could not share the last request counts");
+        }
         store.close().await;
         info!("keygate stopped");
         Ok(result?)
+    }
+}
+
+/// Shares request counts every sync interval, and prunes old counters now and then.
+async fn share_counts(core: Arc<Core>, settings: LimitSettings) {
+    let mut ticker = tokio::time::interval(settings.sync_interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_prune = tokio::time::Instant::now();
+    let mut failing = false;
+    loop {
+        ticker.tick().await;
+        match core.limiter.sync(&core.store, core.clock.now()).await {
+            Ok(()) => failing = false,
+            Err(error) if !failing => {
+                warn!(%error, "cannot share request counts; they stay pending");
+                failing = true;
+            }
+            Err(_) => {}
+        }
+        if last_prune.elapsed() >= Duration::from_secs(600) {
+            last_prune = tokio::time::Instant::now();
+            let _ = core.store.prune_request_counts(core.clock.now() - chrono::Duration::days(2)).await;
+        }
     }
 }
 

@@ -2,14 +2,15 @@
 
 use std::sync::Arc;
 
-use chrono::{DateTime, Duration, DurationRound, Utc};
+use chrono::{DateTime, Utc};
 use tracing::{debug, info};
 
 use super::{Core, ServiceResult};
 use crate::domain::decision::{CheckInput, DenyReason, decide};
 use crate::domain::key::{ApiKeySecret, KeyFormatError};
-use crate::domain::model::{KeyRecord, Tenant};
+use crate::domain::model::KeyRecord;
 use crate::domain::scope::Scope;
+use crate::limits::LimitDecision;
 
 /// A validated Check: the raw key (checked here, never logged), the scope and the site.
 pub struct CheckRequest {
@@ -85,7 +86,13 @@ impl Authorizer {
             site_owner: site_owner.as_deref(),
             now,
         };
-        let decision = decide(&input, &core.policy.scopes);
+        let (decision, rate_limit) = match decide(&input, &core.policy.scopes) {
+            Err(reason) => (Err(reason), None),
+            Ok(()) => match core.limiter.check_and_count(&key, &tenant, now) {
+                LimitDecision::Allowed(state) => (Ok(()), state),
+                LimitDecision::Denied(reason, state) => (Err(reason), Some(state)),
+            },
+        };
         match decision {
             Ok(()) => debug!(tenant_id = %key.tenant_id, key_id = %key.key_id, scope = %request.scope, "check allowed"),
             // The site id is left out: behind Envoy it is a request header value.
@@ -94,18 +101,6 @@ impl Authorizer {
                 "check denied"
             ),
         }
-        let rate_limit = rate_limit(&key, &tenant, now);
         Ok(CheckOutcome { decision, key: Some(key), rate_limit })
     }
-}
-
-/// The limit that applies: the key's own, else its tenant's; none when both are 0.
-/// Counting and enforcement arrive with the rate-limiting work, so `remaining` is the full limit.
-fn rate_limit(key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) -> Option<RateLimitState> {
-    let limit = if key.rate_limit_per_minute > 0 { key.rate_limit_per_minute } else { tenant.rate_limit_per_minute };
-    if limit == 0 {
-        return None;
-    }
-    let minute_start = now.duration_trunc(Duration::minutes(1)).unwrap_or(now);
-    Some(RateLimitState { limit, remaining: limit, reset_at: minute_start + Duration::minutes(1) })
 }

@@ -16,6 +16,7 @@ use crate::domain::clock::Clock;
 use crate::domain::key::KeyPrefix;
 use crate::domain::scope::ScopePolicy;
 use crate::domain::validation::FieldViolation;
+use crate::limits::Limiter;
 use crate::store::{Store, StoreError};
 
 /// Rules for minting and checking keys, from configuration.
@@ -42,6 +43,8 @@ pub struct Core {
     /// Bounds the store lookups that Check misses make at once, so a flood of unknown keys
     /// cannot take every database connection (admin calls and other replicas keep theirs).
     pub lookups: LookupLimit,
+    /// Local request counters for rate limits and quotas, shared through the store.
+    pub limiter: Limiter,
 }
 
 /// A bound on concurrent store lookups of the Check path.

@@ -71,20 +71,34 @@ impl Backend {
         }
     }
 
+    /// `INSERT ... VALUES <rows>` that adds `count` to the existing row of the same key.
+    pub fn insert_adding_counts(self, rows: &str) -> String {
+        let prefix = format!("INSERT INTO request_counts (subject, window_start, count) VALUES {rows}");
+        match self {
+            Self::MySql => format!("{prefix} ON DUPLICATE KEY UPDATE count = count + VALUES(count)"),
+            Self::Sqlite | Self::Postgres => format!(
+                "{prefix} ON CONFLICT (subject, window_start) DO UPDATE SET count = request_counts.count + excluded.count"
+            ),
+        }
+    }
+
     /// The schema migrations of this backend, embedded in the binary.
     pub fn migrator(self) -> Migrator {
         let files: &[(i64, &str, &'static str)] = match self {
             Self::Sqlite => &[
                 (1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
                 (2, "change feed", include_str!("../../migrations/sqlite/0002_change_feed.sql")),
+                (3, "request counts", include_str!("../../migrations/sqlite/0003_request_counts.sql")),
             ],
             Self::Postgres => &[
                 (1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
                 (2, "change feed", include_str!("../../migrations/postgres/0002_change_feed.sql")),
+                (3, "request counts", include_str!("../../migrations/postgres/0003_request_counts.sql")),
             ],
             Self::MySql => &[
                 (1, "init", include_str!("../../migrations/mysql/0001_init.sql")),
                 (2, "change feed", include_str!("../../migrations/mysql/0002_change_feed.sql")),
+                (3, "request counts", include_str!("../../migrations/mysql/0003_request_counts.sql")),
             ],
         };
         let migrations = files

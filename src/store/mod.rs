@@ -6,6 +6,7 @@
 //! `sqlx::Error` leaves this module: callers see [`StoreError`].
 
 mod backend;
+mod counts;
 mod feed;
 mod keys;
 mod rows;
@@ -20,6 +21,7 @@ use sqlx::any::AnyPoolOptions;
 use sqlx::{Any, AnyPool};
 
 pub use backend::Backend;
+pub use counts::CountKey;
 pub use feed::{Change, ChangeTarget};
 
 use crate::domain::model::{KeyRecord, KeyState, Site};

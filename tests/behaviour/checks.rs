@@ -21,7 +21,6 @@ on_every_backend!(
     a_plan_without_api_access_denies_until_it_is_enabled,
     deleting_a_site_denies_it_on_the_next_check,
     updating_a_key_takes_effect_on_the_next_check,
-    a_rate_limit_is_reported_when_one_applies,
     a_configured_prefix_and_scope_implications_apply,
 );
 
@@ -209,22 +208,6 @@ async fn updating_a_key_takes_effect_on_the_next_check(backend: Backend) {
     assert!(check(&app, &secret, "goals:read", "").await.allowed);
 }
 
-async fn a_rate_limit_is_reported_when_one_applies(backend: Backend) {
-    let Some(app) = spawn_app(backend).await else { return };
-    let tenant = PutTenantRequest { tenant_id: "acme".into(), rate_limit_per_minute: Some(100), ..Default::default() };
-    put_tenant_with(&app, tenant).await;
-    let (_, tenant_default) = create_key(&app, key_request("acme", &["events:read"])).await.unwrap();
-    let mut own = key_request("acme", &["events:read"]);
-    own.rate_limit_per_minute = 7;
-    let (_, own) = create_key(&app, own).await.unwrap();
-    let limit = check(&app, &tenant_default, "events:read", "").await.rate_limit.unwrap();
-    assert_eq!(limit.limit, 100);
-    let reset = limit.reset_at.unwrap().seconds;
-    let now = app.clock_now_seconds();
-    assert!(reset > now && reset <= now + 60, "resets at the next minute");
-    assert_eq!(check(&app, &own, "events:read", "").await.rate_limit.unwrap().limit, 7);
-}
-
 async fn a_configured_prefix_and_scope_implications_apply(backend: Backend) {
     let flags = ["--key-prefix", "et", "--scope-implies", "admin>write,write>read"];
     let Some(app) = spawn_app_with(backend, &flags).await else { return };
@@ -242,15 +225,4 @@ async fn a_configured_prefix_and_scope_implications_apply(backend: Backend) {
 pub fn well_formed_unknown_key() -> String {
     let head = format!("kg_live_{}", "ab".repeat(28));
     format!("{head}{:08x}", crc32fast::hash(head.as_bytes()))
-}
-
-trait ClockSeconds {
-    fn clock_now_seconds(&self) -> i64;
-}
-
-impl ClockSeconds for TestApp {
-    fn clock_now_seconds(&self) -> i64 {
-        use keygate::domain::clock::Clock;
-        self.clock.now().timestamp()
-    }
 }

@@ -211,7 +211,7 @@ async fn a_revoked_key_is_denied_on_the_very_next_request() {
 }
 
 #[tokio::test]
-async fn rate_limit_headers_reach_the_client_and_health_skips_keygate() {
+async fn rate_limits_reach_the_client_as_headers_and_429s_and_health_skips_keygate() {
     let Some(stack) = stack().await else { return };
     let mut request = key_request("acme", &["account:read"]);
     request.rate_limit_per_minute = 42;
@@ -223,6 +223,25 @@ async fn rate_limit_headers_reach_the_client_and_health_skips_keygate() {
     let reset: i64 = response.headers["x-ratelimit-reset"].parse().unwrap();
     assert!(reset > chrono::Utc::now().timestamp() - 5, "reset is a Unix time");
     assert_eq!(stack.get("/health", &[]).await.status, 200, "no key needed");
+
+    let mut request = key_request("acme", &["account:read"]);
+    request.rate_limit_per_minute = 1;
+    let (_, once) = create_key(&stack.app, request).await.unwrap();
+    assert_eq!(stack.get("/v1/account", &[("x-api-key", &once)]).await.status, 200);
+    let response = stack.get("/v1/account", &[("x-api-key", &once)]).await;
+    assert_http_denied(&response, 429, "RATE_LIMITED", "Rate limit exceeded");
+    assert_eq!(response.headers.get("x-ratelimit-limit").map(String::as_str), Some("1"));
+    assert_eq!(response.headers.get("x-ratelimit-remaining").map(String::as_str), Some("0"));
+    let retry_after: i64 = response.headers["retry-after"].parse().unwrap();
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+
+    let quota = PutTenantRequest { tenant_id: "globex".into(), daily_request_quota: Some(1), ..Default::default() };
+    put_tenant_with(&stack.app, quota).await;
+    let (_, globex) = create_key(&stack.app, key_request("globex", &["account:read"])).await.unwrap();
+    assert_eq!(stack.get("/v1/account", &[("x-api-key", &globex)]).await.status, 200);
+    let response = stack.get("/v1/account", &[("x-api-key", &globex)]).await;
+    assert_http_denied(&response, 429, "QUOTA_EXCEEDED", "Daily request quota exceeded");
+    assert!(response.headers.contains_key("retry-after"));
 }
 
 #[tokio::test]

@@ -10,6 +10,7 @@ mod checks;
 mod gateway;
 mod isolation;
 mod keys;
+mod limits;
 mod replicas;
 mod rotation;
 mod server;

@@ -1,0 +1,179 @@
+//! Rate limits and quotas, shared by all replicas without a database write per Check.
+//!
+//! Each replica counts allowed requests locally, per key and minute (the rate limit, a sliding
+//! window) and per tenant and UTC day (the quota). Every sync interval it adds its new counts to
+//! the shared counters in the database, in one batch, and reads back the totals of every counter
+//! it tracks. A decision uses the last totals read plus this replica's counts since. Replicas
+//! therefore see each other's requests one sync interval late: with N replicas, a limit can be
+//! exceeded by at most what the other N-1 replicas admit in one sync interval.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use chrono::{DateTime, DurationRound, Utc};
+
+use crate::domain::decision::DenyReason;
+use crate::domain::model::{KeyRecord, Tenant};
+use crate::service::RateLimitState;
+use crate::store::{CountKey, Store, StoreError};
+
+/// How often counts are shared.
+#[derive(Clone, Debug)]
+pub struct LimitSettings {
+    pub sync_interval: Duration,
+}
+
+impl Default for LimitSettings {
+    fn default() -> Self {
+        Self { sync_interval: Duration::from_millis(500) }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Counter {
+    /// The shared total as last read (this replica's flushed counts included).
+    shared: i64,
+    /// Counted here since the last flush began.
+    pending: i64,
+    /// Being written by the flush under way.
+    flushing: i64,
+}
+
+impl Counter {
+    fn estimate(&self) -> i64 {
+        self.shared + self.pending + self.flushing
+    }
+}
+
+/// What the limits say about one more request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LimitDecision {
+    /// Allowed and counted; the state of the limit that applies, if any.
+    Allowed(Option<RateLimitState>),
+    Denied(DenyReason, RateLimitState),
+}
+
+/// Local counters and their synchronisation with the shared ones.
+#[derive(Debug, Default)]
+pub struct Limiter {
+    counters: Mutex<HashMap<CountKey, Counter>>,
+}
+
+fn minute(now: DateTime<Utc>) -> DateTime<Utc> {
+    now.duration_trunc(chrono::Duration::minutes(1)).unwrap_or(now)
+}
+
+fn day(now: DateTime<Utc>) -> DateTime<Utc> {
+    now.duration_trunc(chrono::Duration::days(1)).unwrap_or(now)
+}
+
+fn count_key(subject: &str, window: DateTime<Utc>) -> CountKey {
+    CountKey { subject: subject.to_owned(), window_start: window.timestamp_micros() }
+}
+
+impl Limiter {
+    /// Decides whether `key` may make one more request at `now` and, if so, counts it. The
+    /// per-minute limit is the key's own, else its tenant's; the quota is the tenant's; 0 means
+    /// none. Denied requests are not counted.
+    pub fn check_and_count(&self, key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) -> LimitDecision {
+        let per_minute =
+            if key.rate_limit_per_minute > 0 { key.rate_limit_per_minute } else { tenant.rate_limit_per_minute };
+        let quota = tenant.daily_request_quota;
+        if per_minute == 0 && quota == 0 {
+            return LimitDecision::Allowed(None);
+        }
+        let key_subject = format!("key:{}", key.key_id);
+        let tenant_subject = format!("tenant:{}", tenant.tenant_id);
+        let (this_minute, this_day) = (minute(now), day(now));
+        let previous_minute = this_minute - chrono::Duration::minutes(1);
+        let mut counters = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = |subject: &str, window| counters.get(&count_key(subject, window)).map_or(0, Counter::estimate);
+
+        let rate = (per_minute > 0).then(|| {
+            // Sliding window: this minute's count plus the share of the previous minute's that
+            // still lies within the last 60 seconds.
+            let elapsed = (now - this_minute).num_milliseconds() as f64 / 60_000.0;
+            let used =
+                count(&key_subject, this_minute) as f64 + count(&key_subject, previous_minute) as f64 * (1.0 - elapsed);
+            (
+                used,
+                RateLimitState {
+                    limit: per_minute,
+                    remaining: 0,
+                    reset_at: this_minute + chrono::Duration::minutes(1),
+                },
+            )
+        });
+        let quota_state = (quota > 0).then(|| {
+            let used = count(&tenant_subject, this_day) as f64;
+            (used, RateLimitState { limit: quota, remaining: 0, reset_at: this_day + chrono::Duration::days(1) })
+        });
+        for (limit, reason) in [(&rate, DenyReason::RateLimited), (&quota_state, DenyReason::QuotaExceeded)] {
+            if let Some((used, state)) = limit
+                && *used + 1.0 > f64::from(state.limit)
+            {
+                return LimitDecision::Denied(reason, state.clone());
+            }
+        }
+        if per_minute > 0 {
+            counters.entry(count_key(&key_subject, this_minute)).or_default().pending += 1;
+        }
+        if quota > 0 {
+            counters.entry(count_key(&tenant_subject, this_day)).or_default().pending += 1;
+        }
+        let remaining = |used: f64, limit: u32| (f64::from(limit) - used - 1.0).floor().max(0.0) as u32;
+        let shown = rate
+            .or(quota_state)
+            .map(|(used, state)| RateLimitState { remaining: remaining(used, state.limit), ..state });
+        LimitDecision::Allowed(shown)
+    }
+
+    /// Adds this replica's new counts to the shared ones and reads back the totals. Counts that
+    /// cannot be written stay pending for the next sync: none is lost.
+    pub async fn sync(&self, store: &Store, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let deltas: Vec<(CountKey, i64)> = {
+            let mut counters = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            // Windows that can no longer matter: minutes before the previous one (day counters
+            // are kept until their day is over).
+            let oldest_minute = (minute(now) - chrono::Duration::minutes(1)).timestamp_micros();
+            let today = day(now).timestamp_micros();
+            counters.retain(|key, counter| {
+                let current = if key.subject.starts_with("tenant:") { today } else { oldest_minute };
+                counter.pending > 0 || key.window_start >= current
+            });
+            counters
+                .iter_mut()
+                .filter(|(_, counter)| counter.pending > 0)
+                .map(|(key, counter)| {
+                    counter.flushing = counter.pending;
+                    counter.pending = 0;
+                    (key.clone(), counter.flushing)
+                })
+                .collect()
+        };
+        let written = store.add_request_counts(&deltas).await;
+        let tracked: Vec<CountKey> = {
+            let mut counters = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            for (key, _) in &deltas {
+                if let Some(counter) = counters.get_mut(key) {
+                    match written {
+                        Ok(()) => counter.shared += counter.flushing,
+                        Err(_) => counter.pending += counter.flushing,
+                    }
+                    counter.flushing = 0;
+                }
+            }
+            counters.keys().cloned().collect()
+        };
+        written?;
+        let totals = store.request_counts(&tracked).await?;
+        let mut counters = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (key, total) in totals {
+            if let Some(counter) = counters.get_mut(&key) {
+                counter.shared = counter.shared.max(total);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,71 @@
+//! Shared request counters for rate limits and quotas, written and read in batches.
+
+use chrono::{DateTime, Utc};
+use sqlx::{Any, Row};
+
+use super::rows::micros;
+use super::{Store, StoreResult};
+
+/// A count for one subject (`key:<id>` or `tenant:<id>`) in one window.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CountKey {
+    pub subject: String,
+    /// Microseconds since the epoch.
+    pub window_start: i64,
+}
+
+/// Rows per statement: well under every backend's placeholder limit.
+const CHUNK: usize = 200;
+
+impl Store {
+    /// Adds `deltas` to the shared counters, in one transaction. Not counted in
+    /// [`query_count`](Store::query_count): it is background work, not work for a call.
+    pub async fn add_request_counts(&self, deltas: &[(CountKey, i64)]) -> StoreResult<()> {
+        if deltas.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.pool.begin().await?;
+        for chunk in deltas.chunks(CHUNK) {
+            let rows = vec!["(?, ?, ?)"; chunk.len()].join(", ");
+            let mut query = sqlx::query::<Any>(self.backend.sql(self.backend.insert_adding_counts(&rows)));
+            for (key, delta) in chunk {
+                query = query.bind(key.subject.clone()).bind(key.window_start).bind(*delta);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// The shared totals of `keys` (absent rows are zero and left out).
+    pub async fn request_counts(&self, keys: &[CountKey]) -> StoreResult<Vec<(CountKey, i64)>> {
+        let mut totals = Vec::new();
+        for chunk in keys.chunks(CHUNK) {
+            let subjects = vec!["?"; chunk.len()].join(", ");
+            let oldest = chunk.iter().map(|key| key.window_start).min().unwrap_or_default();
+            let sql = format!(
+                "SELECT subject, window_start, count FROM request_counts WHERE window_start >= ? AND subject IN ({subjects})"
+            );
+            let mut query = sqlx::query::<Any>(self.backend.sql(sql)).bind(oldest);
+            for key in chunk {
+                query = query.bind(key.subject.clone());
+            }
+            for row in query.fetch_all(&self.pool).await? {
+                let key = CountKey { subject: row.try_get("subject")?, window_start: row.try_get("window_start")? };
+                if chunk.contains(&key) {
+                    totals.push((key, row.try_get("count")?));
+                }
+            }
+        }
+        Ok(totals)
+    }
+
+    /// Deletes counters of windows that started before `before`.
+    pub async fn prune_request_counts(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+        let result = sqlx::query::<Any>(self.backend.sql("DELETE FROM request_counts WHERE window_start < ?"))
+            .bind(micros(before))
+            .execute(&self.pool)
+            .await?;
+        Ok(result.rows_affected())
+    }
+}
