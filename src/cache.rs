@@ -13,7 +13,7 @@
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 
@@ -29,11 +29,18 @@ pub struct CacheSettings {
     pub ttl: Duration,
     /// How long "no such key, tenant or site" stays cached.
     pub negative_ttl: Duration,
+    /// How long past `ttl` a found entry is still served while the store cannot be reached.
+    pub stale_window: Duration,
 }
 
 impl Default for CacheSettings {
     fn default() -> Self {
-        Self { capacity: 100_000, ttl: Duration::from_secs(60), negative_ttl: Duration::from_secs(5) }
+        Self {
+            capacity: 100_000,
+            ttl: Duration::from_secs(60),
+            negative_ttl: Duration::from_secs(5),
+            stale_window: Duration::from_secs(300),
+        }
     }
 }
 
@@ -42,6 +49,7 @@ impl Default for CacheSettings {
 struct Loaded<V> {
     value: V,
     generation: u64,
+    loaded_at: Instant,
 }
 
 /// Why a load produced no entry.
@@ -54,21 +62,30 @@ enum Miss {
 /// One set of entries: found values, known absences, and the last invalidation of each id.
 struct Entries<V> {
     found: Cache<String, Loaded<V>>,
+    /// Reloads of expired entries under way, so concurrent Checks share one.
+    refreshing: Cache<String, Loaded<V>>,
     absent: Cache<String, u64>,
     invalidated: Cache<String, u64>,
+    ttl: Duration,
+    stale_window: Duration,
 }
 
 impl<V: Clone + Send + Sync + 'static> Entries<V> {
     fn new(settings: &CacheSettings) -> Self {
-        let longest = settings.ttl.max(settings.negative_ttl) + Duration::from_secs(1);
+        let kept = settings.ttl + settings.stale_window;
+        let longest = kept.max(settings.negative_ttl) + Duration::from_secs(1);
         Self {
-            found: Cache::builder().max_capacity(settings.capacity).time_to_live(settings.ttl).build(),
+            // Found entries are kept through the stale window; `ttl` is enforced on read.
+            found: Cache::builder().max_capacity(settings.capacity).time_to_live(kept).build(),
+            refreshing: Cache::builder().max_capacity(settings.capacity).time_to_live(Duration::from_secs(60)).build(),
             absent: Cache::builder()
                 .max_capacity((settings.capacity / 4).max(1_000))
                 .time_to_live(settings.negative_ttl)
                 .build(),
             // Outlives every entry it may have to overrule.
             invalidated: Cache::builder().max_capacity(settings.capacity).time_to_live(longest).build(),
+            ttl: settings.ttl,
+            stale_window: settings.stale_window,
         }
     }
 
@@ -146,10 +163,13 @@ impl DecisionCache {
         // Invalidations are rare (admin calls), so a few rounds always settle.
         for _ in 0..3 {
             if let Some(loaded) = entries.found.get(id).await {
-                if !is_stale(loaded.generation).await {
+                if is_stale(loaded.generation).await {
+                    entries.found.invalidate(id).await;
+                } else if loaded.loaded_at.elapsed() < entries.ttl {
                     return Ok(Some(loaded.value));
+                } else {
+                    return self.refresh(entries, id, loaded, &load).await;
                 }
-                entries.found.invalidate(id).await;
             }
             if let Some(generation) = entries.absent.get(id).await {
                 if !is_stale(generation).await {
@@ -162,7 +182,7 @@ impl DecisionCache {
                 .found
                 .try_get_with_by_ref(id, async {
                     match load().await {
-                        Ok(Some(value)) => Ok(Loaded { value, generation }),
+                        Ok(Some(value)) => Ok(Loaded { value, generation, loaded_at: Instant::now() }),
                         Ok(None) => Err(Miss::Absent),
                         Err(error) => Err(Miss::Store(error)),
                     }
@@ -182,6 +202,53 @@ impl DecisionCache {
             }
         }
         load().await
+    }
+
+    /// Reloads an entry past its `ttl`. While the store cannot be reached, the old value is
+    /// served until the stale window ends too; then the error is.
+    async fn refresh<V, F, Fut>(
+        &self,
+        entries: &Entries<V>,
+        id: &str,
+        old: Loaded<V>,
+        load: &F,
+    ) -> Result<Option<V>, StoreError>
+    where
+        V: Clone + Send + Sync + 'static,
+        F: Fn() -> Fut,
+        Fut: Future<Output = Result<Option<V>, StoreError>>,
+    {
+        let generation = self.generation.load(Ordering::Acquire);
+        let refreshed = entries
+            .refreshing
+            .try_get_with_by_ref(id, async {
+                match load().await {
+                    Ok(Some(value)) => Ok(Loaded { value, generation, loaded_at: Instant::now() }),
+                    Ok(None) => Err(Miss::Absent),
+                    Err(error) => Err(Miss::Store(error)),
+                }
+            })
+            .await;
+        entries.refreshing.invalidate(id).await;
+        match refreshed {
+            Ok(loaded) => {
+                entries.found.insert(id.to_owned(), loaded.clone()).await;
+                Ok(Some(loaded.value))
+            }
+            Err(miss) => match &*miss {
+                Miss::Absent => {
+                    entries.found.invalidate(id).await;
+                    entries.absent.insert(id.to_owned(), generation).await;
+                    Ok(None)
+                }
+                Miss::Store(StoreError::Unavailable(_))
+                    if old.loaded_at.elapsed() < entries.ttl + entries.stale_window =>
+                {
+                    Ok(Some(old.value))
+                }
+                Miss::Store(error) => Err(error.clone()),
+            },
+        }
     }
 
     async fn invalidate<V: Clone + Send + Sync + 'static>(&self, entries: &Entries<V>, id: &str) {
@@ -287,6 +354,26 @@ mod tests {
         assert_eq!(slow_result.as_deref(), Some("new-owner"), "the racing load read again");
         let owner = cache.site_owner("s1", || async { Ok(Some("unexpected load".to_owned())) }).await.unwrap();
         assert_eq!(owner.as_deref(), Some("new-owner"), "a value read before an invalidation is never served after it");
+    }
+
+    #[tokio::test]
+    async fn expired_entries_are_served_through_the_stale_window_while_the_store_is_down() {
+        let settings =
+            |stale_window| CacheSettings { ttl: Duration::from_millis(50), stale_window, ..CacheSettings::default() };
+        let down = || async { Err(StoreError::Unavailable("down".into())) };
+        for (stale_window, served) in [(Duration::from_secs(60), true), (Duration::ZERO, false)] {
+            let cache = DecisionCache::new(&settings(stale_window));
+            cache.site_owner("s1", || async { Ok(Some("acme".to_owned())) }).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(80)).await;
+            let owner = cache.site_owner("s1", down).await;
+            assert_eq!(owner.is_ok(), served, "stale window {stale_window:?}: {owner:?}");
+        }
+        // Past the TTL with the store up, the entry is read again.
+        let cache = DecisionCache::new(&settings(Duration::from_secs(60)));
+        cache.site_owner("s1", || async { Ok(Some("acme".to_owned())) }).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(80)).await;
+        let owner = cache.site_owner("s1", || async { Ok(Some("globex".to_owned())) }).await.unwrap();
+        assert_eq!(owner.as_deref(), Some("globex"));
     }
 
     #[tokio::test]

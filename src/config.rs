@@ -93,6 +93,10 @@ pub struct ServeArgs {
     /// Seconds a found key, tenant or site stays cached.
     #[arg(long, env = "KEYGATE_CACHE_TTL_SECONDS", default_value_t = 60)]
     pub cache_ttl_seconds: u64,
+    /// Seconds past the TTL that a cached key, tenant or site is still served while the
+    /// database cannot be reached (fail closed for everything not cached).
+    #[arg(long, env = "KEYGATE_STALE_WINDOW_SECONDS", default_value_t = 300)]
+    pub stale_window_seconds: u64,
     /// Seconds an unknown key, tenant or site stays cached.
     #[arg(long, env = "KEYGATE_NEGATIVE_CACHE_TTL_SECONDS", default_value_t = 5)]
     pub negative_cache_ttl_seconds: u64,
@@ -279,6 +283,7 @@ impl Config {
                 capacity: args.cache_capacity,
                 ttl: Duration::from_secs(args.cache_ttl_seconds),
                 negative_ttl: Duration::from_secs(args.negative_cache_ttl_seconds),
+                stale_window: Duration::from_secs(args.stale_window_seconds),
             },
             gateway: GatewaySettings {
                 key_sources: KeySources::parse(&args.envoy_key_sources)

@@ -11,6 +11,7 @@ mod gateway;
 mod isolation;
 mod keys;
 mod limits;
+mod outage;
 mod replicas;
 mod rotation;
 mod server;

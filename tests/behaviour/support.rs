@@ -172,6 +172,21 @@ pub async fn spawn_app_with(backend: Backend, flags: &[&str]) -> Option<TestApp>
     Some(app)
 }
 
+/// Starts keygate on a fresh database of `backend`, reaching it through the URL that `route`
+/// makes of the database's own (a proxy, say). Also returns the database's own URL.
+pub async fn spawn_app_routed(
+    backend: Backend,
+    flags: &[&str],
+    route: impl FnOnce(&str) -> String,
+) -> Option<(TestApp, String)> {
+    let database = TestDatabase::create(backend).await?;
+    let clock = Arc::new(ManualClock::new(chrono::Utc::now()));
+    let direct = database.url.clone();
+    let mut app = start(&route(&direct), flags, clock).await;
+    app._database = Some(database);
+    Some((app, direct))
+}
+
 /// Starts another server on the database of `app`, sharing its clock: a second replica.
 pub async fn spawn_replica(app: &TestApp, flags: &[&str]) -> TestApp {
     start(&app.database_url, flags, app.clock.clone()).await
