@@ -108,6 +108,10 @@ pub struct ServeArgs {
     /// and quotas shared by all replicas.
     #[arg(long, env = "KEYGATE_USAGE_SYNC_INTERVAL_MS", default_value_t = 500)]
     pub usage_sync_interval_ms: u64,
+    /// Milliseconds between two writes of last-used times, daily usage and denied-Check audit
+    /// events (one write per key per interval, never one per Check).
+    #[arg(long, env = "KEYGATE_USAGE_FLUSH_INTERVAL_MS", default_value_t = 5000)]
+    pub usage_flush_interval_ms: u64,
     /// Milliseconds between two reads of the change feed, through which admin changes on any
     /// replica reach this one's cache.
     #[arg(long, env = "KEYGATE_CHANGE_POLL_INTERVAL_MS", default_value_t = 100)]
@@ -296,6 +300,7 @@ impl Config {
             },
             limits: LimitSettings {
                 sync_interval: Duration::from_millis(args.usage_sync_interval_ms.clamp(10, 60_000)),
+                usage_flush_interval: Duration::from_millis(args.usage_flush_interval_ms.clamp(10, 600_000)),
             },
             max_lookups_in_flight: match args.max_lookups_in_flight {
                 0 => (args.database.db_max_connections / 2).max(1),

@@ -113,7 +113,12 @@ mod tests {
 
     use super::*;
     use crate::cache::CacheSettings;
+    use crate::domain::audit::{AuditEntry, AuditEventType};
     use crate::domain::model::TenantChanges;
+
+    fn audit(tenant_id: &str) -> AuditEntry {
+        AuditEntry::new(AuditEventType::TenantPut, "tests", tenant_id)
+    }
 
     #[tokio::test]
     async fn a_replica_that_missed_pruned_changes_drops_its_whole_cache() {
@@ -123,7 +128,7 @@ mod tests {
         store.migrate().await.unwrap();
         let cache = DecisionCache::new(&CacheSettings::default());
         let now = Utc::now();
-        store.put_tenant("acme", &TenantChanges::default(), now).await.unwrap();
+        store.put_tenant("acme", &TenantChanges::default(), now, &audit("acme")).await.unwrap();
         let last_seen = store.feed_head().await.unwrap();
         let loads = AtomicUsize::new(0);
         let load_tenant = || async {
@@ -134,11 +139,19 @@ mod tests {
 
         // Changes this replica never read are pruned; a later unrelated change shows the hole.
         store
-            .put_tenant("acme", &TenantChanges { api_access_enabled: Some(false), ..Default::default() }, now)
+            .put_tenant(
+                "acme",
+                &TenantChanges { api_access_enabled: Some(false), ..Default::default() },
+                now,
+                &audit("acme"),
+            )
             .await
             .unwrap();
         store.prune_changes(now + chrono::Duration::seconds(1)).await.unwrap();
-        store.put_tenant("globex", &TenantChanges::default(), now + chrono::Duration::seconds(2)).await.unwrap();
+        store
+            .put_tenant("globex", &TenantChanges::default(), now + chrono::Duration::seconds(2), &audit("globex"))
+            .await
+            .unwrap();
 
         let seen = catch_up(&store, &cache, last_seen).await.unwrap();
         assert_eq!(seen, store.feed_head().await.unwrap());
@@ -156,7 +169,7 @@ mod tests {
         let cache = DecisionCache::new(&CacheSettings::default());
         let start = store.feed_head().await.unwrap();
         for tenant in ["a", "b", "c"] {
-            store.put_tenant(tenant, &TenantChanges::default(), Utc::now()).await.unwrap();
+            store.put_tenant(tenant, &TenantChanges::default(), Utc::now(), &audit(tenant)).await.unwrap();
         }
         let seen = catch_up(&store, &cache, start).await.unwrap();
         assert_eq!(seen, start + 3);

@@ -15,6 +15,7 @@ pub mod server;
 pub mod service;
 pub mod store;
 pub mod telemetry;
+pub mod usage;
 
 /// The generated `keygate.v1` messages, clients and servers.
 pub mod proto {

@@ -22,11 +22,13 @@ use crate::store::{CountKey, Store, StoreError};
 #[derive(Clone, Debug)]
 pub struct LimitSettings {
     pub sync_interval: Duration,
+    /// How often last use, usage and denied-Check events are written.
+    pub usage_flush_interval: Duration,
 }
 
 impl Default for LimitSettings {
     fn default() -> Self {
-        Self { sync_interval: Duration::from_millis(500) }
+        Self { sync_interval: Duration::from_millis(500), usage_flush_interval: Duration::from_secs(5) }
     }
 }
 

@@ -24,6 +24,7 @@ use crate::proto::authorize_server::AuthorizeServer;
 use crate::proto::key_admin_server::KeyAdminServer;
 use crate::service::{Authorizer, Core, KeyService, LookupLimit};
 use crate::store::Store;
+use crate::usage::UsageRecorder;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 
 /// The fully qualified names health reports on, besides the overall "".
@@ -54,6 +55,7 @@ impl App {
             policy: config.policy.clone(),
             lookups: LookupLimit::new(config.max_lookups_in_flight as usize, database.acquire_timeout),
             limiter: Limiter::default(),
+            usage: UsageRecorder::default(),
         });
         Ok(Self { listener, config, core })
     }
@@ -75,6 +77,7 @@ impl App {
         let readiness = tokio::spawn(become_ready(store.clone(), health.clone()));
         let follower = tokio::spawn(crate::feed::follow(self.core.clone(), self.config.feed.clone()));
         let counting = tokio::spawn(share_counts(self.core.clone(), self.config.limits.clone()));
+        let recording = tokio::spawn(flush_usage(self.core.clone(), self.config.limits.usage_flush_interval));
 
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
@@ -113,9 +116,13 @@ impl App {
         readiness.abort();
         follower.abort();
         counting.abort();
-        // Counts not yet shared are written before the pool closes.
+        recording.abort();
+        // What is buffered is written before the pool closes.
         if let Err(error) = self.core.limiter.sync(&store, self.core.clock.now()).await {
             warn!(%error, "could not share the last request counts");
+        }
+        if let Err(error) = self.core.usage.flush(&store).await {
+            warn!(%error, "could not write the last usage and audit records");
         }
         store.close().await;
         info!("keygate stopped");
@@ -142,6 +149,24 @@ async fn share_counts(core: Arc<Core>, settings: LimitSettings) {
         if last_prune.elapsed() >= Duration::from_secs(600) {
             last_prune = tokio::time::Instant::now();
             let _ = core.store.prune_request_counts(core.clock.now() - chrono::Duration::days(2)).await;
+        }
+    }
+}
+
+/// Writes last use, usage and denied-Check events every flush interval.
+async fn flush_usage(core: Arc<Core>, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut failing = false;
+    loop {
+        ticker.tick().await;
+        match core.usage.flush(&core.store).await {
+            Ok(()) => failing = false,
+            Err(error) if !failing => {
+                warn!(%error, "cannot write usage and audit records; they stay pending");
+                failing = true;
+            }
+            Err(_) => {}
         }
     }
 }

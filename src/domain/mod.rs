@@ -1,5 +1,6 @@
 //! keygate's rules, free of I/O: key format, scopes, validation and the Check decision.
 
+pub mod audit;
 pub mod clock;
 pub mod decision;
 pub mod key;

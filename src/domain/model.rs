@@ -33,6 +33,29 @@ pub struct TenantChanges {
     pub daily_request_quota: Option<u32>,
 }
 
+impl TenantChanges {
+    /// The fields that are set, with their new values, for the audit log.
+    pub fn described(&self) -> Vec<(&'static str, String)> {
+        let mut fields = Vec::new();
+        if let Some(name) = &self.display_name {
+            fields.push(("display_name", name.clone()));
+        }
+        if let Some(enabled) = self.api_access_enabled {
+            fields.push(("api_access_enabled", enabled.to_string()));
+        }
+        for (field, value) in [
+            ("max_keys", self.max_keys),
+            ("rate_limit_per_minute", self.rate_limit_per_minute),
+            ("daily_request_quota", self.daily_request_quota),
+        ] {
+            if let Some(value) = value {
+                fields.push((field, value.to_string()));
+            }
+        }
+        fields
+    }
+}
+
 /// A site owned by one tenant.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Site {
@@ -97,4 +120,21 @@ pub struct KeyPatch {
     pub expires_at: Option<Option<DateTime<Utc>>>,
     pub metadata: Option<BTreeMap<String, String>>,
     pub rate_limit_per_minute: Option<u32>,
+}
+
+impl KeyPatch {
+    /// The names of the fields the patch sets, for the audit log.
+    pub fn fields(&self) -> Vec<&'static str> {
+        [
+            ("name", self.name.is_some()),
+            ("scopes", self.scopes.is_some()),
+            ("site_ids", self.site_ids.is_some()),
+            ("expires_at", self.expires_at.is_some()),
+            ("metadata", self.metadata.is_some()),
+            ("rate_limit_per_minute", self.rate_limit_per_minute.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(field, set)| set.then_some(field))
+        .collect()
+    }
 }

@@ -31,8 +31,9 @@ impl KeyAdminApi {
 impl KeyAdmin for KeyAdminApi {
     #[instrument(name = "KeyAdmin.PutTenant", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn put_tenant(&self, request: Request<PutTenantRequest>) -> Result<Response<PutTenantResponse>, Status> {
+        let actor = caller(&request).to_owned();
         let (tenant_id, changes) = convert::put_tenant(request.into_inner())?;
-        let tenant = self.keys.put_tenant(tenant_id, changes).await?;
+        let tenant = self.keys.put_tenant(actor, tenant_id, changes).await?;
         let tenant = convert::tenant(&tenant, self.keys.effective_max_keys(&tenant));
         Ok(Response::new(PutTenantResponse { tenant: Some(tenant) }))
     }
@@ -48,17 +49,19 @@ impl KeyAdmin for KeyAdminApi {
 
     #[instrument(name = "KeyAdmin.PutSite", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn put_site(&self, request: Request<PutSiteRequest>) -> Result<Response<PutSiteResponse>, Status> {
+        let actor = caller(&request).to_owned();
         let request = request.into_inner();
         convert::put_site(&request)?;
-        let site = self.keys.put_site(request.tenant_id, request.site_id, request.display_name).await?;
+        let site = self.keys.put_site(actor, request.tenant_id, request.site_id, request.display_name).await?;
         Ok(Response::new(PutSiteResponse { site: Some(convert::site(&site)) }))
     }
 
     #[instrument(name = "KeyAdmin.DeleteSite", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn delete_site(&self, request: Request<DeleteSiteRequest>) -> Result<Response<DeleteSiteResponse>, Status> {
+        let actor = caller(&request).to_owned();
         let request = request.into_inner();
         convert::ids(&[("tenant_id", &request.tenant_id), ("site_id", &request.site_id)])?;
-        self.keys.delete_site(request.tenant_id, request.site_id).await?;
+        self.keys.delete_site(actor, request.tenant_id, request.site_id).await?;
         Ok(Response::new(DeleteSiteResponse {}))
     }
 
@@ -73,8 +76,9 @@ impl KeyAdmin for KeyAdminApi {
 
     #[instrument(name = "KeyAdmin.CreateKey", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn create_key(&self, request: Request<CreateKeyRequest>) -> Result<Response<CreateKeyResponse>, Status> {
+        let actor = caller(&request).to_owned();
         let request = CreateKey::try_from(request.into_inner())?;
-        let (key, secret) = self.keys.create_key(request).await?;
+        let (key, secret) = self.keys.create_key(&actor, request).await?;
         Ok(Response::new(CreateKeyResponse { key: Some(self.key(&key)), secret: secret.expose() }))
     }
 
@@ -96,30 +100,56 @@ impl KeyAdmin for KeyAdminApi {
 
     #[instrument(name = "KeyAdmin.UpdateKey", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn update_key(&self, request: Request<UpdateKeyRequest>) -> Result<Response<UpdateKeyResponse>, Status> {
+        let actor = caller(&request).to_owned();
         let request = request.into_inner();
         let (tenant_id, key_id) = (request.tenant_id.clone(), request.key_id.clone());
         let patch = KeyPatch::try_from(request)?;
-        let key = self.keys.update_key(tenant_id, key_id, patch).await?;
+        let key = self.keys.update_key(actor, tenant_id, key_id, patch).await?;
         Ok(Response::new(UpdateKeyResponse { key: Some(self.key(&key)) }))
     }
 
     #[instrument(name = "KeyAdmin.RevokeKey", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn revoke_key(&self, request: Request<RevokeKeyRequest>) -> Result<Response<RevokeKeyResponse>, Status> {
+        let actor = caller(&request).to_owned();
         let request = request.into_inner();
         convert::ids(&[("tenant_id", &request.tenant_id), ("key_id", &request.key_id)])?;
-        let key = self.keys.revoke_key(request.tenant_id, request.key_id).await?;
+        let key = self.keys.revoke_key(actor, request.tenant_id, request.key_id).await?;
         Ok(Response::new(RevokeKeyResponse { key: Some(self.key(&key)) }))
     }
 
     #[instrument(name = "KeyAdmin.RotateKey", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn rotate_key(&self, request: Request<RotateKeyRequest>) -> Result<Response<RotateKeyResponse>, Status> {
+        let actor = caller(&request).to_owned();
         let request = request.into_inner();
         let grace = convert::rotate_key(&request)?;
-        let rotation = self.keys.rotate_key(request.tenant_id, request.key_id, grace).await?;
+        let rotation = self.keys.rotate_key(actor, request.tenant_id, request.key_id, grace).await?;
         Ok(Response::new(RotateKeyResponse {
             key: Some(self.key(&rotation.key)),
             secret: rotation.secret.expose(),
             previous_key: Some(self.key(&rotation.previous_key)),
         }))
+    }
+
+    #[instrument(name = "KeyAdmin.GetKeyUsage", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
+    async fn get_key_usage(
+        &self,
+        request: Request<GetKeyUsageRequest>,
+    ) -> Result<Response<GetKeyUsageResponse>, Status> {
+        let request = request.into_inner();
+        let (first, last) = convert::usage_range(&request)?;
+        let days = self.keys.get_key_usage(&request.tenant_id, &request.key_id, first, last).await?;
+        Ok(Response::new(GetKeyUsageResponse { days: days.iter().map(convert::daily_usage).collect() }))
+    }
+
+    #[instrument(name = "KeyAdmin.ListAuditEvents", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
+    async fn list_audit_events(
+        &self,
+        request: Request<ListAuditEventsRequest>,
+    ) -> Result<Response<ListAuditEventsResponse>, Status> {
+        let request = request.into_inner();
+        let (filter, page_size) = convert::audit_filter(&request)?;
+        let page = self.keys.list_audit_events(&request.tenant_id, &filter, page_size, &request.page_token).await?;
+        let events = page.items.iter().map(convert::audit_event).collect();
+        Ok(Response::new(ListAuditEventsResponse { events, next_page_token: page.next_page_token }))
     }
 }

@@ -2,14 +2,15 @@
 
 use std::collections::BTreeMap;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, NaiveDate, Utc};
 use prost_types::Timestamp;
 
+use crate::domain::audit::{AuditEvent, AuditEventType, AuditFilter};
 use crate::domain::key::Environment;
 use crate::domain::model::{KeyPatch, KeyRecord, KeyState, Site, Tenant, TenantChanges};
 use crate::domain::validation::{MAX_DISPLAY_NAME_CHARS, MAX_NAME_CHARS, Violations};
 use crate::proto;
-use crate::service::{CreateKey, Expiry, ListKeys, ServiceError};
+use crate::service::{CreateKey, DailyUsage, Expiry, ListKeys, ServiceError};
 
 /// The longest grace period RotateKey accepts.
 pub const MAX_GRACE_DAYS: i64 = 30;
@@ -314,4 +315,97 @@ pub fn check_response(outcome: &crate::service::CheckOutcome, scope: &str, site_
         reset_at: Some(timestamp(limit.reset_at)),
     });
     response
+}
+
+/// The longest range GetKeyUsage answers, in days.
+const MAX_USAGE_DAYS: i64 = 366;
+
+/// Decodes GetKeyUsage's ids and date range.
+pub fn usage_range(request: &proto::GetKeyUsageRequest) -> Result<(NaiveDate, NaiveDate), ServiceError> {
+    let mut violations = Violations::default();
+    violations.id("tenant_id", &request.tenant_id);
+    violations.key_id("key_id", &request.key_id);
+    let mut date = |field: &str, value: &str| {
+        let parsed = NaiveDate::parse_from_str(value, "%Y-%m-%d").ok().filter(|_| value.len() == 10);
+        if parsed.is_none() {
+            violations.add(field, "must be a date as YYYY-MM-DD");
+        }
+        parsed
+    };
+    let (first, last) = (date("start_date", &request.start_date), date("end_date", &request.end_date));
+    if let (Some(first), Some(last)) = (first, last) {
+        if last < first {
+            violations.add("end_date", "must not be before start_date");
+        } else if (last - first).num_days() >= MAX_USAGE_DAYS {
+            violations.add("end_date", format!("must be within {MAX_USAGE_DAYS} days of start_date"));
+        }
+    }
+    let range = first.zip(last).unwrap_or_default();
+    Ok(violations.finish(range)?)
+}
+
+pub fn daily_usage(day: &DailyUsage) -> proto::DailyKeyUsage {
+    proto::DailyKeyUsage {
+        date: day.date.format("%Y-%m-%d").to_string(),
+        allowed: day.allowed,
+        denied: day.denied_by_reason.values().sum(),
+        denied_by_reason: day
+            .denied_by_reason
+            .iter()
+            .map(|(reason, count)| (format!("DENY_REASON_{reason}"), *count))
+            .collect(),
+    }
+}
+
+fn audit_type(kind: AuditEventType) -> proto::AuditEventType {
+    match kind {
+        AuditEventType::TenantPut => proto::AuditEventType::TenantPut,
+        AuditEventType::SitePut => proto::AuditEventType::SitePut,
+        AuditEventType::SiteDeleted => proto::AuditEventType::SiteDeleted,
+        AuditEventType::KeyCreated => proto::AuditEventType::KeyCreated,
+        AuditEventType::KeyUpdated => proto::AuditEventType::KeyUpdated,
+        AuditEventType::KeyRevoked => proto::AuditEventType::KeyRevoked,
+        AuditEventType::KeyRotated => proto::AuditEventType::KeyRotated,
+        AuditEventType::CheckDenied => proto::AuditEventType::CheckDenied,
+    }
+}
+
+/// Decodes ListAuditEvents' filter and page size.
+pub fn audit_filter(request: &proto::ListAuditEventsRequest) -> Result<(AuditFilter, usize), ServiceError> {
+    let mut violations = Violations::default();
+    violations.id("tenant_id", &request.tenant_id);
+    if !request.key_id.is_empty() {
+        violations.key_id("key_id", &request.key_id);
+    }
+    let page_size = violations.page_size("page_size", request.page_size);
+    let mut event_types = Vec::new();
+    for (index, value) in request.event_types.iter().enumerate() {
+        let known = AuditEventType::ALL.into_iter().find(|kind| audit_type(*kind) as i32 == *value);
+        match known {
+            Some(kind) => event_types.push(kind),
+            None => violations.add(format!("event_types[{index}]"), "is not a known AuditEventType"),
+        }
+    }
+    let start_time = request.start_time.as_ref().and_then(|time| to_time(&mut violations, "start_time", time));
+    let end_time = request.end_time.as_ref().and_then(|time| to_time(&mut violations, "end_time", time));
+    let filter = AuditFilter {
+        key_id: Some(request.key_id.clone()).filter(|id| !id.is_empty()),
+        event_types,
+        start_time,
+        end_time,
+    };
+    Ok(violations.finish((filter, page_size))?)
+}
+
+pub fn audit_event(event: &AuditEvent) -> proto::AuditEvent {
+    proto::AuditEvent {
+        event_id: event.event_id.clone(),
+        tenant_id: event.tenant_id.clone(),
+        key_id: event.key_id.clone().unwrap_or_default(),
+        event_type: audit_type(event.event_type).into(),
+        actor: event.actor.clone(),
+        occurred_at: Some(timestamp(event.occurred_at)),
+        details: event.details.clone().into_iter().collect(),
+        count: event.count,
+    }
 }

@@ -3,10 +3,11 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use chrono::{DateTime, Duration, Utc};
+use chrono::{DateTime, Duration, NaiveDate, NaiveTime, Utc};
 use tracing::info;
 
 use super::{Core, PageToken, ServiceError, ServiceResult};
+use crate::domain::audit::{AuditEntry, AuditEvent, AuditEventType, AuditFilter};
 use crate::domain::key::{ApiKeySecret, Environment, new_key_id};
 use crate::domain::model::{KeyPatch, KeyRecord, KeyState, Site, Tenant, TenantChanges};
 use crate::domain::scope::Scope;
@@ -55,6 +56,15 @@ pub struct Page<T> {
     pub next_page_token: String,
 }
 
+/// One UTC day of a key's Checks.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DailyUsage {
+    pub date: NaiveDate,
+    pub allowed: u64,
+    /// Denied Checks by reason code (`SCOPE_MISSING`, ...).
+    pub denied_by_reason: BTreeMap<String, u64>,
+}
+
 /// The outcome of RotateKey.
 #[derive(Debug)]
 pub struct Rotation {
@@ -85,10 +95,14 @@ impl KeyService {
     }
 
     /// Creates or updates a tenant; runs to completion, then drops the tenant's cache entry.
-    pub async fn put_tenant(&self, tenant_id: String, changes: TenantChanges) -> ServiceResult<Tenant> {
+    pub async fn put_tenant(&self, actor: String, tenant_id: String, changes: TenantChanges) -> ServiceResult<Tenant> {
         let this = self.clone();
         to_completion(async move {
-            let tenant = this.core.store.put_tenant(&tenant_id, &changes, this.now()).await?;
+            let mut audit = AuditEntry::new(AuditEventType::TenantPut, &actor, &tenant_id);
+            for (field, value) in changes.described() {
+                audit = audit.detail(field, value);
+            }
+            let tenant = this.core.store.put_tenant(&tenant_id, &changes, this.now(), &audit).await?;
             this.core.cache.invalidate_tenant(&tenant_id).await;
             info!(tenant_id, api_access_enabled = tenant.api_access_enabled, "tenant saved");
             Ok(tenant)
@@ -101,11 +115,20 @@ impl KeyService {
     }
 
     /// Creates or renames a site of the tenant; a site owned by another tenant is ALREADY_EXISTS.
-    pub async fn put_site(&self, tenant_id: String, site_id: String, display_name: String) -> ServiceResult<Site> {
+    pub async fn put_site(
+        &self,
+        actor: String,
+        tenant_id: String,
+        site_id: String,
+        display_name: String,
+    ) -> ServiceResult<Site> {
         let this = self.clone();
         to_completion(async move {
             let display_name = if display_name.is_empty() { &site_id } else { &display_name };
-            match this.core.store.put_site(&tenant_id, &site_id, display_name, this.now()).await? {
+            let audit = AuditEntry::new(AuditEventType::SitePut, &actor, &tenant_id)
+                .detail("site_id", &site_id)
+                .detail("display_name", display_name);
+            match this.core.store.put_site(&tenant_id, &site_id, display_name, this.now(), &audit).await? {
                 PutSiteOutcome::Saved(site) => {
                     this.core.cache.invalidate_site(&site_id).await;
                     info!(tenant_id, site_id, "site saved");
@@ -121,10 +144,11 @@ impl KeyService {
     }
 
     /// Deletes a site of the tenant; keys restricted to it keep the restriction.
-    pub async fn delete_site(&self, tenant_id: String, site_id: String) -> ServiceResult<()> {
+    pub async fn delete_site(&self, actor: String, tenant_id: String, site_id: String) -> ServiceResult<()> {
         let this = self.clone();
         to_completion(async move {
-            let deleted = this.core.store.delete_site(&tenant_id, &site_id, this.now()).await?;
+            let audit = AuditEntry::new(AuditEventType::SiteDeleted, &actor, &tenant_id).detail("site_id", &site_id);
+            let deleted = this.core.store.delete_site(&tenant_id, &site_id, this.now(), &audit).await?;
             this.core.cache.invalidate_site(&site_id).await;
             if !deleted {
                 return Err(ServiceError::NotFound(format!("site {site_id} not found")));
@@ -144,7 +168,7 @@ impl KeyService {
     }
 
     /// Mints a key under the tenant's plan and active-key limit.
-    pub async fn create_key(&self, request: CreateKey) -> ServiceResult<(KeyRecord, ApiKeySecret)> {
+    pub async fn create_key(&self, actor: &str, request: CreateKey) -> ServiceResult<(KeyRecord, ApiKeySecret)> {
         let now = self.now();
         let tenant = self.get_tenant(&request.tenant_id).await?;
         if !tenant.api_access_enabled {
@@ -185,7 +209,12 @@ impl KeyService {
             rotated_from_key_id: None,
         };
         let limit = self.effective_max_keys(&tenant);
-        match self.core.store.insert_key(&record, limit, now).await? {
+        let audit = AuditEntry::new(AuditEventType::KeyCreated, actor, &record.tenant_id)
+            .key(&record.key_id)
+            .detail("name", &record.name)
+            .detail("display_prefix", &record.display_prefix)
+            .detail("scopes", record.scopes.iter().map(Scope::as_str).collect::<Vec<_>>().join(","));
+        match self.core.store.insert_key(&record, limit, now, &audit).await? {
             InsertKeyOutcome::Inserted => {}
             InsertKeyOutcome::TenantMissing => return Err(tenant_not_found(&record.tenant_id)),
             InsertKeyOutcome::LimitReached { limit } => {
@@ -217,7 +246,13 @@ impl KeyService {
 
     /// Changes the patched fields of an active key that was not rotated. Runs to completion
     /// even if the caller goes away, so the cache is always invalidated after a change.
-    pub async fn update_key(&self, tenant_id: String, key_id: String, mut patch: KeyPatch) -> ServiceResult<KeyRecord> {
+    pub async fn update_key(
+        &self,
+        actor: String,
+        tenant_id: String,
+        key_id: String,
+        mut patch: KeyPatch,
+    ) -> ServiceResult<KeyRecord> {
         let now = self.now();
         if let Some(scopes) = patch.scopes.take() {
             self.check_catalogue("scopes", &scopes)?;
@@ -231,7 +266,10 @@ impl KeyService {
         }
         let this = self.clone();
         to_completion(async move {
-            let written = this.core.store.update_key(&tenant_id, &key_id, &patch, now).await?;
+            let audit = AuditEntry::new(AuditEventType::KeyUpdated, &actor, &tenant_id)
+                .key(&key_id)
+                .detail("fields", patch.fields().join(","));
+            let written = this.core.store.update_key(&tenant_id, &key_id, &patch, now, &audit).await?;
             let key = this.written(written, &key_id).await?;
             info!(tenant_id, key_id, "key updated");
             Ok(key)
@@ -261,10 +299,11 @@ impl KeyService {
 
     /// Revokes a key at once; revoking a revoked key returns it unchanged. The cache entry is
     /// dropped every time, so a retried revoke also repairs a cache a failed one left behind.
-    pub async fn revoke_key(&self, tenant_id: String, key_id: String) -> ServiceResult<KeyRecord> {
+    pub async fn revoke_key(&self, actor: String, tenant_id: String, key_id: String) -> ServiceResult<KeyRecord> {
         let this = self.clone();
         to_completion(async move {
-            let key = this.core.store.revoke_key(&tenant_id, &key_id, this.now()).await?;
+            let audit = AuditEntry::new(AuditEventType::KeyRevoked, &actor, &tenant_id).key(&key_id);
+            let key = this.core.store.revoke_key(&tenant_id, &key_id, this.now(), &audit).await?;
             let key = key.ok_or_else(|| key_not_found(&key_id))?;
             this.core.cache.invalidate_key(&key.key_hash).await;
             info!(tenant_id, key_id, "key revoked");
@@ -274,12 +313,18 @@ impl KeyService {
     }
 
     /// Mints a successor of an active key; the old key works for `grace` more, or is revoked now.
-    pub async fn rotate_key(&self, tenant_id: String, key_id: String, grace: Duration) -> ServiceResult<Rotation> {
+    pub async fn rotate_key(
+        &self,
+        actor: String,
+        tenant_id: String,
+        key_id: String,
+        grace: Duration,
+    ) -> ServiceResult<Rotation> {
         let this = self.clone();
-        to_completion(async move { this.rotate(&tenant_id, &key_id, grace).await }).await
+        to_completion(async move { this.rotate(&actor, &tenant_id, &key_id, grace).await }).await
     }
 
-    async fn rotate(&self, tenant_id: &str, key_id: &str, grace: Duration) -> ServiceResult<Rotation> {
+    async fn rotate(&self, actor: &str, tenant_id: &str, key_id: &str, grace: Duration) -> ServiceResult<Rotation> {
         let now = self.now();
         let old = self.get_key(tenant_id, key_id).await?;
         if old.state(now) != KeyState::Active {
@@ -304,7 +349,11 @@ impl KeyService {
             let grace_end = now + grace;
             KeyEnd::ExpireAt(old.expires_at.map_or(grace_end, |expires_at| expires_at.min(grace_end)))
         };
-        let outcome = self.core.store.rotate_key(&old, end, &successor).await?;
+        let audit = AuditEntry::new(AuditEventType::KeyRotated, actor, tenant_id)
+            .key(key_id)
+            .detail("new_key_id", &successor.key_id)
+            .detail("grace_seconds", grace.num_seconds());
+        let outcome = self.core.store.rotate_key(&old, end, &successor, &audit).await?;
         // Whatever happened, the old key's cached state may be out of date now.
         self.core.cache.invalidate_key(&old.key_hash).await;
         if let RotateOutcome::Conflict = outcome {
@@ -313,6 +362,65 @@ impl KeyService {
         info!(tenant_id, key_id = %successor.key_id, previous_key_id = key_id, grace_seconds = grace.num_seconds(), "key rotated");
         let previous_key = self.get_key(tenant_id, key_id).await?;
         Ok(Rotation { key: successor, secret, previous_key })
+    }
+
+    /// A key's Checks per UTC day from `first` to `last` (inclusive), every day included.
+    pub async fn get_key_usage(
+        &self,
+        tenant_id: &str,
+        key_id: &str,
+        first: NaiveDate,
+        last: NaiveDate,
+    ) -> ServiceResult<Vec<DailyUsage>> {
+        self.get_key(tenant_id, key_id).await?;
+        let start_of = |date: NaiveDate| date.and_time(NaiveTime::MIN).and_utc();
+        let rows = self.core.store.key_usage(key_id, start_of(first), start_of(last)).await?;
+        let mut days: Vec<DailyUsage> = first
+            .iter_days()
+            .take_while(|date| *date <= last)
+            .map(|date| DailyUsage { date, allowed: 0, denied_by_reason: BTreeMap::new() })
+            .collect();
+        for (day, outcome, count) in rows {
+            let count = u64::try_from(count).unwrap_or_default();
+            let Some(entry) = days.iter_mut().find(|entry| entry.date == day.date_naive()) else { continue };
+            if outcome == "ALLOWED" {
+                entry.allowed += count;
+            } else {
+                *entry.denied_by_reason.entry(outcome).or_default() += count;
+            }
+        }
+        Ok(days)
+    }
+
+    /// One page of a tenant's audit log, oldest first.
+    pub async fn list_audit_events(
+        &self,
+        tenant_id: &str,
+        filter: &AuditFilter,
+        page_size: usize,
+        page_token: &str,
+    ) -> ServiceResult<Page<AuditEvent>> {
+        let after = PageToken::decode("audit", page_token)?;
+        let after = match &after {
+            None => None,
+            Some(token) => {
+                let invalid = || ServiceError::invalid("page_token", "is not a token returned by this list call");
+                let (time, event_id) = token.after_id.split_once(':').ok_or_else(invalid)?;
+                let time = time.parse::<i64>().ok().and_then(DateTime::from_timestamp_micros).ok_or_else(invalid)?;
+                Some((time, event_id))
+            }
+        };
+        self.get_tenant(tenant_id).await?;
+        let mut events = self.core.store.list_audit_events(tenant_id, filter, after, page_size + 1).await?;
+        let next_page_token = if events.len() > page_size {
+            events.truncate(page_size);
+            events.last().map_or_else(String::new, |last| {
+                PageToken::encode("audit", &format!("{}:{}", last.occurred_at.timestamp_micros(), last.event_id))
+            })
+        } else {
+            String::new()
+        };
+        Ok(Page { items: events, next_page_token })
     }
 
     fn check_catalogue(&self, field: &str, scopes: &[Scope]) -> ServiceResult<()> {

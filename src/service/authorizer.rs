@@ -93,6 +93,7 @@ impl Authorizer {
                 LimitDecision::Denied(reason, state) => (Err(reason), Some(state)),
             },
         };
+        core.usage.record(&key, decision, now);
         match decision {
             Ok(()) => debug!(tenant_id = %key.tenant_id, key_id = %key.key_id, scope = %request.scope, "check allowed"),
             // The site id is left out: behind Envoy it is a request header value.

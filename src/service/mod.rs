@@ -7,7 +7,7 @@ mod page_token;
 
 use std::sync::Arc;
 
-pub use admin::{CreateKey, Expiry, KeyService, ListKeys, Page, Rotation};
+pub use admin::{CreateKey, DailyUsage, Expiry, KeyService, ListKeys, Page, Rotation};
 pub use authorizer::{Authorizer, CheckOutcome, CheckRequest, RateLimitState};
 pub use page_token::PageToken;
 
@@ -18,6 +18,7 @@ use crate::domain::scope::ScopePolicy;
 use crate::domain::validation::FieldViolation;
 use crate::limits::Limiter;
 use crate::store::{Store, StoreError};
+use crate::usage::UsageRecorder;
 
 /// Rules for minting and checking keys, from configuration.
 #[derive(Clone, Debug)]
@@ -45,6 +46,8 @@ pub struct Core {
     pub lookups: LookupLimit,
     /// Local request counters for rate limits and quotas, shared through the store.
     pub limiter: Limiter,
+    /// Last use, usage and denied Checks, written in batches.
+    pub usage: UsageRecorder,
 }
 
 /// A bound on concurrent store lookups of the Check path.

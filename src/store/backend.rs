@@ -71,14 +71,15 @@ impl Backend {
         }
     }
 
-    /// `INSERT ... VALUES <rows>` that adds `count` to the existing row of the same key.
-    pub fn insert_adding_counts(self, rows: &str) -> String {
-        let prefix = format!("INSERT INTO request_counts (subject, window_start, count) VALUES {rows}");
+    /// `INSERT INTO <table> (<columns>) VALUES <rows>` that adds the new `count` to the row
+    /// with the same `<key>` when there is one.
+    pub fn insert_adding_counts(self, table: &str, columns: &str, key: &str, rows: &str) -> String {
+        let prefix = format!("INSERT INTO {table} ({columns}) VALUES {rows}");
         match self {
             Self::MySql => format!("{prefix} ON DUPLICATE KEY UPDATE count = count + VALUES(count)"),
-            Self::Sqlite | Self::Postgres => format!(
-                "{prefix} ON CONFLICT (subject, window_start) DO UPDATE SET count = request_counts.count + excluded.count"
-            ),
+            Self::Sqlite | Self::Postgres => {
+                format!("{prefix} ON CONFLICT ({key}) DO UPDATE SET count = {table}.count + excluded.count")
+            }
         }
     }
 
@@ -89,16 +90,19 @@ impl Backend {
                 (1, "init", include_str!("../../migrations/sqlite/0001_init.sql")),
                 (2, "change feed", include_str!("../../migrations/sqlite/0002_change_feed.sql")),
                 (3, "request counts", include_str!("../../migrations/sqlite/0003_request_counts.sql")),
+                (4, "usage and audit", include_str!("../../migrations/sqlite/0004_usage_and_audit.sql")),
             ],
             Self::Postgres => &[
                 (1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
                 (2, "change feed", include_str!("../../migrations/postgres/0002_change_feed.sql")),
                 (3, "request counts", include_str!("../../migrations/postgres/0003_request_counts.sql")),
+                (4, "usage and audit", include_str!("../../migrations/postgres/0004_usage_and_audit.sql")),
             ],
             Self::MySql => &[
                 (1, "init", include_str!("../../migrations/mysql/0001_init.sql")),
                 (2, "change feed", include_str!("../../migrations/mysql/0002_change_feed.sql")),
                 (3, "request counts", include_str!("../../migrations/mysql/0003_request_counts.sql")),
+                (4, "usage and audit", include_str!("../../migrations/mysql/0004_usage_and_audit.sql")),
             ],
         };
         let migrations = files

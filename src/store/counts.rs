@@ -27,7 +27,13 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         for chunk in deltas.chunks(CHUNK) {
             let rows = vec!["(?, ?, ?)"; chunk.len()].join(", ");
-            let mut query = sqlx::query::<Any>(self.backend.sql(self.backend.insert_adding_counts(&rows)));
+            let sql = self.backend.insert_adding_counts(
+                "request_counts",
+                "subject, window_start, count",
+                "subject, window_start",
+                &rows,
+            );
+            let mut query = sqlx::query::<Any>(self.backend.sql(sql));
             for (key, delta) in chunk {
                 query = query.bind(key.subject.clone()).bind(key.window_start).bind(*delta);
             }

@@ -8,6 +8,7 @@ use super::rows::{key_from_row, micros, to_json};
 use super::{
     ChangeTarget, InsertKeyOutcome, KEY_COLUMNS, KeyEnd, KeyFilter, KeyWrite, RotateOutcome, Store, StoreResult,
 };
+use crate::domain::audit::AuditEntry;
 use crate::domain::model::{KeyPatch, KeyRecord, KeyState};
 
 impl Store {
@@ -18,6 +19,7 @@ impl Store {
         key: &KeyRecord,
         max_active_keys: u32,
         now: DateTime<Utc>,
+        audit: &AuditEntry,
     ) -> StoreResult<InsertKeyOutcome> {
         let mut tx = self.pool.begin().await?;
         if !self.lock_tenant(&mut tx, &key.tenant_id).await? {
@@ -36,6 +38,7 @@ impl Store {
             return Ok(InsertKeyOutcome::LimitReached { limit: max_active_keys });
         }
         self.insert_key_in(&mut tx, key).await?;
+        self.record_in(&mut tx, audit, now).await?;
         tx.commit().await?;
         Ok(InsertKeyOutcome::Inserted)
     }
@@ -130,6 +133,7 @@ impl Store {
         key_id: &str,
         patch: &KeyPatch,
         now: DateTime<Utc>,
+        audit: &AuditEntry,
     ) -> StoreResult<KeyWrite> {
         let mut tx = self.pool.begin().await?;
         if !self.lock_tenant(&mut tx, tenant_id).await? {
@@ -189,6 +193,7 @@ impl Store {
         let Some(updated) = self.key_in(&mut tx, tenant_id, key_id).await? else {
             return Ok(KeyWrite::NotFound);
         };
+        self.record_in(&mut tx, audit, now).await?;
         self.commit_with_change(tx, &ChangeTarget::Key(updated.key_hash.clone()), now).await?;
         Ok(KeyWrite::Done(Box::new(updated)))
     }
@@ -199,6 +204,7 @@ impl Store {
         tenant_id: &str,
         key_id: &str,
         now: DateTime<Utc>,
+        audit: &AuditEntry,
     ) -> StoreResult<Option<KeyRecord>> {
         let mut tx = self.pool.begin().await?;
         let revoked = self
@@ -210,7 +216,10 @@ impl Store {
             .await?;
         let key = self.key_in(&mut tx, tenant_id, key_id).await?;
         match key.as_ref().filter(|_| revoked.rows_affected() > 0) {
-            Some(key) => self.commit_with_change(tx, &ChangeTarget::Key(key.key_hash.clone()), now).await?,
+            Some(key) => {
+                self.record_in(&mut tx, audit, now).await?;
+                self.commit_with_change(tx, &ChangeTarget::Key(key.key_hash.clone()), now).await?
+            }
             None => tx.commit().await?,
         }
         Ok(key)
@@ -244,7 +253,13 @@ impl Store {
     /// Atomically ends the old key (revoked at `revoke_at`, or expiring at `expire_at`) and
     /// inserts its successor. Fails with `Conflict` when the old key was revoked or already
     /// rotated by a concurrent call.
-    pub async fn rotate_key(&self, old: &KeyRecord, end: KeyEnd, successor: &KeyRecord) -> StoreResult<RotateOutcome> {
+    pub async fn rotate_key(
+        &self,
+        old: &KeyRecord,
+        end: KeyEnd,
+        successor: &KeyRecord,
+        audit: &AuditEntry,
+    ) -> StoreResult<RotateOutcome> {
         let mut tx = self.pool.begin().await?;
         if !self.lock_tenant(&mut tx, &old.tenant_id).await? {
             return Ok(RotateOutcome::Conflict);
@@ -271,6 +286,7 @@ impl Store {
             return Ok(RotateOutcome::Conflict);
         }
         self.insert_key_in(&mut tx, successor).await?;
+        self.record_in(&mut tx, audit, successor.created_at).await?;
         self.commit_with_change(tx, &ChangeTarget::Key(old.key_hash.clone()), successor.created_at).await?;
         Ok(RotateOutcome::Rotated)
     }

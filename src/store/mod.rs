@@ -5,6 +5,7 @@
 //! microseconds since the epoch), and [`Backend`] covers the few dialect differences. No
 //! `sqlx::Error` leaves this module: callers see [`StoreError`].
 
+mod audit;
 mod backend;
 mod counts;
 mod feed;
@@ -20,6 +21,7 @@ use chrono::{DateTime, Utc};
 use sqlx::any::AnyPoolOptions;
 use sqlx::{Any, AnyPool};
 
+pub use audit::{DenialKey, UsageKey};
 pub use backend::Backend;
 pub use counts::CountKey;
 pub use feed::{Change, ChangeTarget};

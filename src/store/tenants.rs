@@ -5,6 +5,7 @@ use sqlx::{Any, Transaction};
 
 use super::rows::{micros, site_from_row, tenant_from_row};
 use super::{ChangeTarget, PutSiteOutcome, Store, StoreError, StoreResult};
+use crate::domain::audit::AuditEntry;
 use crate::domain::model::{Site, Tenant, TenantChanges};
 
 impl Store {
@@ -14,6 +15,7 @@ impl Store {
         tenant_id: &str,
         changes: &TenantChanges,
         now: DateTime<Utc>,
+        audit: &AuditEntry,
     ) -> StoreResult<Tenant> {
         let mut tx = self.pool.begin().await?;
         let insert = self.backend.insert_if_absent(
@@ -45,6 +47,7 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         let tenant = self.tenant_in(&mut tx, tenant_id).await?;
+        self.record_in(&mut tx, audit, now).await?;
         self.commit_with_change(tx, &ChangeTarget::Tenant(tenant_id.to_owned()), now).await?;
         tenant.ok_or_else(|| StoreError::Corrupt("tenant vanished inside its own transaction".into()))
     }
@@ -85,6 +88,7 @@ impl Store {
         site_id: &str,
         display_name: &str,
         now: DateTime<Utc>,
+        audit: &AuditEntry,
     ) -> StoreResult<PutSiteOutcome> {
         let mut tx = self.pool.begin().await?;
         if !self.lock_tenant(&mut tx, tenant_id).await? {
@@ -119,12 +123,19 @@ impl Store {
             .bind(site_id.to_owned())
             .fetch_one(&mut *tx)
             .await?;
+        self.record_in(&mut tx, audit, now).await?;
         self.commit_with_change(tx, &ChangeTarget::Site(site_id.to_owned()), now).await?;
         Ok(PutSiteOutcome::Saved(site_from_row(&row)?))
     }
 
     /// Deletes a site of the tenant; false when the tenant has no such site.
-    pub async fn delete_site(&self, tenant_id: &str, site_id: &str, now: DateTime<Utc>) -> StoreResult<bool> {
+    pub async fn delete_site(
+        &self,
+        tenant_id: &str,
+        site_id: &str,
+        now: DateTime<Utc>,
+        audit: &AuditEntry,
+    ) -> StoreResult<bool> {
         let mut tx = self.pool.begin().await?;
         let result = self
             .query("DELETE FROM sites WHERE site_id = ? AND tenant_id = ?")
@@ -135,6 +146,7 @@ impl Store {
         if result.rows_affected() == 0 {
             return Ok(false);
         }
+        self.record_in(&mut tx, audit, now).await?;
         self.commit_with_change(tx, &ChangeTarget::Site(site_id.to_owned()), now).await?;
         Ok(true)
     }

@@ -16,4 +16,5 @@ mod replicas;
 mod rotation;
 mod server;
 mod tenants_and_sites;
+mod usage;
 mod validation;

@@ -1,0 +1,87 @@
+//! Last use, daily usage and denied-Check audit events, recorded without a write per Check:
+//! counted in memory and written in batches every flush interval (and when the server stops).
+//! What cannot be written stays pending for the next flush.
+
+use std::collections::HashMap;
+use std::mem;
+use std::sync::Mutex;
+
+use chrono::{DateTime, DurationRound, Utc};
+
+use crate::domain::decision::DenyReason;
+use crate::domain::model::KeyRecord;
+use crate::store::{DenialKey, Store, StoreError, UsageKey};
+
+#[derive(Debug, Default)]
+struct Pending {
+    usage: HashMap<UsageKey, i64>,
+    last_used: HashMap<String, DateTime<Utc>>,
+    denials: HashMap<DenialKey, i64>,
+}
+
+/// Buffers what Checks of known keys leave behind.
+#[derive(Debug, Default)]
+pub struct UsageRecorder {
+    pending: Mutex<Pending>,
+}
+
+fn truncate(time: DateTime<Utc>, unit: chrono::Duration) -> DateTime<Utc> {
+    time.duration_trunc(unit).unwrap_or(time)
+}
+
+impl UsageRecorder {
+    /// Records one decided Check of `key` at `now`.
+    pub fn record(&self, key: &KeyRecord, decision: Result<(), DenyReason>, now: DateTime<Utc>) {
+        let day = truncate(now, chrono::Duration::days(1));
+        let outcome = decision.err().map_or("ALLOWED", DenyReason::code);
+        let mut pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        *pending.usage.entry(UsageKey { key_id: key.key_id.clone(), day, outcome }).or_default() += 1;
+        match decision {
+            Ok(()) => {
+                let last_used = pending.last_used.entry(key.key_id.clone()).or_insert(now);
+                *last_used = (*last_used).max(now);
+            }
+            Err(reason) => {
+                let denial = DenialKey {
+                    tenant_id: key.tenant_id.clone(),
+                    key_id: key.key_id.clone(),
+                    reason: reason.code(),
+                    minute: truncate(now, chrono::Duration::minutes(1)),
+                };
+                *pending.denials.entry(denial).or_default() += 1;
+            }
+        }
+    }
+
+    /// Writes everything pending. Each kind is written in one transaction; a kind that fails is
+    /// merged back into what is pending, and the first error is returned.
+    pub async fn flush(&self, store: &Store) -> Result<(), StoreError> {
+        let taken = mem::take(&mut *self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        let usage: Vec<_> = taken.usage.into_iter().collect();
+        let last_used: Vec<_> = taken.last_used.into_iter().collect();
+        let denials: Vec<_> = taken.denials.into_iter().collect();
+        let results = (
+            store.add_usage(&usage).await,
+            store.touch_last_used(&last_used).await,
+            store.add_check_denials(&denials).await,
+        );
+        let mut pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if results.0.is_err() {
+            for (key, count) in usage {
+                *pending.usage.entry(key).or_default() += count;
+            }
+        }
+        if results.1.is_err() {
+            for (key_id, at) in last_used {
+                let entry = pending.last_used.entry(key_id).or_insert(at);
+                *entry = (*entry).max(at);
+            }
+        }
+        if results.2.is_err() {
+            for (denial, count) in denials {
+                *pending.denials.entry(denial).or_default() += count;
+            }
+        }
+        results.0.and(results.1).and(results.2)
+    }
+}
