@@ -127,6 +127,10 @@ pub struct ServeArgs {
     /// the upstream.
     #[arg(long, env = "KEYGATE_ENVOY_STRIP_CREDENTIALS", default_value_t = true, action = clap::ArgAction::Set)]
     pub envoy_strip_credentials: bool,
+    /// Seconds a stopping server (SIGTERM, Ctrl-C) has to finish in-flight calls, write what it
+    /// buffered and close the database pool.
+    #[arg(long, env = "KEYGATE_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 25)]
+    pub shutdown_timeout_seconds: u64,
     /// Log format.
     #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -243,6 +247,7 @@ pub struct Config {
     /// Bound on concurrent store lookups of Check misses.
     pub max_lookups_in_flight: u32,
     pub limits: LimitSettings,
+    pub shutdown_timeout: Duration,
     pub log_format: LogFormat,
 }
 
@@ -306,6 +311,7 @@ impl Config {
                 0 => (args.database.db_max_connections / 2).max(1),
                 limit => limit,
             },
+            shutdown_timeout: Duration::from_secs(args.shutdown_timeout_seconds.max(1)),
             log_format: args.log_format,
         })
     }

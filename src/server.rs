@@ -99,7 +99,9 @@ impl App {
         let address = self.local_addr();
         info!(%address, backend = store.backend().name(), "keygate listening");
         let health_on_shutdown = health.clone();
-        let result = Server::builder()
+        let stopping = Arc::new(tokio::sync::Notify::new());
+        let stop_signal = stopping.clone();
+        let serving = Server::builder()
             .trace_fn(|request| info_span!("grpc", path = %request.uri().path()))
             .add_service(health_service)
             .add_service(reflection_v1)
@@ -109,22 +111,45 @@ impl App {
             .add_service(envoy)
             .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
                 shutdown.await;
+                stop_signal.notify_one();
                 set_health(&health_on_shutdown, ServingStatus::NotServing).await;
                 info!("shutting down: draining in-flight calls");
-            })
-            .await;
+            });
+        // Once shutdown begins, draining, flushing and closing share one deadline.
+        let deadline = self.config.shutdown_timeout;
+        let (result, deadline_at) = {
+            tokio::pin!(serving);
+            tokio::select! {
+                result = &mut serving => (result, tokio::time::Instant::now() + deadline),
+                () = stopping.notified() => {
+                    let deadline_at = tokio::time::Instant::now() + deadline;
+                    match tokio::time::timeout_at(deadline_at, &mut serving).await {
+                        Ok(result) => (result, deadline_at),
+                        Err(_) => {
+                            warn!(deadline_seconds = deadline.as_secs(), "calls still in flight at the shutdown deadline: dropping them");
+                            (Ok(()), deadline_at)
+                        }
+                    }
+                }
+            }
+        };
         readiness.abort();
         follower.abort();
         counting.abort();
         recording.abort();
         // What is buffered is written before the pool closes.
-        if let Err(error) = self.core.limiter.sync(&store, self.core.clock.now()).await {
-            warn!(%error, "could not share the last request counts");
+        let finish = async {
+            if let Err(error) = self.core.limiter.sync(&store, self.core.clock.now()).await {
+                warn!(%error, "could not share the last request counts");
+            }
+            if let Err(error) = self.core.usage.flush(&store).await {
+                warn!(%error, "could not write the last usage and audit records");
+            }
+            store.close().await;
+        };
+        if tokio::time::timeout_at(deadline_at, finish).await.is_err() {
+            warn!("the shutdown deadline passed before buffered records were written");
         }
-        if let Err(error) = self.core.usage.flush(&store).await {
-            warn!(%error, "could not write the last usage and audit records");
-        }
-        store.close().await;
         info!("keygate stopped");
         Ok(result?)
     }

@@ -12,6 +12,7 @@ mod isolation;
 mod keys;
 mod limits;
 mod outage;
+mod process;
 mod replicas;
 mod rotation;
 mod server;

@@ -1,0 +1,134 @@
+//! keygate as operators run it: the real binary, JSON logs, and SIGTERM with calls in flight.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use keygate::proto::key_admin_client::KeyAdminClient;
+use keygate::proto::*;
+use sqlx::Connection;
+use tonic::transport::Channel;
+
+use crate::support::*;
+
+/// Kills the child process if the test ends early, so no server outlives its test.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_calls_in_flight_writes_buffers_and_logs_no_secret() {
+    sqlx::any::install_default_drivers();
+    let dir = tempfile::tempdir().unwrap();
+    let database_url = format!("sqlite://{}?mode=rwc", dir.path().join("keygate.db").display());
+    let log_path = dir.path().join("keygate.log");
+    let address = format!("127.0.0.1:{}", free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .env("KEYGATE_LISTEN", &address)
+        .env("KEYGATE_DATABASE_URL", &database_url)
+        .env("KEYGATE_ADMIN_TOKENS", format!("ops={ADMIN_TOKEN}"))
+        .env("KEYGATE_LOG_FORMAT", "json")
+        .env("KEYGATE_USAGE_FLUSH_INTERVAL_MS", "600000")
+        .env("RUST_LOG", "debug")
+        .stdout(Stdio::from(std::fs::File::create(&log_path).unwrap()))
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start the keygate binary");
+    let mut child = KillOnDrop(child);
+    let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect_lazy();
+    let started = Instant::now();
+    while !matches!(health(channel.clone()).await, Ok(tonic_health::pb::health_check_response::ServingStatus::Serving))
+    {
+        assert!(started.elapsed() < Duration::from_secs(20), "the binary never became SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let admin = KeyAdminClient::with_interceptor(channel.clone(), move |mut request: tonic::Request<()>| {
+        request.metadata_mut().insert("authorization", format!("Bearer {ADMIN_TOKEN}").parse().unwrap());
+        Ok(request)
+    });
+    let authorize = keygate::proto::authorize_client::AuthorizeClient::new(channel.clone());
+    let check = |key: String, scope: &str| {
+        let request = CheckRequest { key, scope: scope.into(), site_id: String::new() };
+        let mut authorize = authorize.clone();
+        async move { authorize.check(request).await.unwrap().into_inner() }
+    };
+
+    // A full scenario: create, check, rotate, revoke, denied checks.
+    admin.clone().put_tenant(PutTenantRequest { tenant_id: "acme".into(), ..Default::default() }).await.unwrap();
+    let created = admin.clone().create_key(key_request("acme", &["events:read"])).await.unwrap().into_inner();
+    let (key, secret) = (created.key.unwrap(), created.secret);
+    for _ in 0..3 {
+        assert!(check(secret.clone(), "events:read").await.allowed);
+    }
+    assert!(!check(secret.clone(), "goals:read").await.allowed);
+    let rotate = RotateKeyRequest { tenant_id: "acme".into(), key_id: key.key_id.clone(), grace_period: None };
+    let rotated = admin.clone().rotate_key(rotate).await.unwrap().into_inner();
+    let revoke = RevokeKeyRequest { tenant_id: "acme".into(), key_id: rotated.key.unwrap().key_id };
+    admin.clone().revoke_key(revoke).await.unwrap();
+    assert!(!check(rotated.secret.clone(), "events:read").await.allowed);
+
+    // Hold the database's write lock so that admin calls stay in flight across the signal.
+    let mut blocker = sqlx::AnyConnection::connect(&database_url).await.unwrap();
+    sqlx::raw_sql("BEGIN EXCLUSIVE").execute(&mut blocker).await.unwrap();
+    let in_flight: Vec<_> = (0..5)
+        .map(|index| {
+            let mut admin = admin.clone();
+            tokio::spawn(async move {
+                admin.put_tenant(PutTenantRequest { tenant_id: format!("late-{index}"), ..Default::default() }).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let killed = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(child.0.try_wait().unwrap().is_none(), "keygate waits for the calls in flight");
+    sqlx::raw_sql("COMMIT").execute(&mut blocker).await.unwrap();
+    blocker.close().await.unwrap();
+    for call in in_flight {
+        call.await.unwrap().expect("a call in flight at SIGTERM completes");
+    }
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "keygate did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), Some(0), "a clean shutdown exits 0");
+
+    // What was buffered (usage, last use, denials) is in the database.
+    let mut database = sqlx::AnyConnection::connect(&database_url).await.unwrap();
+    let sql = sqlx::AssertSqlSafe(format!(
+        "SELECT count FROM key_usage WHERE key_id = '{}' AND outcome = 'ALLOWED'",
+        key.key_id
+    ));
+    let allowed: Vec<i64> = sqlx::query_scalar(sql).fetch_all(&mut database).await.unwrap();
+    assert_eq!(allowed.iter().sum::<i64>(), 3);
+    let late: Vec<String> = sqlx::query_scalar("SELECT tenant_id FROM tenants WHERE tenant_id LIKE 'late-%'")
+        .fetch_all(&mut database)
+        .await
+        .unwrap();
+    assert_eq!(late.len(), 5);
+
+    // The logs are JSON lines, tell the story, and hold no key and no token.
+    let logs = std::fs::read_to_string(&log_path).unwrap();
+    for line in logs.lines().filter(|line| !line.trim().is_empty()) {
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|error| panic!("not JSON ({error}): {line}"));
+    }
+    for story in ["key created", "key rotated", "key revoked", "check denied", "shutting down", "keygate stopped"] {
+        assert!(logs.contains(story), "the logs never say {story:?}");
+    }
+    for secret_text in [&secret[8..], &rotated.secret[8..], ADMIN_TOKEN] {
+        assert!(!logs.contains(secret_text), "a secret reached the logs");
+    }
+}
