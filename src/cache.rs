@@ -273,6 +273,7 @@ impl DecisionCache {
             ChangeTarget::Key(hash) => self.invalidate_key(hash).await,
             ChangeTarget::Tenant(tenant_id) => self.invalidate_tenant(tenant_id).await,
             ChangeTarget::Site(site_id) => self.invalidate_site(site_id).await,
+            ChangeTarget::Unknown(_) => self.invalidate_all(),
         }
     }
 

@@ -32,19 +32,18 @@ impl Default for FeedSettings {
 const BATCH: i64 = 1000;
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
-/// Follows the feed until the task is aborted. Starts at the current head: this replica's
-/// cache is empty, so nothing older can be in it.
-pub async fn follow(core: Arc<Core>, settings: FeedSettings) {
+/// Where a replica starts following the feed: the current head, with a clean cache (Checks
+/// may have cached entries before the head was read, and a change committed in between would
+/// lie behind the starting point). Called before the server reports SERVING.
+pub async fn start(core: &Core) -> Result<i64, crate::store::StoreError> {
+    let head = core.store.feed_head().await?;
+    core.cache.invalidate_all();
+    Ok(head)
+}
+
+/// Follows the feed from `last_seen` until the task is aborted.
+pub async fn follow(core: Arc<Core>, settings: FeedSettings, mut last_seen: i64) {
     let (store, cache) = (&core.store, &core.cache);
-    let mut last_seen = loop {
-        match store.feed_head().await {
-            Ok(head) => break head,
-            Err(error) => {
-                debug!(%error, "change feed not readable yet");
-                tokio::time::sleep(settings.poll_interval).await;
-            }
-        }
-    };
     info!(from = last_seen, interval_ms = settings.poll_interval.as_millis() as u64, "following the change feed");
     let mut ticker = tokio::time::interval(settings.poll_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -55,10 +54,24 @@ pub async fn follow(core: Arc<Core>, settings: FeedSettings) {
         match catch_up(store, cache, last_seen).await {
             Ok(seen) => {
                 if failing {
-                    info!(last_seen = seen, "change feed readable again");
+                    // Changes made during the outage may have been pruned with no newer change
+                    // to show the hole: compare with the head.
+                    match store.feed_head().await {
+                        Ok(head) if head > seen => {
+                            warn!(
+                                last_seen = seen,
+                                head, "changes were pruned while the feed was unreadable: dropping the whole cache"
+                            );
+                            cache.invalidate_all();
+                            last_seen = head;
+                        }
+                        _ => last_seen = seen,
+                    }
+                    info!(last_seen, "change feed readable again");
+                } else {
+                    last_seen = seen;
                 }
                 failing = false;
-                last_seen = seen;
             }
             Err(error) => {
                 if !failing {

@@ -62,6 +62,20 @@ pub struct Limiter {
     counters: Mutex<HashMap<CountKey, Counter>>,
 }
 
+/// The earliest time at which the sliding window admits one more request, given this minute's
+/// and the previous minute's counts: later in this minute once enough of the previous minute
+/// has slid out, or else in the next minute once enough of this one has.
+fn retry_at(this_minute: DateTime<Utc>, current: f64, previous: f64, limit: f64) -> DateTime<Utc> {
+    let at = |minute_start: DateTime<Utc>, fraction: f64| {
+        minute_start + chrono::Duration::milliseconds((fraction.clamp(0.0, 1.0) * 60_000.0).ceil() as i64)
+    };
+    if current + 1.0 <= limit && previous > 0.0 {
+        return at(this_minute, 1.0 - (limit - 1.0 - current) / previous);
+    }
+    let fraction = if current > 0.0 { 1.0 - (limit - 1.0) / current } else { 0.0 };
+    at(this_minute + chrono::Duration::minutes(1), fraction)
+}
+
 fn minute(now: DateTime<Utc>) -> DateTime<Utc> {
     now.duration_trunc(chrono::Duration::minutes(1)).unwrap_or(now)
 }
@@ -92,20 +106,18 @@ impl Limiter {
         let mut counters = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let count = |subject: &str, window| counters.get(&count_key(subject, window)).map_or(0, Counter::estimate);
 
+        let next_minute = this_minute + chrono::Duration::minutes(1);
         let rate = (per_minute > 0).then(|| {
             // Sliding window: this minute's count plus the share of the previous minute's that
             // still lies within the last 60 seconds.
             let elapsed = (now - this_minute).num_milliseconds() as f64 / 60_000.0;
-            let used =
-                count(&key_subject, this_minute) as f64 + count(&key_subject, previous_minute) as f64 * (1.0 - elapsed);
-            (
-                used,
-                RateLimitState {
-                    limit: per_minute,
-                    remaining: 0,
-                    reset_at: this_minute + chrono::Duration::minutes(1),
-                },
-            )
+            let (current, previous) =
+                (count(&key_subject, this_minute) as f64, count(&key_subject, previous_minute) as f64);
+            let used = current + previous * (1.0 - elapsed);
+            let limit = f64::from(per_minute);
+            let reset_at =
+                if used + 1.0 > limit { retry_at(this_minute, current, previous, limit) } else { next_minute };
+            (used, RateLimitState { limit: per_minute, remaining: 0, reset_at })
         });
         let quota_state = (quota > 0).then(|| {
             let used = count(&tenant_subject, this_day) as f64;
@@ -140,11 +152,13 @@ impl Limiter {
             // are kept until their day is over).
             let oldest_minute = (minute(now) - chrono::Duration::minutes(1)).timestamp_micros();
             let today = day(now).timestamp_micros();
-            counters.retain(|key, counter| {
+            // Closed windows no longer affect any decision: their unwritten counts go too, so an
+            // outage cannot make the buffer grow without bound.
+            counters.retain(|key, _| {
                 let current = if key.subject.starts_with("tenant:") { today } else { oldest_minute };
-                counter.pending > 0 || key.window_start >= current
+                key.window_start >= current
             });
-            counters
+            let mut deltas: Vec<(CountKey, i64)> = counters
                 .iter_mut()
                 .filter(|(_, counter)| counter.pending > 0)
                 .map(|(key, counter)| {
@@ -152,7 +166,10 @@ impl Limiter {
                     counter.pending = 0;
                     (key.clone(), counter.flushing)
                 })
-                .collect()
+                .collect();
+            // Every replica writes rows in one order, so concurrent batches cannot deadlock.
+            deltas.sort();
+            deltas
         };
         let written = store.add_request_counts(&deltas).await;
         let tracked: Vec<CountKey> = {
@@ -177,5 +194,26 @@ impl Limiter {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use chrono::TimeZone;
+
+    use super::*;
+
+    #[test]
+    fn the_retry_time_is_when_the_window_has_slid_enough() {
+        let minute = Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0).unwrap();
+        let seconds = |s: i64| minute + chrono::Duration::seconds(s);
+        // Limit 10, 10 this minute: in the next minute the window holds 10 (1 - e), which admits
+        // one more at e = 0.1.
+        assert_eq!(retry_at(minute, 10.0, 0.0, 10.0), seconds(60 + 6));
+        // Limit 10, 4 this minute and 12 in the previous one: 4 + 12 (1 - e) + 1 <= 10 from
+        // e = 7/12, 35 s into this minute.
+        assert_eq!(retry_at(minute, 4.0, 12.0, 10.0), seconds(35));
+        // Limit 1: the one request must slide out entirely.
+        assert_eq!(retry_at(minute, 1.0, 0.0, 1.0), seconds(120));
     }
 }

@@ -16,6 +16,7 @@ use tracing::{info, info_span, warn};
 use crate::cache::DecisionCache;
 use crate::config::Config;
 use crate::domain::clock::{Clock, SystemClock};
+use crate::feed::FeedSettings;
 use crate::gateway::Gateway;
 use crate::grpc::{AuthorizeApi, BearerAuth, EnvoyAuthorizationApi, KeyAdminApi};
 use crate::limits::{LimitSettings, Limiter};
@@ -69,15 +70,21 @@ impl App {
         self.core.store.clone()
     }
 
+    /// The shared state of the services, for tests that look inside (lookup bounds, say).
+    pub fn core(&self) -> Arc<Core> {
+        self.core.clone()
+    }
+
     /// Serves until `shutdown` completes, then drains in-flight calls and closes the pool.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
         let store = self.core.store.clone();
-        let readiness = tokio::spawn(become_ready(store.clone(), health.clone()));
-        let follower = tokio::spawn(crate::feed::follow(self.core.clone(), self.config.feed.clone()));
-        let counting = tokio::spawn(share_counts(self.core.clone(), self.config.limits.clone()));
-        let recording = tokio::spawn(flush_usage(self.core.clone(), self.config.limits.usage_flush_interval));
+        let readiness = tokio::spawn(become_ready(self.core.clone(), health.clone(), self.config.feed.clone()));
+        let (stop_writers, writers_stop) = tokio::sync::watch::channel(false);
+        let counting = tokio::spawn(share_counts(self.core.clone(), self.config.limits.clone(), writers_stop.clone()));
+        let recording =
+            tokio::spawn(flush_usage(self.core.clone(), self.config.limits.usage_flush_interval, writers_stop));
 
         let reflection_v1 = reflection().build_v1()?;
         let reflection_v1alpha = reflection().build_v1alpha()?;
@@ -134,11 +141,12 @@ impl App {
             }
         };
         readiness.abort();
-        follower.abort();
-        counting.abort();
-        recording.abort();
-        // What is buffered is written before the pool closes.
+        // The writers finish the write they are in (never dropped halfway, which would lose
+        // what it had taken), then what is still buffered is written before the pool closes.
+        let _ = stop_writers.send(true);
         let finish = async {
+            let _ = counting.await;
+            let _ = recording.await;
             if let Err(error) = self.core.limiter.sync(&store, self.core.clock.now()).await {
                 warn!(%error, "could not share the last request counts");
             }
@@ -156,13 +164,16 @@ impl App {
 }
 
 /// Shares request counts every sync interval, and prunes old counters now and then.
-async fn share_counts(core: Arc<Core>, settings: LimitSettings) {
+async fn share_counts(core: Arc<Core>, settings: LimitSettings, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(settings.sync_interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_prune = tokio::time::Instant::now();
     let mut failing = false;
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
         match core.limiter.sync(&core.store, core.clock.now()).await {
             Ok(()) => failing = false,
             Err(error) if !failing => {
@@ -179,12 +190,15 @@ async fn share_counts(core: Arc<Core>, settings: LimitSettings) {
 }
 
 /// Writes last use, usage and denied-Check events every flush interval.
-async fn flush_usage(core: Arc<Core>, interval: Duration) {
+async fn flush_usage(core: Arc<Core>, interval: Duration, mut stop: tokio::sync::watch::Receiver<bool>) {
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut failing = false;
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stop.changed() => return,
+        }
         match core.usage.flush(&core.store).await {
             Ok(()) => failing = false,
             Err(error) if !failing => {
@@ -205,25 +219,30 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
         .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
 }
 
-/// Connects and migrates, retrying with backoff, then reports SERVING.
-async fn become_ready(store: Store, health: HealthReporter) {
+/// Connects and migrates, retrying with backoff; reads where to follow the change feed from;
+/// reports SERVING; then follows the feed.
+async fn become_ready(core: Arc<Core>, health: HealthReporter, feed: FeedSettings) {
     let mut delay = Duration::from_millis(200);
-    loop {
-        let ready = match store.migrate().await {
-            Ok(()) => store.ping().await,
+    let head = loop {
+        let ready = match core.store.migrate().await {
+            Ok(()) => match core.store.ping().await {
+                Ok(()) => crate::feed::start(&core).await,
+                Err(error) => Err(error),
+            },
             Err(error) => Err(error),
         };
         match ready {
-            Ok(()) => break,
+            Ok(head) => break head,
             Err(error) => {
                 warn!(%error, retry_in_ms = delay.as_millis() as u64, "store not ready");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(10));
             }
         }
-    }
+    };
     set_health(&health, ServingStatus::Serving).await;
     info!("store migrated and reachable: serving");
+    crate::feed::follow(core, feed, head).await;
 }
 
 async fn set_health(health: &HealthReporter, status: ServingStatus) {

@@ -12,11 +12,15 @@ use crate::domain::decision::DenyReason;
 use crate::domain::model::KeyRecord;
 use crate::store::{DenialKey, Store, StoreError, UsageKey};
 
+/// Most buffered entries of one kind (distinct key, day and outcome; or key, reason and minute).
+const MAX_PENDING: usize = 200_000;
+
 #[derive(Debug, Default)]
 struct Pending {
     usage: HashMap<UsageKey, i64>,
     last_used: HashMap<String, DateTime<Utc>>,
     denials: HashMap<DenialKey, i64>,
+    dropped: u64,
 }
 
 /// Buffers what Checks of known keys leave behind.
@@ -30,11 +34,20 @@ fn truncate(time: DateTime<Utc>, unit: chrono::Duration) -> DateTime<Utc> {
 }
 
 impl UsageRecorder {
-    /// Records one decided Check of `key` at `now`.
+    /// Records one decided Check of `key` at `now`. While the database cannot be written, at
+    /// most `MAX_PENDING` entries of each kind are kept; beyond that new ones are dropped (and
+    /// counted in the log) rather than growing memory without bound.
     pub fn record(&self, key: &KeyRecord, decision: Result<(), DenyReason>, now: DateTime<Utc>) {
         let day = truncate(now, chrono::Duration::days(1));
         let outcome = decision.err().map_or("ALLOWED", DenyReason::code);
         let mut pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if pending.usage.len() >= MAX_PENDING || pending.denials.len() >= MAX_PENDING {
+            pending.dropped += 1;
+            if pending.dropped.is_power_of_two() {
+                tracing::warn!(dropped = pending.dropped, "usage buffer full: records are being dropped");
+            }
+            return;
+        }
         *pending.usage.entry(UsageKey { key_id: key.key_id.clone(), day, outcome }).or_default() += 1;
         match decision {
             Ok(()) => {
@@ -57,9 +70,13 @@ impl UsageRecorder {
     /// merged back into what is pending, and the first error is returned.
     pub async fn flush(&self, store: &Store) -> Result<(), StoreError> {
         let taken = mem::take(&mut *self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
-        let usage: Vec<_> = taken.usage.into_iter().collect();
-        let last_used: Vec<_> = taken.last_used.into_iter().collect();
-        let denials: Vec<_> = taken.denials.into_iter().collect();
+        // Sorted, so that concurrent batches of several replicas lock rows in one order.
+        let mut usage: Vec<_> = taken.usage.into_iter().collect();
+        usage.sort();
+        let mut last_used: Vec<_> = taken.last_used.into_iter().collect();
+        last_used.sort();
+        let mut denials: Vec<_> = taken.denials.into_iter().collect();
+        denials.sort();
         let results = (
             store.add_usage(&usage).await,
             store.touch_last_used(&last_used).await,

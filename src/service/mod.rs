@@ -54,12 +54,24 @@ pub struct Core {
 pub struct LookupLimit {
     permits: tokio::sync::Semaphore,
     wait: std::time::Duration,
+    in_flight: std::sync::atomic::AtomicUsize,
+    peak: std::sync::atomic::AtomicUsize,
 }
 
 impl LookupLimit {
     /// At most `in_flight` lookups at once; a lookup waits at most `wait` for its turn.
     pub fn new(in_flight: usize, wait: std::time::Duration) -> Self {
-        Self { permits: tokio::sync::Semaphore::new(in_flight.max(1)), wait }
+        Self {
+            permits: tokio::sync::Semaphore::new(in_flight.max(1)),
+            wait,
+            in_flight: Default::default(),
+            peak: Default::default(),
+        }
+    }
+
+    /// The most lookups that ran at once so far.
+    pub fn peak(&self) -> usize {
+        self.peak.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Runs `lookup` when a slot is free; UNAVAILABLE when none frees up in time.
@@ -71,7 +83,11 @@ impl LookupLimit {
             .await
             .map_err(|_| StoreError::Unavailable("too many key lookups in flight".into()))?
             .map_err(|_| StoreError::Unavailable("lookups closed".into()))?;
+        use std::sync::atomic::Ordering;
+        let now_in_flight = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        self.peak.fetch_max(now_in_flight, Ordering::AcqRel);
         let result = lookup.await;
+        self.in_flight.fetch_sub(1, Ordering::AcqRel);
         drop(permit);
         result
     }

@@ -12,7 +12,7 @@ use crate::domain::key::new_key_id;
 
 /// Denied Checks of one key for one reason in one minute: one audit row, added to by every
 /// replica.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct DenialKey {
     pub tenant_id: String,
     pub key_id: String,
@@ -22,7 +22,7 @@ pub struct DenialKey {
 }
 
 /// Checks of one key in one UTC day with one outcome (`allowed` or a reason code).
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct UsageKey {
     pub key_id: String,
     pub day: DateTime<Utc>,
@@ -199,11 +199,16 @@ impl Store {
             .collect()
     }
 
-    /// Moves keys' `last_used_at` forward (never back), one statement per key, in one transaction.
+    /// Moves keys' `last_used_at` forward (never back), one statement per key, committed in
+    /// small chunks so that no key row stays locked for long (a RevokeKey may be waiting).
     pub async fn touch_last_used(&self, last_used: &[(String, DateTime<Utc>)]) -> StoreResult<()> {
-        if last_used.is_empty() {
-            return Ok(());
+        for chunk in last_used.chunks(25) {
+            self.touch_last_used_chunk(chunk).await?;
         }
+        Ok(())
+    }
+
+    async fn touch_last_used_chunk(&self, last_used: &[(String, DateTime<Utc>)]) -> StoreResult<()> {
         let mut tx = self.pool.begin().await?;
         for (key_id, at) in last_used {
             sqlx::query::<Any>(self.backend.sql(

@@ -43,24 +43,20 @@ impl Store {
         Ok(())
     }
 
-    /// The shared totals of `keys` (absent rows are zero and left out).
+    /// The shared totals of `keys` (absent rows are zero and left out), looked up by their
+    /// exact subject and window.
     pub async fn request_counts(&self, keys: &[CountKey]) -> StoreResult<Vec<(CountKey, i64)>> {
         let mut totals = Vec::new();
         for chunk in keys.chunks(CHUNK) {
-            let subjects = vec!["?"; chunk.len()].join(", ");
-            let oldest = chunk.iter().map(|key| key.window_start).min().unwrap_or_default();
-            let sql = format!(
-                "SELECT subject, window_start, count FROM request_counts WHERE window_start >= ? AND subject IN ({subjects})"
-            );
-            let mut query = sqlx::query::<Any>(self.backend.sql(sql)).bind(oldest);
+            let pairs = vec!["(subject = ? AND window_start = ?)"; chunk.len()].join(" OR ");
+            let sql = format!("SELECT subject, window_start, count FROM request_counts WHERE {pairs}");
+            let mut query = sqlx::query::<Any>(self.backend.sql(sql));
             for key in chunk {
-                query = query.bind(key.subject.clone());
+                query = query.bind(key.subject.clone()).bind(key.window_start);
             }
             for row in query.fetch_all(&self.pool).await? {
                 let key = CountKey { subject: row.try_get("subject")?, window_start: row.try_get("window_start")? };
-                if chunk.contains(&key) {
-                    totals.push((key, row.try_get("count")?));
-                }
+                totals.push((key, row.try_get("count")?));
             }
         }
         Ok(totals)

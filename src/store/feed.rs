@@ -13,6 +13,8 @@ pub enum ChangeTarget {
     Key(String),
     Tenant(String),
     Site(String),
+    /// A kind this version does not know (written by a newer replica): the whole cache must go.
+    Unknown(String),
 }
 
 impl ChangeTarget {
@@ -21,6 +23,7 @@ impl ChangeTarget {
             Self::Key(hash) => ("key", hash),
             Self::Tenant(tenant_id) => ("tenant", tenant_id),
             Self::Site(site_id) => ("site", site_id),
+            Self::Unknown(kind) => ("unknown", kind),
         }
     }
 }
@@ -104,7 +107,7 @@ impl Store {
                     "key" => ChangeTarget::Key(id),
                     "tenant" => ChangeTarget::Tenant(id),
                     "site" => ChangeTarget::Site(id),
-                    other => return Err(StoreError::Corrupt(format!("change kind {other:?}"))),
+                    other => ChangeTarget::Unknown(other.to_owned()),
                 };
                 let micros: i64 = row.try_get("created_at")?;
                 let created_at = DateTime::from_timestamp_micros(micros)

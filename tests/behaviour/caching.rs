@@ -101,6 +101,7 @@ async fn a_flood_of_unknown_keys_costs_one_lookup_each_and_cached_keys_keep_work
     for task in flood {
         task.await.unwrap();
     }
+    assert!(app.core.lookups.peak() <= 2, "at most 2 lookups ran at once, saw {}", app.core.lookups.peak());
     let lookups = app.store.query_count() - before;
     // One lookup per distinct unknown key, plus the one query of GetTenant.
     assert!(lookups <= unknown.len() as u64 + 1, "{lookups} queries for {} distinct unknown keys", unknown.len());

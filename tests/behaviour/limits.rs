@@ -40,8 +40,23 @@ async fn a_key_over_its_per_minute_limit_is_rate_limited_until_the_window_slides
         assert!(check(&app, &inherited, "events:read", "").await.allowed);
     }
     assert_eq!(check(&app, &inherited, "events:read", "").await.reason(), DenyReason::RateLimited);
-    // A denied request does not count; a minute later half the old window still weighs in, two
-    // minutes later none of it does.
+    // The window slides: 30 s into the next minute, half of the 5 still weigh in (2.5), so two
+    // more fit under 5 and a third does not; a fixed window would admit five.
+    use chrono::{DurationRound, Timelike};
+    use keygate::domain::clock::Clock;
+    let now = app.clock.now();
+    let minute = now.duration_trunc(chrono::Duration::minutes(1)).unwrap();
+    app.clock.advance(minute + chrono::Duration::seconds(90) - now);
+    assert_eq!(app.clock.now().second(), 30);
+    assert!(check(&app, &own, "events:read", "").await.allowed);
+    assert!(check(&app, &own, "events:read", "").await.allowed);
+    let denied = check(&app, &own, "events:read", "").await;
+    assert_eq!(denied.reason(), DenyReason::RateLimited);
+    // 2 this minute + 5 (1 - e) + 1 <= 5 from e = 0.6, 36 s into the minute: 6 s from now.
+    assert_eq!(
+        denied.rate_limit.unwrap().reset_at.unwrap().seconds,
+        (minute + chrono::Duration::seconds(96)).timestamp()
+    );
     app.clock.advance(chrono::Duration::minutes(2));
     assert!(check(&app, &own, "events:read", "").await.allowed);
 }

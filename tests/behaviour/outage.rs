@@ -88,6 +88,8 @@ async fn outage(backend: Backend) {
         "1",
         "--usage-sync-interval-ms",
         "100",
+        "--usage-flush-interval-ms",
+        "100",
     ];
     let variable = match backend {
         Backend::Postgres => "KEYGATE_TEST_POSTGRES_URL",
@@ -124,7 +126,8 @@ async fn outage(backend: Backend) {
     }
     app.admin.clone().get_tenant(GetTenantRequest { tenant_id: "acme".into() }).await.unwrap();
 
-    // The three allowed Checks of the limited key were counted, the outage's included.
+    // The three allowed Checks of the limited key were counted for its rate limit and its usage,
+    // the outage's included.
     let subject = format!("key:{}", cached_key.key_id);
     let started = Instant::now();
     loop {
@@ -133,7 +136,14 @@ async fn outage(backend: Backend) {
         let counts: Vec<i64> = sqlx::query_scalar(sql).fetch_all(&mut connection).await.unwrap();
         let _ = connection.close().await;
         let counted: i64 = counts.iter().sum();
-        if counted == 3 {
+        let sql = sqlx::AssertSqlSafe(format!(
+            "SELECT count FROM key_usage WHERE key_id = '{}' AND outcome = 'ALLOWED'",
+            cached_key.key_id
+        ));
+        let mut connection = sqlx::AnyConnection::connect(&direct_url).await.unwrap();
+        let used: Vec<i64> = sqlx::query_scalar(sql).fetch_all(&mut connection).await.unwrap();
+        let _ = connection.close().await;
+        if counted == 3 && used.iter().sum::<i64>() == 3 {
             break;
         }
         assert!(started.elapsed() < Duration::from_secs(10), "counted {counted} of 3 allowed Checks");

@@ -122,6 +122,7 @@ pub struct TestApp {
     pub admin: Admin,
     pub authorize: Authorizer,
     pub store: Store,
+    pub core: Arc<keygate::service::Core>,
     pub clock: Arc<ManualClock>,
     pub channel: Channel,
     /// The database this server uses; replicas share it.
@@ -211,6 +212,7 @@ async fn start(database_url: &str, flags: &[&str], clock: Arc<ManualClock>) -> T
     let app = App::bind_with_clock(config, clock.clone()).await.expect("bind");
     let address = app.local_addr();
     let store = app.store();
+    let core = app.core();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run(async move {
         let _ = stopped.await;
@@ -222,6 +224,7 @@ async fn start(database_url: &str, flags: &[&str], clock: Arc<ManualClock>) -> T
         admin: KeyAdminClient::with_interceptor(channel.clone(), WithToken(Some(ADMIN_TOKEN.to_owned()))),
         authorize: AuthorizeClient::with_interceptor(channel.clone(), WithToken(None)),
         store,
+        core,
         clock,
         channel,
         database_url: database_url.to_owned(),

@@ -111,6 +111,14 @@ async fn list_events(app: &TestApp, request: ListAuditEventsRequest) -> (Vec<Aud
 
 async fn the_audit_log_records_every_change_with_its_actor_and_aggregates_denials(backend: Backend) {
     let Some(app) = spawn_app_with(backend, &FLUSH_OFTEN).await else { return };
+    // Start just after a minute boundary, so that every event below falls into one minute.
+    {
+        use chrono::DurationRound;
+        use keygate::domain::clock::Clock;
+        let now = app.clock.now();
+        let next_minute = now.duration_trunc(chrono::Duration::minutes(1)).unwrap() + chrono::Duration::minutes(1);
+        app.clock.advance(next_minute + chrono::Duration::seconds(1) - now);
+    }
     let step = || app.clock.advance(chrono::Duration::seconds(1));
     put_tenant(&app, "globex").await;
     step();
