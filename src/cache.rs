@@ -61,6 +61,8 @@ enum Miss {
 
 /// One set of entries: found values, known absences, and the last invalidation of each id.
 struct Entries<V> {
+    /// The cache's name in metrics: `keys`, `tenants` or `sites`.
+    name: &'static str,
     found: Cache<String, Loaded<V>>,
     /// Reloads of expired entries under way, so concurrent Checks share one.
     refreshing: Cache<String, Loaded<V>>,
@@ -71,12 +73,22 @@ struct Entries<V> {
 }
 
 impl<V: Clone + Send + Sync + 'static> Entries<V> {
-    fn new(settings: &CacheSettings) -> Self {
+    fn new(name: &'static str, settings: &CacheSettings) -> Self {
         let kept = settings.ttl + settings.stale_window;
         let longest = kept.max(settings.negative_ttl) + Duration::from_secs(1);
+        let evicted = move |_: Arc<String>, _: Loaded<V>, cause: moka::notification::RemovalCause| {
+            if cause == moka::notification::RemovalCause::Size {
+                metrics::counter!("keygate_cache_evictions_total", "cache" => name).increment(1);
+            }
+        };
         Self {
+            name,
             // Found entries are kept through the stale window; `ttl` is enforced on read.
-            found: Cache::builder().max_capacity(settings.capacity).time_to_live(kept).build(),
+            found: Cache::builder()
+                .max_capacity(settings.capacity)
+                .time_to_live(kept)
+                .eviction_listener(evicted)
+                .build(),
             refreshing: Cache::builder().max_capacity(settings.capacity).time_to_live(Duration::from_secs(60)).build(),
             absent: Cache::builder()
                 .max_capacity((settings.capacity / 4).max(1_000))
@@ -115,9 +127,9 @@ pub struct DecisionCache {
 impl DecisionCache {
     pub fn new(settings: &CacheSettings) -> Self {
         Self {
-            keys: Entries::new(settings),
-            tenants: Entries::new(settings),
-            site_owners: Entries::new(settings),
+            keys: Entries::new("keys", settings),
+            tenants: Entries::new("tenants", settings),
+            site_owners: Entries::new("sites", settings),
             generation: AtomicU64::new(0),
             everything_invalidated_at: AtomicU64::new(0),
         }
@@ -166,6 +178,7 @@ impl DecisionCache {
                 if is_stale(loaded.generation).await {
                     entries.found.invalidate(id).await;
                 } else if loaded.loaded_at.elapsed() < entries.ttl {
+                    metrics::counter!("keygate_cache_hits_total", "cache" => entries.name).increment(1);
                     return Ok(Some(loaded.value));
                 } else {
                     return self.refresh(entries, id, loaded, &load).await;
@@ -173,10 +186,12 @@ impl DecisionCache {
             }
             if let Some(generation) = entries.absent.get(id).await {
                 if !is_stale(generation).await {
+                    metrics::counter!("keygate_cache_hits_total", "cache" => entries.name).increment(1);
                     return Ok(None);
                 }
                 entries.absent.invalidate(id).await;
             }
+            metrics::counter!("keygate_cache_misses_total", "cache" => entries.name).increment(1);
             let generation = self.generation.load(Ordering::Acquire);
             let loaded = entries
                 .found
@@ -256,6 +271,22 @@ impl DecisionCache {
         entries.invalidated.insert(id.to_owned(), generation).await;
         entries.found.invalidate(id).await;
         entries.absent.invalidate(id).await;
+    }
+
+    /// Entries held per cache (found and absent), once moka's pending bookkeeping is done.
+    pub async fn sizes(&self) -> [(&'static str, u64); 3] {
+        self.keys.found.run_pending_tasks().await;
+        self.keys.absent.run_pending_tasks().await;
+        self.tenants.found.run_pending_tasks().await;
+        self.tenants.absent.run_pending_tasks().await;
+        self.site_owners.found.run_pending_tasks().await;
+        self.site_owners.absent.run_pending_tasks().await;
+        let size = |found: u64, absent: u64| found + absent;
+        [
+            (self.keys.name, size(self.keys.found.entry_count(), self.keys.absent.entry_count())),
+            (self.tenants.name, size(self.tenants.found.entry_count(), self.tenants.absent.entry_count())),
+            (self.site_owners.name, size(self.site_owners.found.entry_count(), self.site_owners.absent.entry_count())),
+        ]
     }
 
     /// Drops everything, for a replica that may have missed changes.

@@ -131,6 +131,9 @@ pub struct ServeArgs {
     /// buffered and close the database pool.
     #[arg(long, env = "KEYGATE_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 25)]
     pub shutdown_timeout_seconds: u64,
+    /// Address of the Prometheus `/metrics` endpoint (plain HTTP); `off` disables it.
+    #[arg(long, env = "KEYGATE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    pub metrics_listen: String,
     /// Log format.
     #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -248,6 +251,8 @@ pub struct Config {
     pub max_lookups_in_flight: u32,
     pub limits: LimitSettings,
     pub shutdown_timeout: Duration,
+    /// Where `/metrics` is served; `None` when disabled.
+    pub metrics_listen: Option<SocketAddr>,
     pub log_format: LogFormat,
 }
 
@@ -312,6 +317,12 @@ impl Config {
                 limit => limit,
             },
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout_seconds.max(1)),
+            metrics_listen: match args.metrics_listen.as_str() {
+                "off" | "" => None,
+                address => {
+                    Some(address.parse().map_err(|_| format!("KEYGATE_METRICS_LISTEN: {address:?} is no address"))?)
+                }
+            },
             log_format: args.log_format,
         })
     }

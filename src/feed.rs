@@ -111,6 +111,8 @@ pub async fn catch_up(
                 cache.apply(&change.target).await;
             }
             let lag = Utc::now() - change.created_at;
+            metrics::histogram!("keygate_invalidation_lag_seconds")
+                .record(lag.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
             debug!(seq = change.seq, lag_ms = lag.num_milliseconds(), "applied a change from the feed");
             last_seen = change.seq;
         }

@@ -11,6 +11,7 @@ pub mod feed;
 pub mod gateway;
 pub mod grpc;
 pub mod limits;
+pub mod metrics;
 pub mod server;
 pub mod service;
 pub mod store;

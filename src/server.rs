@@ -34,6 +34,7 @@ const SERVICE_NAMES: [&str; 3] = ["keygate.v1.KeyAdmin", "keygate.v1.Authorize",
 /// A bound, not yet running keygate server.
 pub struct App {
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
     config: Config,
     core: Arc<Core>,
 }
@@ -49,6 +50,10 @@ impl App {
         let database = &config.database;
         let store = Store::connect_lazy(&database.url.0, database.max_connections, database.acquire_timeout)?;
         let listener = TcpListener::bind(config.listen).await?;
+        let metrics_listener = match config.metrics_listen {
+            Some(address) => Some(TcpListener::bind(address).await?),
+            None => None,
+        };
         let core = Arc::new(Core {
             store,
             cache: DecisionCache::new(&config.cache),
@@ -58,11 +63,16 @@ impl App {
             limiter: Limiter::default(),
             usage: UsageRecorder::default(),
         });
-        Ok(Self { listener, config, core })
+        Ok(Self { listener, metrics_listener, config, core })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or(self.config.listen)
+    }
+
+    /// Where `/metrics` is served, if it is.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_listener.as_ref().and_then(|listener| listener.local_addr().ok())
     }
 
     /// The store, for tests that count its queries.
@@ -106,10 +116,28 @@ impl App {
         let address = self.local_addr();
         info!(%address, backend = store.backend().name(), "keygate listening");
         let health_on_shutdown = health.clone();
+        let (stop_metrics, metrics_stop) = tokio::sync::watch::channel(false);
+        if let Some(listener) = self.metrics_listener {
+            let core = self.core.clone();
+            let refresh = move || {
+                let core = core.clone();
+                async move {
+                    for (cache, entries) in core.cache.sizes().await {
+                        metrics::gauge!("keygate_cache_entries", "cache" => cache).set(entries as f64);
+                    }
+                }
+            };
+            let mut stop = metrics_stop;
+            crate::metrics::handle();
+            tokio::spawn(crate::metrics::serve(listener, refresh, async move {
+                let _ = stop.changed().await;
+            }));
+        }
         let stopping = Arc::new(tokio::sync::Notify::new());
         let stop_signal = stopping.clone();
         let serving = Server::builder()
             .trace_fn(|request| info_span!("grpc", path = %request.uri().path()))
+            .layer(crate::metrics::GrpcMetricsLayer)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -158,6 +186,7 @@ impl App {
         if tokio::time::timeout_at(deadline_at, finish).await.is_err() {
             warn!("the shutdown deadline passed before buffered records were written");
         }
+        let _ = stop_metrics.send(true);
         info!("keygate stopped");
         Ok(result?)
     }

@@ -49,6 +49,17 @@ impl Authorizer {
     /// Decides one Check. A deny is `Ok` with a reason; `Err` only when the store cannot answer
     /// for a key that is not cached (fail closed).
     pub async fn check(&self, request: &CheckRequest) -> ServiceResult<CheckOutcome> {
+        let started = std::time::Instant::now();
+        let outcome = self.decide(request).await;
+        if let Ok(outcome) = &outcome {
+            let decision = outcome.decision.err().map_or("ALLOWED", DenyReason::code);
+            metrics::counter!("keygate_decisions_total", "decision" => decision).increment(1);
+        }
+        metrics::histogram!("keygate_check_duration_seconds").record(started.elapsed().as_secs_f64());
+        outcome
+    }
+
+    async fn decide(&self, request: &CheckRequest) -> ServiceResult<CheckOutcome> {
         let denied = |reason| CheckOutcome { decision: Err(reason), key: None, rate_limit: None };
         let secret = match ApiKeySecret::parse(&self.core.policy.prefix, &request.key) {
             Ok(secret) => secret,

@@ -86,7 +86,9 @@ impl LookupLimit {
         use std::sync::atomic::Ordering;
         let now_in_flight = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
         self.peak.fetch_max(now_in_flight, Ordering::AcqRel);
+        let started = std::time::Instant::now();
         let result = lookup.await;
+        metrics::histogram!("keygate_store_lookup_duration_seconds").record(started.elapsed().as_secs_f64());
         self.in_flight.fetch_sub(1, Ordering::AcqRel);
         drop(permit);
         result

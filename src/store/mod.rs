@@ -205,6 +205,7 @@ impl Store {
 
     fn counted(&self) {
         self.queries.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("keygate_store_queries_total").increment(1);
     }
 
     fn query(

@@ -11,6 +11,7 @@ mod gateway;
 mod isolation;
 mod keys;
 mod limits;
+mod observability;
 mod outage;
 mod process;
 mod replicas;

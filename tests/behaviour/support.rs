@@ -119,6 +119,8 @@ pub type Authorizer = AuthorizeClient<InterceptedService<Channel, WithToken>>;
 /// A running server and its clients. Stops the server when dropped.
 pub struct TestApp {
     pub address: std::net::SocketAddr,
+    /// Where the server serves `/metrics`.
+    pub metrics_address: std::net::SocketAddr,
     pub admin: Admin,
     pub authorize: Authorizer,
     pub store: Store,
@@ -205,12 +207,15 @@ async fn start(database_url: &str, flags: &[&str], clock: Arc<ManualClock>) -> T
         &admin_tokens,
         "--negative-cache-ttl-seconds",
         "60",
+        "--metrics-listen",
+        "127.0.0.1:0",
     ];
     args.extend_from_slice(flags);
     let cli = Cli::try_parse_from(args).expect("flags parse");
     let config = Config::from_args(&cli.serve).expect("valid config");
     let app = App::bind_with_clock(config, clock.clone()).await.expect("bind");
     let address = app.local_addr();
+    let metrics_address = app.metrics_addr().expect("metrics are served");
     let store = app.store();
     let core = app.core();
     let (stop, stopped) = oneshot::channel::<()>();
@@ -221,6 +226,7 @@ async fn start(database_url: &str, flags: &[&str], clock: Arc<ManualClock>) -> T
     wait_until_serving(channel.clone()).await;
     TestApp {
         address,
+        metrics_address,
         admin: KeyAdminClient::with_interceptor(channel.clone(), WithToken(Some(ADMIN_TOKEN.to_owned()))),
         authorize: AuthorizeClient::with_interceptor(channel.clone(), WithToken(None)),
         store,
