@@ -31,6 +31,10 @@ use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 /// The fully qualified names health reports on, besides the overall "".
 const SERVICE_NAMES: [&str; 3] = ["keygate.v1.KeyAdmin", "keygate.v1.Authorize", "envoy.service.auth.v3.Authorization"];
 
+/// The health service name that is SERVING as long as the process answers (for liveness
+/// probes; readiness uses "", which waits for the database).
+pub const LIVENESS_SERVICE: &str = "keygate.liveness";
+
 /// A bound, not yet running keygate server.
 pub struct App {
     listener: TcpListener,
@@ -89,6 +93,8 @@ impl App {
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
         let (health, health_service) = tonic_health::server::health_reporter();
         set_health(&health, ServingStatus::NotServing).await;
+        // For liveness probes: the process answers, whatever the database does.
+        health.set_service_status(LIVENESS_SERVICE, ServingStatus::Serving).await;
         let store = self.core.store.clone();
         let readiness = tokio::spawn(become_ready(self.core.clone(), health.clone(), self.config.feed.clone()));
         let (stop_writers, writers_stop) = tokio::sync::watch::channel(false);

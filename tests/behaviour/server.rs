@@ -47,6 +47,11 @@ async fn health_is_not_serving_and_calls_fail_closed_while_the_store_is_unreacha
     let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect_lazy();
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(health(channel.clone()).await.unwrap(), ServingStatus::NotServing);
+    let liveness = tonic_health::pb::health_client::HealthClient::new(channel.clone())
+        .check(tonic_health::pb::HealthCheckRequest { service: keygate::server::LIVENESS_SERVICE.into() })
+        .await
+        .unwrap();
+    assert_eq!(liveness.into_inner().status(), ServingStatus::Serving, "alive, though not ready");
 
     let mut admin = KeyAdminClient::with_interceptor(channel.clone(), WithTokenPublic::admin());
     let status = admin.get_tenant(GetTenantRequest { tenant_id: "acme".into() }).await.unwrap_err();
