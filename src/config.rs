@@ -131,6 +131,16 @@ pub struct ServeArgs {
     /// buffered and close the database pool.
     #[arg(long, env = "KEYGATE_SHUTDOWN_TIMEOUT_SECONDS", default_value_t = 25)]
     pub shutdown_timeout_seconds: u64,
+    /// PEM certificate chain for TLS on the gRPC listener; with --tls-key, the listener speaks
+    /// only TLS.
+    #[arg(long, env = "KEYGATE_TLS_CERT")]
+    pub tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "KEYGATE_TLS_KEY")]
+    pub tls_key: Option<std::path::PathBuf>,
+    /// PEM CA certificates: when set, clients must present a certificate signed by one (mTLS).
+    #[arg(long, env = "KEYGATE_TLS_CLIENT_CA")]
+    pub tls_client_ca: Option<std::path::PathBuf>,
     /// Address of the Prometheus `/metrics` endpoint (plain HTTP); `off` disables it.
     #[arg(long, env = "KEYGATE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     pub metrics_listen: String,
@@ -236,6 +246,41 @@ impl DatabaseConfig {
     }
 }
 
+/// The PEM files of the gRPC listener's TLS, read at startup. `Debug` hides the key.
+#[derive(Clone)]
+pub struct TlsFiles {
+    pub cert: Vec<u8>,
+    pub key: Vec<u8>,
+    /// CA certificates clients must chain to (mutual TLS); `None`: no client certificate asked.
+    pub client_ca: Option<Vec<u8>>,
+}
+
+impl fmt::Debug for TlsFiles {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "TlsFiles(key: [redacted], mutual: {})", self.client_ca.is_some())
+    }
+}
+
+impl TlsFiles {
+    fn load(args: &ServeArgs) -> Result<Option<Self>, String> {
+        let read = |variable: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|error| format!("{variable}: cannot read {}: {error}", path.display()))
+        };
+        match (&args.tls_cert, &args.tls_key) {
+            (None, None) if args.tls_client_ca.is_some() => {
+                Err("KEYGATE_TLS_CLIENT_CA needs KEYGATE_TLS_CERT and KEYGATE_TLS_KEY".into())
+            }
+            (None, None) => Ok(None),
+            (Some(cert), Some(key)) => Ok(Some(Self {
+                cert: read("KEYGATE_TLS_CERT", cert)?,
+                key: read("KEYGATE_TLS_KEY", key)?,
+                client_ca: args.tls_client_ca.as_deref().map(|ca| read("KEYGATE_TLS_CLIENT_CA", ca)).transpose()?,
+            })),
+            _ => Err("KEYGATE_TLS_CERT and KEYGATE_TLS_KEY go together".into()),
+        }
+    }
+}
+
 /// Everything `keygate serve` needs, validated.
 #[derive(Clone, Debug)]
 pub struct Config {
@@ -253,6 +298,8 @@ pub struct Config {
     pub shutdown_timeout: Duration,
     /// Where `/metrics` is served; `None` when disabled.
     pub metrics_listen: Option<SocketAddr>,
+    /// TLS for the gRPC listener; `None` serves plaintext.
+    pub tls: Option<TlsFiles>,
     pub log_format: LogFormat,
 }
 
@@ -317,6 +364,7 @@ impl Config {
                 limit => limit,
             },
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout_seconds.max(1)),
+            tls: TlsFiles::load(args)?,
             metrics_listen: match args.metrics_listen.as_str() {
                 "off" | "" => None,
                 address => {

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 use tracing::{info, info_span, warn};
@@ -141,7 +141,16 @@ impl App {
         }
         let stopping = Arc::new(tokio::sync::Notify::new());
         let stop_signal = stopping.clone();
-        let serving = Server::builder()
+        let mut builder = Server::builder();
+        if let Some(tls) = &self.config.tls {
+            let mut settings = ServerTlsConfig::new().identity(Identity::from_pem(tls.cert.clone(), tls.key.clone()));
+            if let Some(ca) = &tls.client_ca {
+                settings = settings.client_ca_root(Certificate::from_pem(ca.clone()));
+            }
+            builder = builder.tls_config(settings)?;
+            info!(mutual = tls.client_ca.is_some(), "TLS on the gRPC listener");
+        }
+        let serving = builder
             .trace_fn(|request| info_span!("grpc", path = %request.uri().path()))
             .layer(crate::metrics::GrpcMetricsLayer)
             .add_service(health_service)

@@ -18,5 +18,6 @@ mod replicas;
 mod rotation;
 mod server;
 mod tenants_and_sites;
+mod tls;
 mod usage;
 mod validation;
