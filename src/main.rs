@@ -12,11 +12,13 @@ async fn main() -> anyhow::Result<()> {
     match cli.command.unwrap_or(Command::Serve(Box::new(cli.serve))) {
         Command::Serve(args) => {
             let config = Config::from_args(&args).map_err(|error| anyhow!(error))?;
-            telemetry::init(config.log_format);
-            App::bind(config).await?.run(server::shutdown_signal()).await
+            let telemetry = telemetry::init(config.log_format);
+            let served = App::bind(config).await?.run(server::shutdown_signal()).await;
+            telemetry.shutdown();
+            served
         }
         Command::Migrate(args) => {
-            telemetry::init(LogFormat::Text);
+            let _telemetry = telemetry::init(LogFormat::Text);
             server::migrate(&DatabaseConfig::from_args(&args).map_err(|error| anyhow!(error))?).await
         }
         Command::GenToken => {

@@ -11,7 +11,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
-use tracing::{info, info_span, warn};
+use tracing::{info, warn};
 
 use crate::cache::DecisionCache;
 use crate::config::Config;
@@ -151,7 +151,7 @@ impl App {
             info!(mutual = tls.client_ca.is_some(), "TLS on the gRPC listener");
         }
         let serving = builder
-            .trace_fn(|request| info_span!("grpc", path = %request.uri().path()))
+            .trace_fn(crate::telemetry::request_span)
             .layer(crate::metrics::GrpcMetricsLayer)
             .add_service(health_service)
             .add_service(reflection_v1)

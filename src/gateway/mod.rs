@@ -83,6 +83,7 @@ impl Gateway {
         };
         let check = service::CheckRequest { key, scope, site_id };
         let outcome = self.authorizer.check(&check).await?;
+        crate::grpc::record_decision(&outcome);
         let allowed = response::Allowed {
             credentials: &credentials,
             strip_credentials: self.settings.strip_credentials,

@@ -1,6 +1,7 @@
 //! `keygate.v1.Authorize`: the decision API for backends.
 
 use tonic::{Request, Response, Status};
+use tracing::field::Empty;
 use tracing::instrument;
 
 use super::convert;
@@ -44,12 +45,13 @@ impl TryFrom<CheckRequest> for service::CheckRequest {
 
 #[tonic::async_trait]
 impl Authorize for AuthorizeApi {
-    #[instrument(name = "Authorize.Check", skip_all, fields(scope = tracing::field::Empty))]
+    #[instrument(name = "Authorize.Check", skip_all, fields(scope = Empty, reason = Empty, tenant_id = Empty, key_id = Empty))]
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         let request = service::CheckRequest::try_from(request.into_inner())?;
         let span = tracing::Span::current();
         span.record("scope", request.scope.as_str());
         let outcome = self.authorizer.check(&request).await?;
+        super::record_decision(&outcome);
         let site_id = request.site_id.as_deref().unwrap_or_default();
         Ok(Response::new(convert::check_response(&outcome, request.scope.as_str(), site_id)))
     }

@@ -2,6 +2,7 @@
 
 use envoy_types::ext_authz::v3::pb::{Authorization, CheckRequest, CheckResponse};
 use tonic::{Request, Response, Status};
+use tracing::field::Empty;
 use tracing::instrument;
 
 use crate::gateway::Gateway;
@@ -19,7 +20,7 @@ impl EnvoyAuthorizationApi {
 
 #[tonic::async_trait]
 impl Authorization for EnvoyAuthorizationApi {
-    #[instrument(name = "envoy.Authorization.Check", skip_all)]
+    #[instrument(name = "envoy.Authorization.Check", skip_all, fields(reason = Empty, tenant_id = Empty, key_id = Empty))]
     async fn check(&self, request: Request<CheckRequest>) -> Result<Response<CheckResponse>, Status> {
         Ok(Response::new(self.gateway.check(request.get_ref()).await?))
     }

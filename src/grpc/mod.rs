@@ -12,6 +12,16 @@ pub use auth::{BearerAuth, bearer_token};
 pub use authorize::AuthorizeApi;
 pub use envoy::EnvoyAuthorizationApi;
 
+/// Puts a Check's decision on the current span (never the key): reason, tenant and key id.
+pub(crate) fn record_decision(outcome: &crate::service::CheckOutcome) {
+    let span = tracing::Span::current();
+    span.record("reason", outcome.decision.err().map_or("ALLOWED", crate::domain::decision::DenyReason::code));
+    if let Some(key) = &outcome.key {
+        span.record("tenant_id", key.tenant_id.as_str());
+        span.record("key_id", key.key_id.as_str());
+    }
+}
+
 /// A request field for a log line before it is validated: escaped and cut to 64 characters, so
 /// hostile input can neither forge log lines nor flood them.
 pub(crate) struct Untrusted<'a>(pub &'a str);

@@ -19,5 +19,6 @@ mod rotation;
 mod server;
 mod tenants_and_sites;
 mod tls;
+mod traces;
 mod usage;
 mod validation;
