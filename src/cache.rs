@@ -59,6 +59,19 @@ enum Miss {
     Store(StoreError),
 }
 
+/// Reads an entry from the store, remembering the generation at which the read began.
+async fn load_entry<V, F, Fut>(load: &F, generation: u64) -> Result<Loaded<V>, Miss>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<Option<V>, StoreError>>,
+{
+    match load().await {
+        Ok(Some(value)) => Ok(Loaded { value, generation, loaded_at: Instant::now() }),
+        Ok(None) => Err(Miss::Absent),
+        Err(error) => Err(Miss::Store(error)),
+    }
+}
+
 /// One set of entries: found values, known absences, and the last invalidation of each id.
 struct Entries<V> {
     /// The cache's name in metrics: `keys`, `tenants` or `sites`.
@@ -193,16 +206,7 @@ impl DecisionCache {
             }
             metrics::counter!("keygate_cache_misses_total", "cache" => entries.name).increment(1);
             let generation = self.generation.load(Ordering::Acquire);
-            let loaded = entries
-                .found
-                .try_get_with_by_ref(id, async {
-                    match load().await {
-                        Ok(Some(value)) => Ok(Loaded { value, generation, loaded_at: Instant::now() }),
-                        Ok(None) => Err(Miss::Absent),
-                        Err(error) => Err(Miss::Store(error)),
-                    }
-                })
-                .await;
+            let loaded = entries.found.try_get_with_by_ref(id, load_entry(&load, generation)).await;
             match loaded {
                 Ok(loaded) if !is_stale(loaded.generation).await => return Ok(Some(loaded.value)),
                 Ok(_) => entries.found.invalidate(id).await,
@@ -234,16 +238,7 @@ impl DecisionCache {
         Fut: Future<Output = Result<Option<V>, StoreError>>,
     {
         let generation = self.generation.load(Ordering::Acquire);
-        let refreshed = entries
-            .refreshing
-            .try_get_with_by_ref(id, async {
-                match load().await {
-                    Ok(Some(value)) => Ok(Loaded { value, generation, loaded_at: Instant::now() }),
-                    Ok(None) => Err(Miss::Absent),
-                    Err(error) => Err(Miss::Store(error)),
-                }
-            })
-            .await;
+        let refreshed = entries.refreshing.try_get_with_by_ref(id, load_entry(load, generation)).await;
         entries.refreshing.invalidate(id).await;
         match refreshed {
             Ok(loaded) => {

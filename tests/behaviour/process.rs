@@ -10,16 +10,6 @@ use tonic::transport::Channel;
 
 use crate::support::*;
 
-/// Kills the child process if the test ends early, so no server outlives its test.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }

@@ -347,3 +347,13 @@ macro_rules! on_every_backend {
         }
     };
 }
+
+/// Kills a child process (the keygate binary) when the test ends, however it ends.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
