@@ -144,6 +144,10 @@ pub struct ServeArgs {
     /// Address of the Prometheus `/metrics` endpoint (plain HTTP); `off` disables it.
     #[arg(long, env = "KEYGATE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     pub metrics_listen: String,
+    /// Seconds a stopping server keeps accepting calls after it reports NOT_SERVING, so that
+    /// load balancers (Kubernetes endpoints, Envoy) stop routing to it first.
+    #[arg(long, env = "KEYGATE_SHUTDOWN_DRAIN_DELAY_SECONDS", default_value_t = 0)]
+    pub shutdown_drain_delay_seconds: u64,
     /// Log format.
     #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -296,6 +300,7 @@ pub struct Config {
     pub max_lookups_in_flight: u32,
     pub limits: LimitSettings,
     pub shutdown_timeout: Duration,
+    pub shutdown_drain_delay: Duration,
     /// Where `/metrics` is served; `None` when disabled.
     pub metrics_listen: Option<SocketAddr>,
     /// TLS for the gRPC listener; `None` serves plaintext.
@@ -364,6 +369,7 @@ impl Config {
                 limit => limit,
             },
             shutdown_timeout: Duration::from_secs(args.shutdown_timeout_seconds.max(1)),
+            shutdown_drain_delay: Duration::from_secs(args.shutdown_drain_delay_seconds),
             tls: TlsFiles::load(args)?,
             metrics_listen: match args.metrics_listen.as_str() {
                 "off" | "" => None,

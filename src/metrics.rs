@@ -93,6 +93,29 @@ where
     }
 }
 
+/// The services keygate serves; calls to anything else are labelled `unknown`, so that callers
+/// cannot create metric series at will.
+const SERVICES: [&str; 6] = [
+    "keygate.v1.KeyAdmin",
+    "keygate.v1.Authorize",
+    "envoy.service.auth.v3.Authorization",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// (service, method) labels of a request path, bounded to known services and short method names.
+fn known_call(path: &str) -> (&'static str, String) {
+    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or(("", ""));
+    match SERVICES.iter().find(|known| **known == service) {
+        Some(known) if (1..=40).contains(&method.len()) && method.bytes().all(|b| b.is_ascii_alphanumeric()) => {
+            (known, method.to_owned())
+        }
+        Some(known) => (known, "unknown".to_owned()),
+        None => ("unknown", "unknown".to_owned()),
+    }
+}
+
 /// A tower layer that counts and times every gRPC call by service, method and status code.
 #[derive(Clone, Copy, Debug, Default)]
 pub struct GrpcMetricsLayer;
@@ -125,9 +148,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
-        let path = request.uri().path().trim_start_matches('/');
-        let (service, method) = path.split_once('/').unwrap_or((path, ""));
-        let (service, method) = (service.to_owned(), method.to_owned());
+        let (service, method) = known_call(request.uri().path());
         let started = Instant::now();
         let call = self.inner.call(request);
         Box::pin(async move {
@@ -136,11 +157,24 @@ where
             // success puts it in the trailers, so a missing header means OK.
             let code = response.headers().get("grpc-status").and_then(|value| value.to_str().ok()).unwrap_or("0");
             let code = tonic::Code::from_bytes(code.as_bytes());
-            metrics::counter!("keygate_grpc_calls_total", "service" => service.clone(), "method" => method.clone(), "code" => format!("{code:?}"))
+            metrics::counter!("keygate_grpc_calls_total", "service" => service, "method" => method.clone(), "code" => format!("{code:?}"))
                 .increment(1);
             metrics::histogram!("keygate_grpc_call_duration_seconds", "service" => service, "method" => method)
                 .record(started.elapsed().as_secs_f64());
             Ok(response)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::known_call;
+
+    #[test]
+    fn metric_labels_are_bounded_to_known_calls() {
+        assert_eq!(known_call("/keygate.v1.KeyAdmin/CreateKey"), ("keygate.v1.KeyAdmin", "CreateKey".to_owned()));
+        assert_eq!(known_call("/attacker.Service/x"), ("unknown", "unknown".to_owned()));
+        assert_eq!(known_call("/keygate.v1.KeyAdmin/a-b"), ("keygate.v1.KeyAdmin", "unknown".to_owned()));
+        assert_eq!(known_call(&format!("/keygate.v1.Authorize/{}", "A".repeat(200))).1, "unknown");
     }
 }

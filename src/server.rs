@@ -122,6 +122,7 @@ impl App {
         let address = self.local_addr();
         info!(%address, backend = store.backend().name(), "keygate listening");
         let health_on_shutdown = health.clone();
+        let drain_delay = self.config.shutdown_drain_delay;
         let (stop_metrics, metrics_stop) = tokio::sync::watch::channel(false);
         if let Some(listener) = self.metrics_listener {
             let core = self.core.clone();
@@ -163,26 +164,34 @@ impl App {
                 shutdown.await;
                 stop_signal.notify_one();
                 set_health(&health_on_shutdown, ServingStatus::NotServing).await;
+                // Keep accepting while load balancers notice NOT_SERVING and stop routing here.
+                if !drain_delay.is_zero() {
+                    info!(delay_ms = drain_delay.as_millis() as u64, "shutting down: NOT_SERVING, still accepting");
+                    tokio::time::sleep(drain_delay).await;
+                }
                 info!("shutting down: draining in-flight calls");
             });
-        // Once shutdown begins, draining, flushing and closing share one deadline.
+        // Once shutdown begins, everything must be done within the deadline; the last part of it
+        // (a third, at most 5 s) is kept for writing buffers, however long draining takes.
         let deadline = self.config.shutdown_timeout;
-        let (result, deadline_at) = {
+        let flush_budget = (deadline / 3).min(Duration::from_secs(5));
+        let result = {
             tokio::pin!(serving);
             tokio::select! {
-                result = &mut serving => (result, tokio::time::Instant::now() + deadline),
+                result = &mut serving => result,
                 () = stopping.notified() => {
-                    let deadline_at = tokio::time::Instant::now() + deadline;
-                    match tokio::time::timeout_at(deadline_at, &mut serving).await {
-                        Ok(result) => (result, deadline_at),
+                    let drain_until = tokio::time::Instant::now() + deadline.saturating_sub(flush_budget);
+                    match tokio::time::timeout_at(drain_until, &mut serving).await {
+                        Ok(result) => result,
                         Err(_) => {
-                            warn!(deadline_seconds = deadline.as_secs(), "calls still in flight at the shutdown deadline: dropping them");
-                            (Ok(()), deadline_at)
+                            warn!(deadline_seconds = deadline.as_secs(), "calls still in flight at the drain deadline: dropping them");
+                            Ok(())
                         }
                     }
                 }
             }
         };
+        let deadline_at = tokio::time::Instant::now() + flush_budget;
         readiness.abort();
         // The writers finish the write they are in (never dropped halfway, which would lose
         // what it had taken), then what is still buffered is written before the pool closes.

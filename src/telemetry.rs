@@ -65,7 +65,10 @@ pub fn init(format: LogFormat) -> Telemetry {
                     SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource.build()).build();
                 let tracer = provider.tracer("keygate");
                 traces = Some(provider);
-                Some(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(filter()))
+                // Spans have their own filter: a quiet log level must not switch tracing off.
+                let spans = std::env::var("KEYGATE_TRACE_FILTER").unwrap_or_else(|_| "info".to_owned());
+                let spans = EnvFilter::try_new(spans).unwrap_or_else(|_| EnvFilter::new("info"));
+                Some(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(spans))
             }
             Err(error) => {
                 eprintln!("keygate: OTLP trace export is configured but cannot start: {error}");

@@ -27,6 +27,7 @@ async fn sigterm_finishes_calls_in_flight_writes_buffers_and_logs_no_secret() {
         .env("KEYGATE_ADMIN_TOKENS", format!("ops={ADMIN_TOKEN}"))
         .env("KEYGATE_LOG_FORMAT", "json")
         .env("KEYGATE_USAGE_FLUSH_INTERVAL_MS", "600000")
+        .env("KEYGATE_SHUTDOWN_DRAIN_DELAY_SECONDS", "1")
         .env("RUST_LOG", "debug")
         .stdout(Stdio::from(std::fs::File::create(&log_path).unwrap()))
         .stderr(Stdio::null())
@@ -80,6 +81,11 @@ async fn sigterm_finishes_calls_in_flight_writes_buffers_and_logs_no_secret() {
     let killed = Command::new("kill").args(["-TERM", &child.0.id().to_string()]).status().unwrap();
     assert!(killed.success());
     tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        health(channel.clone()).await.unwrap(),
+        tonic_health::pb::health_check_response::ServingStatus::NotServing,
+        "right after SIGTERM health says NOT_SERVING while calls are still accepted"
+    );
     assert!(child.0.try_wait().unwrap().is_none(), "keygate waits for the calls in flight");
     sqlx::raw_sql("COMMIT").execute(&mut blocker).await.unwrap();
     blocker.close().await.unwrap();
@@ -104,6 +110,19 @@ async fn sigterm_finishes_calls_in_flight_writes_buffers_and_logs_no_secret() {
     ));
     let allowed: Vec<i64> = sqlx::query_scalar(sql).fetch_all(&mut database).await.unwrap();
     assert_eq!(allowed.iter().sum::<i64>(), 3);
+    let used: Vec<Option<i64>> = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+        "SELECT last_used_at FROM api_keys WHERE key_id = '{}'",
+        key.key_id
+    )))
+    .fetch_all(&mut database)
+    .await
+    .unwrap();
+    assert!(used[0].is_some(), "the buffered last use was written");
+    let denials: Vec<i64> = sqlx::query_scalar("SELECT count FROM audit_events WHERE event_type = 'CHECK_DENIED'")
+        .fetch_all(&mut database)
+        .await
+        .unwrap();
+    assert!(denials.iter().sum::<i64>() >= 2, "the buffered denied Checks were written");
     let late: Vec<String> = sqlx::query_scalar("SELECT tenant_id FROM tenants WHERE tenant_id LIKE 'late-%'")
         .fetch_all(&mut database)
         .await
