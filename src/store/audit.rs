@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Any, Row, Transaction};
 
 use super::rows::{micros, to_json};
-use super::{Store, StoreError, StoreResult};
+use super::{Column, Store, StoreError, StoreResult};
 use crate::domain::audit::{AuditEntry, AuditEvent, AuditEventType, AuditFilter};
 use crate::domain::key::new_key_id;
 
@@ -29,7 +29,6 @@ pub struct UsageKey {
     pub outcome: &'static str,
 }
 
-const CHUNK: usize = 100;
 const EVENT_COLUMNS: &str = "event_id, tenant_id, key_id, event_type, actor, details, occurred_at, count";
 
 impl Store {
@@ -59,31 +58,24 @@ impl Store {
 
     /// Adds aggregated denied Checks to the audit log, in one transaction.
     pub async fn add_check_denials(&self, denials: &[(DenialKey, i64)]) -> StoreResult<()> {
-        if denials.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await?;
-        for chunk in denials.chunks(CHUNK) {
-            let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
-            let sql = self.backend.insert_adding_counts("audit_events", EVENT_COLUMNS, "event_id", &rows);
-            let mut query = sqlx::query::<Any>(self.backend.sql(sql));
-            for (denial, count) in chunk {
+        let text = |value: &str| Column::Text(Some(value.to_owned()));
+        let rows = denials
+            .iter()
+            .map(|(denial, count)| {
                 let minute = micros(denial.minute);
-                let details = BTreeMap::from([("reason", denial.reason)]);
-                query = query
-                    .bind(format!("deny_{}_{}_{minute}", denial.key_id, denial.reason))
-                    .bind(denial.tenant_id.clone())
-                    .bind(denial.key_id.clone())
-                    .bind(AuditEventType::CheckDenied.as_str())
-                    .bind("")
-                    .bind(to_json(&details))
-                    .bind(minute)
-                    .bind(*count);
-            }
-            query.execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+                vec![
+                    text(&format!("deny_{}_{}_{minute}", denial.key_id, denial.reason)),
+                    text(&denial.tenant_id),
+                    text(&denial.key_id),
+                    text(AuditEventType::CheckDenied.as_str()),
+                    text(""),
+                    text(&to_json(&BTreeMap::from([("reason", denial.reason)]))),
+                    Column::Integer(Some(minute)),
+                    Column::Integer(Some(*count)),
+                ]
+            })
+            .collect();
+        self.add_counts("audit_events", EVENT_COLUMNS, "event_id", rows).await
     }
 
     /// One page of a tenant's audit log, oldest first, after the event `after` (its time and id).
@@ -153,26 +145,18 @@ impl Store {
 
     /// Adds Check counts to the daily usage of keys, in one transaction.
     pub async fn add_usage(&self, usage: &[(UsageKey, i64)]) -> StoreResult<()> {
-        if usage.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await?;
-        for chunk in usage.chunks(CHUNK) {
-            let rows = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
-            let sql = self.backend.insert_adding_counts(
-                "key_usage",
-                "key_id, day, outcome, count",
-                "key_id, day, outcome",
-                &rows,
-            );
-            let mut query = sqlx::query::<Any>(self.backend.sql(sql));
-            for (key, count) in chunk {
-                query = query.bind(key.key_id.clone()).bind(micros(key.day)).bind(key.outcome).bind(*count);
-            }
-            query.execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        let rows = usage
+            .iter()
+            .map(|(key, count)| {
+                vec![
+                    Column::Text(Some(key.key_id.clone())),
+                    Column::Integer(Some(micros(key.day))),
+                    Column::Text(Some(key.outcome.to_owned())),
+                    Column::Integer(Some(*count)),
+                ]
+            })
+            .collect();
+        self.add_counts("key_usage", "key_id, day, outcome, count", "key_id, day, outcome", rows).await
     }
 
     /// A key's daily usage rows between two UTC day starts, inclusive: (day, outcome, count).

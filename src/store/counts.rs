@@ -4,7 +4,7 @@ use chrono::{DateTime, Utc};
 use sqlx::{Any, Row};
 
 use super::rows::micros;
-use super::{Store, StoreResult};
+use super::{Column, Store, StoreResult};
 
 /// A count for one subject (`key:<id>` or `tenant:<id>`) in one window.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -18,29 +18,19 @@ pub struct CountKey {
 const CHUNK: usize = 200;
 
 impl Store {
-    /// Adds `deltas` to the shared counters, in one transaction. Not counted in
-    /// [`query_count`](Store::query_count): it is background work, not work for a call.
+    /// Adds `deltas` to the shared counters, in one transaction.
     pub async fn add_request_counts(&self, deltas: &[(CountKey, i64)]) -> StoreResult<()> {
-        if deltas.is_empty() {
-            return Ok(());
-        }
-        let mut tx = self.pool.begin().await?;
-        for chunk in deltas.chunks(CHUNK) {
-            let rows = vec!["(?, ?, ?)"; chunk.len()].join(", ");
-            let sql = self.backend.insert_adding_counts(
-                "request_counts",
-                "subject, window_start, count",
-                "subject, window_start",
-                &rows,
-            );
-            let mut query = sqlx::query::<Any>(self.backend.sql(sql));
-            for (key, delta) in chunk {
-                query = query.bind(key.subject.clone()).bind(key.window_start).bind(*delta);
-            }
-            query.execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        let rows = deltas
+            .iter()
+            .map(|(key, delta)| {
+                vec![
+                    Column::Text(Some(key.subject.clone())),
+                    Column::Integer(Some(key.window_start)),
+                    Column::Integer(Some(*delta)),
+                ]
+            })
+            .collect();
+        self.add_counts("request_counts", "subject, window_start, count", "subject, window_start", rows).await
     }
 
     /// The shared totals of `keys` (absent rows are zero and left out), looked up by their

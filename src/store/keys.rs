@@ -6,7 +6,7 @@ use sqlx::{Any, Transaction};
 
 use super::rows::{key_from_row, micros, to_json};
 use super::{
-    ChangeTarget, InsertKeyOutcome, KEY_COLUMNS, KeyEnd, KeyFilter, KeyWrite, RotateOutcome, Store, StoreResult,
+    ChangeTarget, Column, InsertKeyOutcome, KEY_COLUMNS, KeyEnd, KeyFilter, KeyWrite, RotateOutcome, Store, StoreResult,
 };
 use crate::domain::audit::AuditEntry;
 use crate::domain::model::{KeyPatch, KeyRecord, KeyState};
@@ -177,10 +177,7 @@ impl Store {
             );
             let mut query = self.query(sql);
             for (_, value) in assignments {
-                query = match value {
-                    Column::Text(text) => query.bind(text),
-                    Column::Integer(number) => query.bind(number),
-                };
+                query = value.bind_to(query);
             }
             let updated = query.bind(key_id.to_owned()).bind(tenant_id.to_owned()).execute(&mut *tx).await?;
             if updated.rows_affected() == 0 {
@@ -290,10 +287,4 @@ impl Store {
         self.commit_with_change(tx, &ChangeTarget::Key(old.key_hash.clone()), successor.created_at).await?;
         Ok(RotateOutcome::Rotated)
     }
-}
-
-/// A value for one column of a dynamic UPDATE.
-enum Column {
-    Text(Option<String>),
-    Integer(Option<i64>),
 }

@@ -217,6 +217,54 @@ impl Store {
     }
 }
 
+/// A value for one column of a statement built at run time.
+pub(super) enum Column {
+    Text(Option<String>),
+    Integer(Option<i64>),
+}
+
+type AnyQuery = sqlx::query::Query<'static, Any, sqlx::any::AnyArguments>;
+
+impl Column {
+    fn bind_to(self, query: AnyQuery) -> AnyQuery {
+        match self {
+            Self::Text(text) => query.bind(text),
+            Self::Integer(number) => query.bind(number),
+        }
+    }
+}
+
+impl Store {
+    /// Inserts `rows` (values for `columns`, the last one `count`) into `table`, adding `count`
+    /// to the row with the same `key` where there is one. In chunks, in one transaction. Not
+    /// counted in [`query_count`](Store::query_count): it is background work.
+    pub(super) async fn add_counts(
+        &self,
+        table: &str,
+        columns: &str,
+        key: &str,
+        rows: Vec<Vec<Column>>,
+    ) -> StoreResult<()> {
+        const CHUNK: usize = 100;
+        let Some(width) = rows.first().map(Vec::len) else { return Ok(()) };
+        let placeholders = format!("({})", vec!["?"; width].join(", "));
+        let mut tx = self.pool.begin().await?;
+        let mut rows = rows.into_iter().peekable();
+        while rows.peek().is_some() {
+            let chunk: Vec<Vec<Column>> = rows.by_ref().take(CHUNK).collect();
+            let values = vec![placeholders.as_str(); chunk.len()].join(", ");
+            let mut query =
+                sqlx::query::<Any>(self.backend.sql(self.backend.insert_adding_counts(table, columns, key, &values)));
+            for value in chunk.into_iter().flatten() {
+                query = value.bind_to(query);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
 /// How RotateKey ends the old key.
 #[derive(Clone, Copy, Debug)]
 pub enum KeyEnd {
