@@ -131,16 +131,22 @@ mod tests {
     use crate::domain::audit::{AuditEntry, AuditEventType};
     use crate::domain::model::TenantChanges;
 
+    /// A migrated SQLite store in a directory that lives as long as the returned guard.
+    async fn migrated_store() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("feed.db").display());
+        let store = Store::connect_lazy(&url, 2, Duration::from_secs(5)).unwrap();
+        store.migrate().await.unwrap();
+        (dir, store)
+    }
+
     fn audit(tenant_id: &str) -> AuditEntry {
         AuditEntry::new(AuditEventType::TenantPut, "tests", tenant_id)
     }
 
     #[tokio::test]
     async fn a_replica_that_missed_pruned_changes_drops_its_whole_cache() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("feed.db").display());
-        let store = Store::connect_lazy(&url, 2, Duration::from_secs(5)).unwrap();
-        store.migrate().await.unwrap();
+        let (_dir, store) = migrated_store().await;
         let cache = DecisionCache::new(&CacheSettings::default());
         let now = Utc::now();
         store.put_tenant("acme", &TenantChanges::default(), now, &audit("acme")).await.unwrap();
@@ -177,10 +183,7 @@ mod tests {
 
     #[tokio::test]
     async fn catching_up_applies_changes_in_order_and_resumes_where_it_stopped() {
-        let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("feed.db").display());
-        let store = Store::connect_lazy(&url, 2, Duration::from_secs(5)).unwrap();
-        store.migrate().await.unwrap();
+        let (_dir, store) = migrated_store().await;
         let cache = DecisionCache::new(&CacheSettings::default());
         let start = store.feed_head().await.unwrap();
         for tenant in ["a", "b", "c"] {
