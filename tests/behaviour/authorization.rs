@@ -3,10 +3,15 @@
 use keygate::proto::*;
 use tonic::Code;
 
-use crate::on_every_backend;
 use crate::support::*;
 
-on_every_backend!(key_admin_requires_a_configured_admin_token, authorize_requires_a_caller_token_when_configured);
+crate::trials!(
+    every_backend: [
+        key_admin_requires_a_configured_admin_token,
+        authorize_requires_a_caller_token_when_configured,
+    ],
+    once: [],
+);
 
 async fn key_admin_requires_a_configured_admin_token(backend: Backend) {
     let Some(app) = spawn_app(backend).await else { return };

@@ -2,14 +2,16 @@
 //! and concurrent misses for one key make one query.
 
 use crate::checks::well_formed_unknown_key;
-use crate::on_every_backend;
 use crate::support::*;
 
-on_every_backend!(
-    a_repeated_check_is_served_from_the_cache,
-    an_unknown_key_is_looked_up_once,
-    concurrent_checks_of_an_uncached_key_make_one_lookup,
-    a_flood_of_unknown_keys_costs_one_lookup_each_and_cached_keys_keep_working,
+crate::trials!(
+    every_backend: [
+        a_repeated_check_is_served_from_the_cache,
+        an_unknown_key_is_looked_up_once,
+        concurrent_checks_of_an_uncached_key_make_one_lookup,
+        a_flood_of_unknown_keys_costs_one_lookup_each_and_cached_keys_keep_working,
+    ],
+    once: [],
 );
 
 async fn a_repeated_check_is_served_from_the_cache(backend: Backend) {

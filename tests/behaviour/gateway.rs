@@ -6,6 +6,21 @@ use crate::checks::well_formed_unknown_key;
 use crate::envoy_support::*;
 use crate::support::*;
 
+crate::trials!(
+    every_backend: [],
+    once: [
+        a_good_key_reaches_the_upstream_with_tenant_headers_and_without_the_credential,
+        every_deny_reason_has_its_status_body_and_headers,
+        the_site_comes_from_the_path_a_header_the_query_or_the_route,
+        path_and_query_tricks_do_not_change_the_site_that_was_checked,
+        no_credential_reaches_the_upstream_however_it_is_spelled,
+        a_revoked_key_is_denied_on_the_very_next_request,
+        rate_limits_reach_the_client_as_headers_and_429s_and_health_skips_keygate,
+        with_keygate_stopped_envoy_fails_closed,
+    ],
+    current_thread: [no_key_or_header_value_reaches_a_log_line],
+);
+
 /// keygate with a tenant, two sites and an upstream, behind Envoy.
 struct Stack {
     app: TestApp,
@@ -47,7 +62,6 @@ fn assert_http_denied(response: &HttpResponse, status: u16, code: &str, message:
     assert_eq!(response.headers.contains_key("www-authenticate"), status == 401, "{response:?}");
 }
 
-#[tokio::test]
 async fn a_good_key_reaches_the_upstream_with_tenant_headers_and_without_the_credential() {
     let Some(stack) = stack().await else { return };
     let (key, secret) = stack.key(&["account:read", "stats:read"], &[]).await;
@@ -76,7 +90,6 @@ async fn a_good_key_reaches_the_upstream_with_tenant_headers_and_without_the_cre
     }
 }
 
-#[tokio::test]
 async fn every_deny_reason_has_its_status_body_and_headers() {
     let Some(stack) = stack().await else { return };
     let (_, reader) = stack.key(&["account:read"], &[]).await;
@@ -113,7 +126,6 @@ async fn every_deny_reason_has_its_status_body_and_headers() {
     assert_http_denied(&response, 402, "PLAN_REQUIRED", "API key access is not included in this plan");
 }
 
-#[tokio::test]
 async fn the_site_comes_from_the_path_a_header_the_query_or_the_route() {
     let Some(stack) = stack().await else { return };
     let (_, shop_only) = stack.key(&["stats:read", "events:write"], &["shop.example"]).await;
@@ -149,7 +161,6 @@ async fn the_site_comes_from_the_path_a_header_the_query_or_the_route() {
     );
 }
 
-#[tokio::test]
 async fn path_and_query_tricks_do_not_change_the_site_that_was_checked() {
     let Some(stack) = stack().await else { return };
     let (_, shop_only) = stack.key(&["stats:read", "account:read"], &["shop.example"]).await;
@@ -171,7 +182,6 @@ async fn path_and_query_tricks_do_not_change_the_site_that_was_checked() {
     assert_ne!(escaped.status, 200, "{escaped:?}");
 }
 
-#[tokio::test]
 async fn no_credential_reaches_the_upstream_however_it_is_spelled() {
     let Some(stack) = stack().await else { return };
     let (_, secret) = stack.key(&["account:read"], &[]).await;
@@ -199,7 +209,6 @@ async fn no_credential_reaches_the_upstream_however_it_is_spelled() {
     );
 }
 
-#[tokio::test]
 async fn a_revoked_key_is_denied_on_the_very_next_request() {
     let Some(stack) = stack().await else { return };
     let (key, secret) = stack.key(&["account:read"], &[]).await;
@@ -210,7 +219,6 @@ async fn a_revoked_key_is_denied_on_the_very_next_request() {
     assert_http_denied(&response, 401, "KEY_REVOKED", "Invalid API key");
 }
 
-#[tokio::test]
 async fn rate_limits_reach_the_client_as_headers_and_429s_and_health_skips_keygate() {
     let Some(stack) = stack().await else { return };
     let mut request = key_request("acme", &["account:read"]);
@@ -245,7 +253,6 @@ async fn rate_limits_reach_the_client_as_headers_and_429s_and_health_skips_keyga
     assert!(response.headers.contains_key("retry-after"));
 }
 
-#[tokio::test]
 async fn with_keygate_stopped_envoy_fails_closed() {
     let Some(stack) = stack().await else { return };
     let (_, secret) = stack.key(&["account:read"], &[]).await;
@@ -274,7 +281,6 @@ impl std::io::Write for CapturedLogs {
     }
 }
 
-#[tokio::test]
 async fn no_key_or_header_value_reaches_a_log_line() {
     let logs = CapturedLogs::default();
     let writer = logs.clone();

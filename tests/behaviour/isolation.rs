@@ -4,10 +4,14 @@ use keygate::proto::*;
 use prost_types::FieldMask;
 use tonic::Code;
 
-use crate::on_every_backend;
 use crate::support::*;
 
-on_every_backend!(tenants_cannot_see_or_touch_each_others_keys_and_sites);
+crate::trials!(
+    every_backend: [
+        tenants_cannot_see_or_touch_each_others_keys_and_sites,
+    ],
+    once: [],
+);
 
 async fn tenants_cannot_see_or_touch_each_others_keys_and_sites(backend: Backend) {
     let Some(app) = spawn_app(backend).await else { return };

@@ -6,22 +6,24 @@ use keygate::proto::*;
 use prost_types::{Duration, FieldMask, Timestamp};
 use tonic::Code;
 
-use crate::on_every_backend;
 use crate::support::*;
 
-on_every_backend!(
-    a_created_key_has_the_documented_format_and_is_shown_once,
-    create_key_keeps_every_setting,
-    expires_in_and_expires_at_set_the_expiry,
-    the_active_key_limit_holds_under_concurrent_creates,
-    revoked_and_expired_keys_do_not_count_against_the_limit,
-    create_key_is_refused_when_the_plan_has_no_api_access,
-    list_keys_pages_through_250_keys,
-    list_keys_filters_revoked_keys_and_sites,
-    update_key_changes_only_the_masked_fields,
-    update_key_refuses_keys_that_are_not_active_and_unknown_fields,
-    concurrent_updates_of_different_fields_all_land,
-    revoke_key_is_immediate_and_idempotent,
+crate::trials!(
+    every_backend: [
+        a_created_key_has_the_documented_format_and_is_shown_once,
+        create_key_keeps_every_setting,
+        expires_in_and_expires_at_set_the_expiry,
+        the_active_key_limit_holds_under_concurrent_creates,
+        revoked_and_expired_keys_do_not_count_against_the_limit,
+        create_key_is_refused_when_the_plan_has_no_api_access,
+        list_keys_pages_through_250_keys,
+        list_keys_filters_revoked_keys_and_sites,
+        update_key_changes_only_the_masked_fields,
+        update_key_refuses_keys_that_are_not_active_and_unknown_fields,
+        concurrent_updates_of_different_fields_all_land,
+        revoke_key_is_immediate_and_idempotent,
+    ],
+    once: [],
 );
 
 async fn a_created_key_has_the_documented_format_and_is_shown_once(backend: Backend) {

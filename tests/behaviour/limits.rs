@@ -4,13 +4,15 @@ use std::time::Duration;
 
 use keygate::proto::*;
 
-use crate::on_every_backend;
 use crate::support::*;
 
-on_every_backend!(
-    a_key_over_its_per_minute_limit_is_rate_limited_until_the_window_slides,
-    a_tenant_over_its_daily_quota_is_denied_until_the_next_day,
-    two_replicas_share_a_limit_within_the_documented_bound,
+crate::trials!(
+    every_backend: [
+        a_key_over_its_per_minute_limit_is_rate_limited_until_the_window_slides,
+        a_tenant_over_its_daily_quota_is_denied_until_the_next_day,
+        two_replicas_share_a_limit_within_the_documented_bound,
+    ],
+    once: [],
 );
 
 async fn a_key_over_its_per_minute_limit_is_rate_limited_until_the_window_slides(backend: Backend) {

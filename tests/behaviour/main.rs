@@ -1,7 +1,9 @@
 //! keygate's behaviour suite: black-box tests against a real server, run on SQLite always and on
-//! PostgreSQL and MySQL when `KEYGATE_TEST_POSTGRES_URL` / `KEYGATE_TEST_MYSQL_URL` are set.
+//! PostgreSQL and MySQL when `KEYGATE_TEST_POSTGRES_URL` / `KEYGATE_TEST_MYSQL_URL` are set. A test
+//! that cannot run here reports as ignored with its reason (see `harness`).
 
 mod envoy_support;
+mod harness;
 mod support;
 
 mod authorization;
@@ -22,3 +24,31 @@ mod tls;
 mod traces;
 mod usage;
 mod validation;
+
+fn main() -> std::process::ExitCode {
+    let arguments = libtest_mimic::Arguments::from_args();
+    let trials: Vec<libtest_mimic::Trial> = [
+        authorization::trials(),
+        caching::trials(),
+        checks::trials(),
+        gateway::trials(),
+        isolation::trials(),
+        keys::trials(),
+        limits::trials(),
+        observability::trials(),
+        outage::trials(),
+        process::trials(),
+        replicas::trials(),
+        rotation::trials(),
+        server::trials(),
+        tenants_and_sites::trials(),
+        tls::trials(),
+        traces::trials(),
+        usage::trials(),
+        validation::trials(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    libtest_mimic::run(&arguments, trials).exit_code()
+}

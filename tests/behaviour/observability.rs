@@ -5,6 +5,13 @@ use keygate::proto::*;
 use crate::envoy_support::get;
 use crate::support::*;
 
+crate::trials!(
+    every_backend: [],
+    once: [
+        metrics_count_decisions_cache_store_admin_calls_and_invalidation_lag,
+    ],
+);
+
 /// The metrics of one scrape: every sample line as (name with labels, value).
 struct Scrape(Vec<(String, f64)>);
 
@@ -35,7 +42,6 @@ impl Scrape {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_decisions_cache_store_admin_calls_and_invalidation_lag() {
     let app = spawn_app(Backend::Sqlite).await.unwrap();
     let replica = spawn_replica(&app, &[]).await;

@@ -17,6 +17,14 @@ use tonic::Code;
 
 use crate::support::*;
 
+crate::trials!(
+    every_backend: [],
+    once: [
+        postgres_outage_serves_cached_keys_fails_closed_and_recovers,
+        mysql_outage_serves_cached_keys_fails_closed_and_recovers,
+    ],
+);
+
 /// Forwards TCP connections to `target` until cut; refuses them while cut.
 struct Proxy {
     address: SocketAddr,
@@ -68,12 +76,10 @@ fn host_port(url: &str) -> String {
     after_user.split('/').next().unwrap_or_default().to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_outage_serves_cached_keys_fails_closed_and_recovers() {
     outage(Backend::Postgres).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mysql_outage_serves_cached_keys_fails_closed_and_recovers() {
     outage(Backend::MySql).await;
 }

@@ -10,11 +10,17 @@ use tonic::transport::Channel;
 
 use crate::support::*;
 
+crate::trials!(
+    every_backend: [],
+    once: [
+        sigterm_finishes_calls_in_flight_writes_buffers_and_logs_no_secret,
+    ],
+);
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_calls_in_flight_writes_buffers_and_logs_no_secret() {
     sqlx::any::install_default_drivers();
     let dir = tempfile::tempdir().unwrap();

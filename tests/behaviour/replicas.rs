@@ -5,12 +5,14 @@ use std::time::{Duration, Instant};
 
 use keygate::proto::*;
 
-use crate::on_every_backend;
 use crate::support::*;
 
-on_every_backend!(
-    a_revocation_on_one_replica_is_denied_by_another_within_a_second,
-    every_change_that_can_deny_reaches_the_other_replica,
+crate::trials!(
+    every_backend: [
+        a_revocation_on_one_replica_is_denied_by_another_within_a_second,
+        every_change_that_can_deny_reaches_the_other_replica,
+    ],
+    once: [],
 );
 
 /// Polls `check` on `replica` until `done` holds; returns how long it took.

@@ -4,13 +4,15 @@ use keygate::proto::*;
 use prost_types::Duration;
 use tonic::Code;
 
-use crate::on_every_backend;
 use crate::support::*;
 
-on_every_backend!(
-    rotation_with_grace_keeps_the_old_key_until_the_grace_ends,
-    rotation_without_grace_revokes_the_old_key_at_once,
-    only_an_active_key_that_was_not_rotated_can_be_rotated,
+crate::trials!(
+    every_backend: [
+        rotation_with_grace_keeps_the_old_key_until_the_grace_ends,
+        rotation_without_grace_revokes_the_old_key_at_once,
+        only_an_active_key_that_was_not_rotated_can_be_rotated,
+    ],
+    once: [],
 );
 
 fn rotate_request(key_id: &str, grace_seconds: Option<i64>) -> RotateKeyRequest {

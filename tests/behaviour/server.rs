@@ -13,6 +13,15 @@ use tonic_health::pb::health_check_response::ServingStatus;
 
 use crate::support::*;
 
+crate::trials!(
+    every_backend: [],
+    once: [
+        health_is_not_serving_and_calls_fail_closed_while_the_store_is_unreachable,
+        the_server_stops_gracefully_and_reports_serving_until_then,
+        keygate_refuses_to_start_without_admin_tokens,
+    ],
+);
+
 /// A server whose database never answers: a TCP port that accepts nothing.
 async fn spawn_without_database() -> (std::net::SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -41,7 +50,6 @@ async fn spawn_without_database() -> (std::net::SocketAddr, tokio::sync::oneshot
     (address, stop)
 }
 
-#[tokio::test]
 async fn health_is_not_serving_and_calls_fail_closed_while_the_store_is_unreachable() {
     let (address, _stop) = spawn_without_database().await;
     let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect_lazy();
@@ -68,7 +76,6 @@ async fn health_is_not_serving_and_calls_fail_closed_while_the_store_is_unreacha
     assert_eq!(authorize.check(request).await.unwrap().into_inner().reason(), DenyReason::KeyMalformed);
 }
 
-#[tokio::test]
 async fn the_server_stops_gracefully_and_reports_serving_until_then() {
     let app = spawn_app(Backend::Sqlite).await.unwrap();
     assert_eq!(health(app.channel.clone()).await.unwrap(), ServingStatus::Serving);
@@ -79,8 +86,7 @@ async fn the_server_stops_gracefully_and_reports_serving_until_then() {
     assert!(channel.is_err(), "the listener is closed after shutdown");
 }
 
-#[test]
-fn keygate_refuses_to_start_without_admin_tokens() {
+async fn keygate_refuses_to_start_without_admin_tokens() {
     let cli = Cli::try_parse_from(["keygate", "--admin-tokens", ""]).unwrap();
     let error = Config::from_args(&cli.serve).unwrap_err();
     assert!(error.contains("KEYGATE_ADMIN_TOKENS"), "{error}");

@@ -3,15 +3,17 @@
 use keygate::proto::*;
 use tonic::Code;
 
-use crate::on_every_backend;
 use crate::support::*;
 
-on_every_backend!(
-    a_new_tenant_gets_documented_defaults,
-    put_tenant_changes_only_the_fields_it_sets,
-    an_unknown_tenant_is_not_found,
-    a_site_belongs_to_exactly_one_tenant,
-    sites_are_listed_in_pages_and_can_be_deleted,
+crate::trials!(
+    every_backend: [
+        a_new_tenant_gets_documented_defaults,
+        put_tenant_changes_only_the_fields_it_sets,
+        an_unknown_tenant_is_not_found,
+        a_site_belongs_to_exactly_one_tenant,
+        sites_are_listed_in_pages_and_can_be_deleted,
+    ],
+    once: [],
 );
 
 async fn a_new_tenant_gets_documented_defaults(backend: Backend) {

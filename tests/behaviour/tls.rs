@@ -17,6 +17,15 @@ use tonic_health::pb::health_client::HealthClient;
 
 use crate::support::ADMIN_TOKEN;
 
+crate::trials!(
+    every_backend: [],
+    once: [
+        with_mutual_tls_only_clients_with_a_certificate_get_through,
+        with_tls_alone_clients_need_no_certificate_but_must_speak_tls,
+        tls_settings_are_checked_at_startup,
+    ],
+);
+
 /// A CA, a server certificate for `localhost` and a client certificate, as PEM.
 struct Pki {
     ca: String,
@@ -109,7 +118,6 @@ fn trusting(pki: &Pki) -> ClientTlsConfig {
     ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&pki.ca)).domain_name("localhost")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_mutual_tls_only_clients_with_a_certificate_get_through() {
     let (pki, dir) = (pki(), tempfile::tempdir().unwrap());
     let (port, _stop) = start(&pki, true, dir.path()).await;
@@ -127,7 +135,6 @@ async fn with_mutual_tls_only_clients_with_a_certificate_get_through() {
     assert!(!answers(port, None).await, "plaintext is refused");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_tls_alone_clients_need_no_certificate_but_must_speak_tls() {
     let (pki, dir) = (pki(), tempfile::tempdir().unwrap());
     let (port, _stop) = start(&pki, false, dir.path()).await;
@@ -135,8 +142,7 @@ async fn with_tls_alone_clients_need_no_certificate_but_must_speak_tls() {
     assert!(!answers(port, None).await, "plaintext is refused");
 }
 
-#[test]
-fn tls_settings_are_checked_at_startup() {
+async fn tls_settings_are_checked_at_startup() {
     let tokens = format!("tests={ADMIN_TOKEN}");
     let parse = |extra: &[&str]| {
         let mut args = vec!["keygate", "--admin-tokens", tokens.as_str()];

@@ -16,6 +16,13 @@ use tonic::transport::{Channel, Server};
 
 use crate::support::*;
 
+crate::trials!(
+    every_backend: [],
+    once: [
+        spans_reach_an_otlp_collector_with_the_decision_and_the_callers_trace,
+    ],
+);
+
 /// A span as received: name, ids, attributes as text, and the service that sent it.
 #[derive(Clone, Debug)]
 struct Received {
@@ -70,7 +77,6 @@ fn hex(text: &str) -> Vec<u8> {
     (0..text.len()).step_by(2).map(|i| u8::from_str_radix(&text[i..i + 2], 16).unwrap()).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_reach_an_otlp_collector_with_the_decision_and_the_callers_trace() {
     let collector = Collector::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();

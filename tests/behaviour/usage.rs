@@ -5,14 +5,16 @@ use std::time::{Duration, Instant};
 use keygate::proto::*;
 use tonic::Code;
 
-use crate::on_every_backend;
 use crate::support::*;
 
-on_every_backend!(
-    last_used_at_is_written_in_batches_and_shown_by_get_and_list_keys,
-    key_usage_counts_checks_per_day_by_outcome,
-    the_audit_log_records_every_change_with_its_actor_and_aggregates_denials,
-    buffered_usage_is_written_when_a_server_stops,
+crate::trials!(
+    every_backend: [
+        last_used_at_is_written_in_batches_and_shown_by_get_and_list_keys,
+        key_usage_counts_checks_per_day_by_outcome,
+        the_audit_log_records_every_change_with_its_actor_and_aggregates_denials,
+        buffered_usage_is_written_when_a_server_stops,
+    ],
+    once: [],
 );
 
 const FLUSH_OFTEN: [&str; 2] = ["--usage-flush-interval-ms", "50"];

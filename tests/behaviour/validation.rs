@@ -6,15 +6,17 @@ use keygate::proto::*;
 use prost_types::{Duration, FieldMask, Timestamp};
 use tonic::Code;
 
-use crate::on_every_backend;
 use crate::support::*;
 
-on_every_backend!(
-    tenant_and_site_requests_are_validated,
-    create_key_requests_are_validated,
-    key_management_requests_are_validated,
-    check_requests_are_validated,
-    the_scope_catalogue_rejects_unlisted_scopes,
+crate::trials!(
+    every_backend: [
+        tenant_and_site_requests_are_validated,
+        create_key_requests_are_validated,
+        key_management_requests_are_validated,
+        check_requests_are_validated,
+        the_scope_catalogue_rejects_unlisted_scopes,
+    ],
+    once: [],
 );
 
 async fn tenant_and_site_requests_are_validated(backend: Backend) {
