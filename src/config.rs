@@ -16,6 +16,7 @@ use crate::domain::scope::{Scope, ScopePolicy, parse_implications};
 use crate::feed::FeedSettings;
 use crate::gateway::{GatewaySettings, KeySources};
 use crate::limits::LimitSettings;
+use crate::server::ConnectionLimits;
 use crate::service::KeyPolicy;
 
 /// keygate: API-key authorization over gRPC.
@@ -44,13 +45,18 @@ pub enum Command {
 pub struct DatabaseArgs {
     /// Database URL; the scheme picks the backend: sqlite:, postgres:, mysql:.
     #[arg(long, env = "KEYGATE_DATABASE_URL", default_value = "sqlite://keygate.db?mode=rwc", hide_env_values = true)]
-    pub database_url: String,
+    pub database_url: DatabaseUrl,
     /// Most open database connections.
     #[arg(long, env = "KEYGATE_DB_MAX_CONNECTIONS", default_value_t = 10)]
     pub db_max_connections: u32,
     /// Seconds a query waits for a free connection before failing with UNAVAILABLE.
     #[arg(long, env = "KEYGATE_DB_ACQUIRE_TIMEOUT_SECONDS", default_value_t = 5)]
     pub db_acquire_timeout_seconds: u64,
+    /// Milliseconds one database operation (waiting for a connection, its statements, its
+    /// commit) may take before it fails with UNAVAILABLE; the database is told the same bound
+    /// as its statement and lock timeouts. Migrations are not bounded.
+    #[arg(long, env = "KEYGATE_DB_QUERY_TIMEOUT_MS", default_value_t = 5000)]
+    pub db_query_timeout_ms: u64,
 }
 
 /// Log output format.
@@ -71,10 +77,10 @@ pub struct ServeArgs {
     /// Admin tokens as comma-separated name=token pairs (tokens of 16 to 256 characters); the
     /// name identifies the caller in logs. Required: KeyAdmin never runs open.
     #[arg(long, env = "KEYGATE_ADMIN_TOKENS", hide_env_values = true, default_value = "")]
-    pub admin_tokens: String,
+    pub admin_tokens: SecretText,
     /// Caller tokens for Authorize, same format. Empty: Authorize needs no caller token.
     #[arg(long, env = "KEYGATE_AUTHORIZE_TOKENS", hide_env_values = true, default_value = "")]
-    pub authorize_tokens: String,
+    pub authorize_tokens: SecretText,
     /// First segment of every minted key (2 to 16 lowercase letters and digits).
     #[arg(long, env = "KEYGATE_KEY_PREFIX", default_value = "kg")]
     pub key_prefix: String,
@@ -151,6 +157,93 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, env = "KEYGATE_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
+    #[command(flatten)]
+    pub connections: ConnectionArgs,
+}
+
+/// Limits of the gRPC listener: what one client may take of keygate.
+#[derive(Clone, Debug, Args)]
+#[command(next_help_heading = "Connection limits")]
+pub struct ConnectionArgs {
+    /// Most client connections served at once; more wait in the listen backlog. Lowered at
+    /// start when the open-file limit cannot hold them next to the database pool.
+    #[arg(long, env = "KEYGATE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: u32,
+    /// Most calls in flight on one connection, advertised as HTTP/2
+    /// SETTINGS_MAX_CONCURRENT_STREAMS; further streams are refused.
+    #[arg(long, env = "KEYGATE_MAX_CONCURRENT_STREAMS", default_value_t = 128)]
+    pub max_concurrent_streams: u32,
+    /// Largest request header list in bytes (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE).
+    #[arg(long, env = "KEYGATE_MAX_HEADER_LIST_BYTES", default_value_t = 16_384)]
+    pub max_header_list_bytes: u32,
+    /// Largest request message in bytes; a larger one is RESOURCE_EXHAUSTED.
+    #[arg(long, env = "KEYGATE_MAX_MESSAGE_BYTES", default_value_t = 4_194_304)]
+    pub max_message_bytes: u32,
+    /// Seconds between the HTTP/2 PINGs keygate sends on each connection; 0 sends none.
+    #[arg(long, env = "KEYGATE_HTTP2_KEEPALIVE_INTERVAL_SECONDS", default_value_t = 30)]
+    pub http2_keepalive_interval_seconds: u64,
+    /// Seconds a PING may go unanswered before keygate closes the connection.
+    #[arg(long, env = "KEYGATE_HTTP2_KEEPALIVE_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub http2_keepalive_timeout_seconds: u64,
+    /// Seconds a connection may have no call in flight before keygate closes it (GOAWAY); also
+    /// the longest a TLS handshake may take.
+    #[arg(long, env = "KEYGATE_CONNECTION_IDLE_TIMEOUT_SECONDS", default_value_t = 300)]
+    pub connection_idle_timeout_seconds: u64,
+    /// Seconds a call may take to answer before it is DEADLINE_EXCEEDED; a client's shorter
+    /// grpc-timeout wins.
+    #[arg(long, env = "KEYGATE_REQUEST_TIMEOUT_SECONDS", default_value_t = 30)]
+    pub request_timeout_seconds: u64,
+}
+
+impl ConnectionArgs {
+    fn limits(&self) -> Result<ConnectionLimits, String> {
+        let at_least = |variable: &str, value: u64, minimum: u64| {
+            if value < minimum { Err(format!("{variable} must be at least {minimum}")) } else { Ok(()) }
+        };
+        at_least("KEYGATE_MAX_CONNECTIONS", self.max_connections.into(), 1)?;
+        at_least("KEYGATE_MAX_CONCURRENT_STREAMS", self.max_concurrent_streams.into(), 1)?;
+        at_least("KEYGATE_MAX_HEADER_LIST_BYTES", self.max_header_list_bytes.into(), 1024)?;
+        at_least("KEYGATE_MAX_MESSAGE_BYTES", self.max_message_bytes.into(), 1024)?;
+        at_least("KEYGATE_HTTP2_KEEPALIVE_TIMEOUT_SECONDS", self.http2_keepalive_timeout_seconds, 1)?;
+        at_least("KEYGATE_CONNECTION_IDLE_TIMEOUT_SECONDS", self.connection_idle_timeout_seconds, 1)?;
+        at_least("KEYGATE_REQUEST_TIMEOUT_SECONDS", self.request_timeout_seconds, 1)?;
+        Ok(ConnectionLimits {
+            max_connections: self.max_connections as usize,
+            max_concurrent_streams: self.max_concurrent_streams,
+            max_header_list_bytes: self.max_header_list_bytes,
+            max_message_bytes: self.max_message_bytes as usize,
+            keepalive_interval: (self.http2_keepalive_interval_seconds > 0)
+                .then(|| Duration::from_secs(self.http2_keepalive_interval_seconds)),
+            keepalive_timeout: Duration::from_secs(self.http2_keepalive_timeout_seconds),
+            idle_timeout: Duration::from_secs(self.connection_idle_timeout_seconds),
+            request_timeout: Duration::from_secs(self.request_timeout_seconds),
+        })
+    }
+}
+
+/// A setting that holds secrets (tokens); `Debug` never prints it.
+#[derive(Clone, Default)]
+pub struct SecretText(String);
+
+impl SecretText {
+    /// The secret itself, for the parser that turns it into something that does not print.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::str::FromStr for SecretText {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Self(value.to_owned()))
+    }
+}
+
+impl fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() { "SecretText(empty)" } else { "SecretText([redacted])" })
+    }
 }
 
 /// A bearer token with a name for logs. `Debug` shows the name only.
@@ -219,6 +312,14 @@ impl TokenSet {
 #[derive(Clone)]
 pub struct DatabaseUrl(pub String);
 
+impl std::str::FromStr for DatabaseUrl {
+    type Err = std::convert::Infallible;
+
+    fn from_str(value: &str) -> Result<Self, Self::Err> {
+        Ok(Self(value.to_owned()))
+    }
+}
+
 impl fmt::Debug for DatabaseUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let scheme = self.0.split(':').next().unwrap_or_default();
@@ -232,6 +333,8 @@ pub struct DatabaseConfig {
     pub url: DatabaseUrl,
     pub max_connections: u32,
     pub acquire_timeout: Duration,
+    /// The most one store operation may take (see `KEYGATE_DB_QUERY_TIMEOUT_MS`).
+    pub query_timeout: Duration,
 }
 
 impl DatabaseConfig {
@@ -242,10 +345,14 @@ impl DatabaseConfig {
         if args.db_acquire_timeout_seconds == 0 {
             return Err("KEYGATE_DB_ACQUIRE_TIMEOUT_SECONDS must be at least 1".into());
         }
+        if args.db_query_timeout_ms < 10 {
+            return Err("KEYGATE_DB_QUERY_TIMEOUT_MS must be at least 10".into());
+        }
         Ok(Self {
-            url: DatabaseUrl(args.database_url.clone()),
+            url: args.database_url.clone(),
             max_connections: args.db_max_connections,
             acquire_timeout: Duration::from_secs(args.db_acquire_timeout_seconds),
+            query_timeout: Duration::from_millis(args.db_query_timeout_ms),
         })
     }
 }
@@ -306,18 +413,20 @@ pub struct Config {
     /// TLS for the gRPC listener; `None` serves plaintext.
     pub tls: Option<TlsFiles>,
     pub log_format: LogFormat,
+    /// What one client may take of the gRPC listener.
+    pub connections: ConnectionLimits,
 }
 
 impl Config {
     /// Validates the flags; every problem is reported with the variable that causes it.
     pub fn from_args(args: &ServeArgs) -> Result<Self, String> {
-        let admin_tokens = TokenSet::parse("KEYGATE_ADMIN_TOKENS", &args.admin_tokens)?;
+        let admin_tokens = TokenSet::parse("KEYGATE_ADMIN_TOKENS", args.admin_tokens.expose())?;
         if admin_tokens.is_empty() {
             return Err("KEYGATE_ADMIN_TOKENS is empty: KeyAdmin never runs open. Create a token with \
                  `keygate gen-token` and set KEYGATE_ADMIN_TOKENS=<name>=<token>"
                 .into());
         }
-        let authorize_tokens = TokenSet::parse("KEYGATE_AUTHORIZE_TOKENS", &args.authorize_tokens)?;
+        let authorize_tokens = TokenSet::parse("KEYGATE_AUTHORIZE_TOKENS", args.authorize_tokens.expose())?;
         let prefix = KeyPrefix::parse(&args.key_prefix).map_err(|error| format!("KEYGATE_KEY_PREFIX: {error}"))?;
         if args.default_max_keys == 0 {
             return Err("KEYGATE_DEFAULT_MAX_KEYS must be at least 1".into());
@@ -378,6 +487,7 @@ impl Config {
                 }
             },
             log_format: args.log_format,
+            connections: args.connections.limits()?,
         })
     }
 }
@@ -411,6 +521,26 @@ mod tests {
             assert!(TokenSet::parse("T", bad).is_err(), "{bad}");
         }
         assert!(TokenSet::parse("T", "").unwrap().is_empty());
+    }
+
+    #[test]
+    fn parsed_command_lines_never_print_their_secrets() {
+        let cli = Cli::try_parse_from([
+            "keygate",
+            "--database-url",
+            "postgres://keygate:hunter2@db/keygate",
+            "--admin-tokens",
+            "ops=0123456789abcdef0123",
+            "--authorize-tokens",
+            "envoy=fedcba9876543210fedc",
+        ])
+        .unwrap();
+        let printed = format!("{cli:?}");
+        for secret in ["hunter2", "0123456789abcdef0123", "fedcba9876543210fedc"] {
+            assert!(!printed.contains(secret), "{secret} printed in {printed}");
+        }
+        let config = Config::from_args(&cli.serve).unwrap();
+        assert!(!format!("{config:?}").contains("hunter2"));
     }
 
     #[test]

@@ -124,20 +124,33 @@ pub async fn catch_up(
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
 
     use super::*;
     use crate::cache::CacheSettings;
+    use crate::config::{DatabaseConfig, DatabaseUrl};
     use crate::domain::audit::{AuditEntry, AuditEventType};
     use crate::domain::model::TenantChanges;
+    use crate::service::{LookupLimit, StoreSource};
 
     /// A migrated SQLite store in a directory that lives as long as the returned guard.
     async fn migrated_store() -> (tempfile::TempDir, Store) {
         let dir = tempfile::tempdir().unwrap();
         let url = format!("sqlite://{}?mode=rwc", dir.path().join("feed.db").display());
-        let store = Store::connect_lazy(&url, 2, Duration::from_secs(5)).unwrap();
+        let database = DatabaseConfig {
+            url: DatabaseUrl(url),
+            max_connections: 2,
+            acquire_timeout: Duration::from_secs(5),
+            query_timeout: Duration::from_secs(5),
+        };
+        let store = Store::connect_lazy(&database).unwrap();
         store.migrate().await.unwrap();
         (dir, store)
+    }
+
+    fn cache_of(store: &Store) -> DecisionCache {
+        let lookups = Arc::new(LookupLimit::new(2, Duration::from_secs(5)));
+        DecisionCache::new(&CacheSettings::default(), Arc::new(StoreSource { store: store.clone(), lookups }))
     }
 
     fn audit(tenant_id: &str) -> AuditEntry {
@@ -147,16 +160,11 @@ mod tests {
     #[tokio::test]
     async fn a_replica_that_missed_pruned_changes_drops_its_whole_cache() {
         let (_dir, store) = migrated_store().await;
-        let cache = DecisionCache::new(&CacheSettings::default());
+        let cache = cache_of(&store);
         let now = Utc::now();
         store.put_tenant("acme", &TenantChanges::default(), now, &audit("acme")).await.unwrap();
         let last_seen = store.feed_head().await.unwrap();
-        let loads = AtomicUsize::new(0);
-        let load_tenant = || async {
-            loads.fetch_add(1, Ordering::SeqCst);
-            store.get_tenant("acme").await
-        };
-        cache.tenant("acme", load_tenant).await.unwrap();
+        assert!(cache.tenant("acme").await.unwrap().unwrap().api_access_enabled);
 
         // Changes this replica never read are pruned; a later unrelated change shows the hole.
         store
@@ -176,15 +184,14 @@ mod tests {
 
         let seen = catch_up(&store, &cache, last_seen).await.unwrap();
         assert_eq!(seen, store.feed_head().await.unwrap());
-        let tenant = cache.tenant("acme", load_tenant).await.unwrap().unwrap();
+        let tenant = cache.tenant("acme").await.unwrap().unwrap();
         assert!(!tenant.api_access_enabled, "the cached tenant was dropped and read again");
-        assert_eq!(loads.load(Ordering::SeqCst), 2);
     }
 
     #[tokio::test]
     async fn catching_up_applies_changes_in_order_and_resumes_where_it_stopped() {
         let (_dir, store) = migrated_store().await;
-        let cache = DecisionCache::new(&CacheSettings::default());
+        let cache = cache_of(&store);
         let start = store.feed_head().await.unwrap();
         for tenant in ["a", "b", "c"] {
             store.put_tenant(tenant, &TenantChanges::default(), Utc::now(), &audit(tenant)).await.unwrap();

@@ -5,8 +5,6 @@
 
 use std::future::Future;
 use std::sync::OnceLock;
-use std::task::{Context, Poll};
-use std::time::Instant;
 
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -93,88 +91,40 @@ where
     }
 }
 
-/// The services keygate serves; calls to anything else are labelled `unknown`, so that callers
-/// cannot create metric series at will.
-const SERVICES: [&str; 6] = [
-    "keygate.v1.KeyAdmin",
-    "keygate.v1.Authorize",
-    "envoy.service.auth.v3.Authorization",
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1.ServerReflection",
-    "grpc.reflection.v1alpha.ServerReflection",
-];
-
-/// (service, method) labels of a request path, bounded to known services and short method names.
-fn known_call(path: &str) -> (&'static str, String) {
-    let (service, method) = path.trim_start_matches('/').split_once('/').unwrap_or(("", ""));
-    match SERVICES.iter().find(|known| **known == service) {
-        Some(known) if (1..=40).contains(&method.len()) && method.bytes().all(|b| b.is_ascii_alphanumeric()) => {
-            (known, method.to_owned())
-        }
-        Some(known) => (known, "unknown".to_owned()),
-        None => ("unknown", "unknown".to_owned()),
+/// The name of a gRPC status code as a metric label (`Ok`, `InvalidArgument`, ...).
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "Ok",
+        Cancelled => "Cancelled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
     }
 }
 
-/// A tower layer that counts and times every gRPC call by service, method and status code.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct GrpcMetricsLayer;
-
-impl<S> tower_layer::Layer<S> for GrpcMetricsLayer {
-    type Service = GrpcMetrics<S>;
-
-    fn layer(&self, inner: S) -> Self::Service {
-        GrpcMetrics { inner }
-    }
-}
-
-/// See [`GrpcMetricsLayer`].
-#[derive(Clone, Debug)]
-pub struct GrpcMetrics<S> {
-    inner: S,
-}
-
-impl<S, RequestBody, ResponseBody> tower_service::Service<http::Request<RequestBody>> for GrpcMetrics<S>
-where
-    S: tower_service::Service<http::Request<RequestBody>, Response = http::Response<ResponseBody>>,
-    S::Future: Send + 'static,
-{
-    type Response = S::Response;
-    type Error = S::Error;
-    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
-
-    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(context)
-    }
-
-    fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
-        let (service, method) = known_call(request.uri().path());
-        let started = Instant::now();
-        let call = self.inner.call(request);
-        Box::pin(async move {
-            let response = call.await?;
-            // Errors travel as trailers-only responses with grpc-status in the headers; a
-            // success puts it in the trailers, so a missing header means OK.
-            let code = response.headers().get("grpc-status").and_then(|value| value.to_str().ok()).unwrap_or("0");
-            let code = tonic::Code::from_bytes(code.as_bytes());
-            metrics::counter!("keygate_grpc_calls_total", "service" => service, "method" => method.clone(), "code" => format!("{code:?}"))
-                .increment(1);
-            metrics::histogram!("keygate_grpc_call_duration_seconds", "service" => service, "method" => method)
-                .record(started.elapsed().as_secs_f64());
-            Ok(response)
-        })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::known_call;
-
-    #[test]
-    fn metric_labels_are_bounded_to_known_calls() {
-        assert_eq!(known_call("/keygate.v1.KeyAdmin/CreateKey"), ("keygate.v1.KeyAdmin", "CreateKey".to_owned()));
-        assert_eq!(known_call("/attacker.Service/x"), ("unknown", "unknown".to_owned()));
-        assert_eq!(known_call("/keygate.v1.KeyAdmin/a-b"), ("keygate.v1.KeyAdmin", "unknown".to_owned()));
-        assert_eq!(known_call(&format!("/keygate.v1.Authorize/{}", "A".repeat(200))).1, "unknown");
-    }
+/// Counts and times one gRPC call. Every label is a name keygate chose (see
+/// [`CallLabels`](crate::grpc::CallLabels)), so clients cannot create series.
+pub fn record_call(labels: crate::grpc::CallLabels, code: tonic::Code, elapsed: std::time::Duration) {
+    metrics::counter!(
+        "keygate_grpc_calls_total",
+        "service" => labels.service,
+        "method" => labels.method,
+        "code" => code_label(code)
+    )
+    .increment(1);
+    metrics::histogram!("keygate_grpc_call_duration_seconds", "service" => labels.service, "method" => labels.method)
+        .record(elapsed.as_secs_f64());
 }

@@ -96,13 +96,79 @@ impl Extractor for HeaderExtractor<'_> {
     }
 }
 
-/// The span of one gRPC call, a child of the caller's trace when it sent `traceparent`.
-pub fn request_span<B>(request: &http::Request<B>) -> tracing::Span {
+/// The span of one gRPC call, a child of the caller's trace when it sent `traceparent`. Named by
+/// its known labels, never by the raw path: a client's path can be long, or hold a secret.
+pub fn request_span<B>(request: &http::Request<B>, labels: crate::grpc::CallLabels) -> tracing::Span {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
-    let span = tracing::info_span!("grpc", path = %request.uri().path());
+    let span = tracing::info_span!("grpc", service = labels.service, method = labels.method);
     let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.extract(&HeaderExtractor(request.headers()))
     });
     let _ = span.set_parent(parent);
     span
+}
+
+/// Lets a recurring log line through at most once per interval, and counts the ones it held
+/// back, so that a flood of bad calls or an outage cannot flood the log.
+///
+/// ```ignore
+/// static REJECTED: Throttle = Throttle::every(Duration::from_secs(10));
+/// if let Some(suppressed) = REJECTED.allow() {
+///     warn!(suppressed, "rejected a call");
+/// }
+/// ```
+#[derive(Debug)]
+pub struct Throttle {
+    interval_ms: u64,
+    /// Milliseconds since [`process_start`] before which nothing is logged.
+    next_ms: std::sync::atomic::AtomicU64,
+    suppressed: std::sync::atomic::AtomicU64,
+}
+
+/// The process's first moment, as far as [`Throttle`] is concerned.
+fn process_start() -> std::time::Instant {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(std::time::Instant::now)
+}
+
+impl Throttle {
+    /// At most one line per `interval`.
+    pub const fn every(interval: std::time::Duration) -> Self {
+        Self {
+            interval_ms: interval.as_millis() as u64,
+            next_ms: std::sync::atomic::AtomicU64::new(0),
+            suppressed: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(lines held back since the last one)` when a line may be logged now, else `None`.
+    pub fn allow(&self) -> Option<u64> {
+        use std::sync::atomic::Ordering;
+        let now = process_start().elapsed().as_millis() as u64;
+        let next = self.next_ms.load(Ordering::Relaxed);
+        if now >= next
+            && self.next_ms.compare_exchange(next, now + self.interval_ms, Ordering::AcqRel, Ordering::Relaxed).is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::AcqRel));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Throttle;
+
+    #[test]
+    fn a_throttle_lets_one_line_through_per_interval_and_counts_the_rest() {
+        let throttle = Throttle::every(std::time::Duration::from_secs(3600));
+        assert_eq!(throttle.allow(), Some(0));
+        for _ in 0..5 {
+            assert_eq!(throttle.allow(), None);
+        }
+        let open = Throttle::every(std::time::Duration::ZERO);
+        assert_eq!(open.allow(), Some(0));
+        assert_eq!(open.allow(), Some(0));
+    }
 }

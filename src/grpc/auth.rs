@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tonic::{Request, Status};
 
 use crate::config::TokenSet;
+use crate::telemetry::Throttle;
 
 /// The name of the configured token a caller presented; handlers log it.
 #[derive(Clone, Debug)]
@@ -40,7 +41,11 @@ impl tonic::service::Interceptor for BearerAuth {
         let presented =
             request.metadata().get("authorization").and_then(|value| value.to_str().ok()).and_then(bearer_token);
         let Some(name) = presented.and_then(|token| self.tokens.authenticate(token)) else {
-            tracing::warn!(service = self.service, "rejected a call without a valid bearer token");
+            // One line per interval however many calls are rejected: a flood cannot flood the log.
+            static REJECTED: Throttle = Throttle::every(std::time::Duration::from_secs(10));
+            if let Some(suppressed) = REJECTED.allow() {
+                tracing::warn!(service = self.service, suppressed, "rejected a call without a valid bearer token");
+            }
             return Err(Status::unauthenticated(format!(
                 "{} requires `authorization: Bearer <token>` with a configured token",
                 self.service

@@ -5,12 +5,14 @@ mod auth;
 mod authorize;
 mod convert;
 mod envoy;
+mod middleware;
 mod status;
 
 pub use admin::KeyAdminApi;
 pub use auth::{BearerAuth, bearer_token};
 pub use authorize::AuthorizeApi;
 pub use envoy::EnvoyAuthorizationApi;
+pub use middleware::{CallLabels, CallLayer, MAX_MESSAGE_CHARS};
 
 /// Puts a Check's decision on the current span (never the key): reason, tenant and key id.
 pub(crate) fn record_decision(outcome: &crate::service::CheckOutcome) {

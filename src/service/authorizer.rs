@@ -71,21 +71,15 @@ impl Authorizer {
         };
         let core = &self.core;
         let hash = secret.hash();
-        let Some(key) =
-            core.cache.key(hash.as_str(), || core.lookups.run(core.store.key_by_hash(hash.as_str()))).await?
-        else {
+        let Some(key) = core.cache.key(hash.as_str()).await? else {
             info!(reason = "KEY_UNKNOWN", display_prefix = %secret.display_prefix(), "check denied");
             return Ok(denied(DenyReason::KeyUnknown));
         };
-        let Some(tenant) =
-            core.cache.tenant(&key.tenant_id, || core.lookups.run(core.store.get_tenant(&key.tenant_id))).await?
-        else {
+        let Some(tenant) = core.cache.tenant(&key.tenant_id).await? else {
             return Ok(denied(DenyReason::KeyUnknown));
         };
         let site_owner = match &request.site_id {
-            Some(site_id) => {
-                core.cache.site_owner(site_id, || core.lookups.run(core.store.site_owner(site_id))).await?
-            }
+            Some(site_id) => core.cache.site_owner(site_id).await?,
             None => None,
         };
         let now = core.clock.now();

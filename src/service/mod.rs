@@ -11,9 +11,10 @@ pub use admin::{CreateKey, DailyUsage, Expiry, KeyService, ListKeys, Page, Rotat
 pub use authorizer::{Authorizer, CheckOutcome, CheckRequest, RateLimitState};
 pub use page_token::PageToken;
 
-use crate::cache::DecisionCache;
+use crate::cache::{DecisionCache, Load};
 use crate::domain::clock::Clock;
 use crate::domain::key::KeyPrefix;
+use crate::domain::model::{KeyRecord, Tenant};
 use crate::domain::scope::ScopePolicy;
 use crate::domain::validation::FieldViolation;
 use crate::limits::Limiter;
@@ -43,7 +44,7 @@ pub struct Core {
     pub policy: KeyPolicy,
     /// Bounds the store lookups that Check misses make at once, so a flood of unknown keys
     /// cannot take every database connection (admin calls and other replicas keep theirs).
-    pub lookups: LookupLimit,
+    pub lookups: Arc<LookupLimit>,
     /// Local request counters for rate limits and quotas, shared through the store.
     pub limiter: Limiter,
     /// Last use, usage and denied Checks, written in batches.
@@ -74,24 +75,67 @@ impl LookupLimit {
         self.peak.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Runs `lookup` when a slot is free; UNAVAILABLE when none frees up in time.
+    /// How many lookups run now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Runs `lookup` when a slot is free; UNAVAILABLE when none frees up in time. A lookup
+    /// whose caller goes away (a cancelled Check) gives its slot back all the same.
     pub async fn run<T>(
         &self,
         lookup: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let permit = tokio::time::timeout(self.wait, self.permits.acquire())
+        let _permit = tokio::time::timeout(self.wait, self.permits.acquire())
             .await
             .map_err(|_| StoreError::Unavailable("too many key lookups in flight".into()))?
             .map_err(|_| StoreError::Unavailable("lookups closed".into()))?;
-        use std::sync::atomic::Ordering;
-        let now_in_flight = self.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
-        self.peak.fetch_max(now_in_flight, Ordering::AcqRel);
+        let _running = Running::start(self);
         let started = std::time::Instant::now();
         let result = lookup.await;
         metrics::histogram!("keygate_store_lookup_duration_seconds").record(started.elapsed().as_secs_f64());
-        self.in_flight.fetch_sub(1, Ordering::AcqRel);
-        drop(permit);
         result
+    }
+}
+
+/// One lookup counted in flight until it ends, however it ends.
+struct Running<'a>(&'a LookupLimit);
+
+impl<'a> Running<'a> {
+    fn start(limit: &'a LookupLimit) -> Self {
+        use std::sync::atomic::Ordering;
+        let now_in_flight = limit.in_flight.fetch_add(1, Ordering::AcqRel) + 1;
+        limit.peak.fetch_max(now_in_flight, Ordering::AcqRel);
+        Self(limit)
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// The cache's source: the store, through the lookup bound.
+pub struct StoreSource {
+    pub store: Store,
+    pub lookups: Arc<LookupLimit>,
+}
+
+impl crate::cache::Source for StoreSource {
+    fn key(&self, key_hash: &str) -> Load<KeyRecord> {
+        let (store, lookups, key_hash) = (self.store.clone(), self.lookups.clone(), key_hash.to_owned());
+        Box::pin(async move { lookups.run(store.key_by_hash(&key_hash)).await })
+    }
+
+    fn tenant(&self, tenant_id: &str) -> Load<Tenant> {
+        let (store, lookups, tenant_id) = (self.store.clone(), self.lookups.clone(), tenant_id.to_owned());
+        Box::pin(async move { lookups.run(store.get_tenant(&tenant_id)).await })
+    }
+
+    fn site_owner(&self, site_id: &str) -> Load<String> {
+        let (store, lookups, site_id) = (self.store.clone(), self.lookups.clone(), site_id.to_owned());
+        Box::pin(async move { lookups.run(store.site_owner(&site_id)).await })
     }
 }
 
@@ -110,6 +154,9 @@ pub enum ServiceError {
     ResourceExhausted(String),
     #[error("store unavailable")]
     Unavailable(#[source] StoreError),
+    /// Stored data cannot be read back (DATA_LOSS): an operator must look at the database.
+    #[error("stored data is unreadable: {0}")]
+    DataLoss(String),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -130,7 +177,8 @@ impl From<Vec<FieldViolation>> for ServiceError {
 impl From<StoreError> for ServiceError {
     fn from(error: StoreError) -> Self {
         match error {
-            StoreError::Corrupt(detail) | StoreError::Rejected(detail) => Self::Internal(detail),
+            StoreError::Corrupt(detail) => Self::DataLoss(detail),
+            StoreError::Rejected(detail) => Self::Internal(detail),
             other => Self::Unavailable(other),
         }
     }

@@ -86,61 +86,65 @@ impl Store {
         after: Option<(DateTime<Utc>, &str)>,
         limit: usize,
     ) -> StoreResult<Vec<AuditEvent>> {
-        let mut sql = format!("SELECT {EVENT_COLUMNS} FROM audit_events WHERE tenant_id = ?");
-        if filter.key_id.is_some() {
-            sql.push_str(" AND key_id = ?");
-        }
-        if !filter.event_types.is_empty() {
-            sql.push_str(&format!(" AND event_type IN ({})", vec!["?"; filter.event_types.len()].join(", ")));
-        }
-        if filter.start_time.is_some() {
-            sql.push_str(" AND occurred_at >= ?");
-        }
-        if filter.end_time.is_some() {
-            sql.push_str(" AND occurred_at < ?");
-        }
-        if after.is_some() {
-            sql.push_str(" AND (occurred_at > ? OR (occurred_at = ? AND event_id > ?))");
-        }
-        sql.push_str(" ORDER BY occurred_at, event_id LIMIT ?");
-        let mut query = self.query(sql).bind(tenant_id.to_owned());
-        if let Some(key_id) = &filter.key_id {
-            query = query.bind(key_id.clone());
-        }
-        for event_type in &filter.event_types {
-            query = query.bind(event_type.as_str());
-        }
-        if let Some(start) = filter.start_time {
-            query = query.bind(micros(start));
-        }
-        if let Some(end) = filter.end_time {
-            query = query.bind(micros(end));
-        }
-        if let Some((time, event_id)) = after {
-            query = query.bind(micros(time)).bind(micros(time)).bind(event_id.to_owned());
-        }
-        let rows = query.bind(limit as i64).fetch_all(&self.pool).await?;
-        rows.iter()
-            .map(|row| {
-                let event_type: String = row.try_get("event_type")?;
-                let details: String = row.try_get("details")?;
-                let key_id: String = row.try_get("key_id")?;
-                let occurred_at: i64 = row.try_get("occurred_at")?;
-                let count: i64 = row.try_get("count")?;
-                Ok(AuditEvent {
-                    event_id: row.try_get("event_id")?,
-                    tenant_id: row.try_get("tenant_id")?,
-                    key_id: Some(key_id).filter(|key_id| !key_id.is_empty()),
-                    event_type: AuditEventType::parse(&event_type)
-                        .ok_or_else(|| StoreError::Corrupt(format!("audit event type {event_type:?}")))?,
-                    actor: row.try_get("actor")?,
-                    details: serde_json::from_str(&details).map_err(|error| StoreError::Corrupt(error.to_string()))?,
-                    occurred_at: DateTime::from_timestamp_micros(occurred_at)
-                        .ok_or_else(|| StoreError::Corrupt(format!("audit time {occurred_at}")))?,
-                    count: u64::try_from(count).unwrap_or_default(),
+        self.bounded(async {
+            let mut sql = format!("SELECT {EVENT_COLUMNS} FROM audit_events WHERE tenant_id = ?");
+            if filter.key_id.is_some() {
+                sql.push_str(" AND key_id = ?");
+            }
+            if !filter.event_types.is_empty() {
+                sql.push_str(&format!(" AND event_type IN ({})", vec!["?"; filter.event_types.len()].join(", ")));
+            }
+            if filter.start_time.is_some() {
+                sql.push_str(" AND occurred_at >= ?");
+            }
+            if filter.end_time.is_some() {
+                sql.push_str(" AND occurred_at < ?");
+            }
+            if after.is_some() {
+                sql.push_str(" AND (occurred_at > ? OR (occurred_at = ? AND event_id > ?))");
+            }
+            sql.push_str(" ORDER BY occurred_at, event_id LIMIT ?");
+            let mut query = self.query(sql).bind(tenant_id.to_owned());
+            if let Some(key_id) = &filter.key_id {
+                query = query.bind(key_id.clone());
+            }
+            for event_type in &filter.event_types {
+                query = query.bind(event_type.as_str());
+            }
+            if let Some(start) = filter.start_time {
+                query = query.bind(micros(start));
+            }
+            if let Some(end) = filter.end_time {
+                query = query.bind(micros(end));
+            }
+            if let Some((time, event_id)) = after {
+                query = query.bind(micros(time)).bind(micros(time)).bind(event_id.to_owned());
+            }
+            let rows = query.bind(limit as i64).fetch_all(&self.pool).await?;
+            rows.iter()
+                .map(|row| {
+                    let event_type: String = row.try_get("event_type")?;
+                    let details: String = row.try_get("details")?;
+                    let key_id: String = row.try_get("key_id")?;
+                    let occurred_at: i64 = row.try_get("occurred_at")?;
+                    let count: i64 = row.try_get("count")?;
+                    Ok(AuditEvent {
+                        event_id: row.try_get("event_id")?,
+                        tenant_id: row.try_get("tenant_id")?,
+                        key_id: Some(key_id).filter(|key_id| !key_id.is_empty()),
+                        event_type: AuditEventType::parse(&event_type)
+                            .ok_or_else(|| StoreError::Corrupt(format!("audit event type {event_type:?}")))?,
+                        actor: row.try_get("actor")?,
+                        details: serde_json::from_str(&details)
+                            .map_err(|error| StoreError::Corrupt(error.to_string()))?,
+                        occurred_at: DateTime::from_timestamp_micros(occurred_at)
+                            .ok_or_else(|| StoreError::Corrupt(format!("audit time {occurred_at}")))?,
+                        count: u64::try_from(count).unwrap_or_default(),
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
+        .await
     }
 
     /// Adds Check counts to the daily usage of keys, in one transaction.
@@ -166,21 +170,24 @@ impl Store {
         first_day: DateTime<Utc>,
         last_day: DateTime<Utc>,
     ) -> StoreResult<Vec<(DateTime<Utc>, String, i64)>> {
-        let rows = self
-            .query("SELECT day, outcome, count FROM key_usage WHERE key_id = ? AND day >= ? AND day <= ?")
-            .bind(key_id.to_owned())
-            .bind(micros(first_day))
-            .bind(micros(last_day))
-            .fetch_all(&self.pool)
-            .await?;
-        rows.iter()
-            .map(|row| {
-                let day: i64 = row.try_get("day")?;
-                let day = DateTime::from_timestamp_micros(day)
-                    .ok_or_else(|| StoreError::Corrupt(format!("usage day {day}")))?;
-                Ok((day, row.try_get("outcome")?, row.try_get("count")?))
-            })
-            .collect()
+        self.bounded(async {
+            let rows = self
+                .query("SELECT day, outcome, count FROM key_usage WHERE key_id = ? AND day >= ? AND day <= ?")
+                .bind(key_id.to_owned())
+                .bind(micros(first_day))
+                .bind(micros(last_day))
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter()
+                .map(|row| {
+                    let day: i64 = row.try_get("day")?;
+                    let day = DateTime::from_timestamp_micros(day)
+                        .ok_or_else(|| StoreError::Corrupt(format!("usage day {day}")))?;
+                    Ok((day, row.try_get("outcome")?, row.try_get("count")?))
+                })
+                .collect()
+        })
+        .await
     }
 
     /// Moves keys' `last_used_at` forward (never back), one statement per key, committed in
@@ -193,18 +200,21 @@ impl Store {
     }
 
     async fn touch_last_used_chunk(&self, last_used: &[(String, DateTime<Utc>)]) -> StoreResult<()> {
-        let mut tx = self.pool.begin().await?;
-        for (key_id, at) in last_used {
-            sqlx::query::<Any>(self.backend.sql(
-                "UPDATE api_keys SET last_used_at = ? WHERE key_id = ? AND (last_used_at IS NULL OR last_used_at < ?)",
-            ))
-            .bind(micros(*at))
-            .bind(key_id.clone())
-            .bind(micros(*at))
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            for (key_id, at) in last_used {
+                sqlx::query::<Any>(self.backend.sql(
+                    "UPDATE api_keys SET last_used_at = ? WHERE key_id = ? AND (last_used_at IS NULL OR last_used_at < ?)",
+                ))
+                .bind(micros(*at))
+                .bind(key_id.clone())
+                .bind(micros(*at))
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
     }
 }

@@ -83,6 +83,40 @@ impl Backend {
         }
     }
 
+    /// The statements that set up a new connection: SQLite's pragmas (foreign keys, WAL so that
+    /// Checks read while an admin call writes, the busy timeout) and, on PostgreSQL and MySQL,
+    /// statement and lock timeouts equal to `timeout`, so that the database stops work keygate
+    /// has given up on and never keeps a lock for a caller that is gone.
+    pub async fn session_settings(
+        self,
+        connection: &mut sqlx::AnyConnection,
+        timeout: std::time::Duration,
+    ) -> Result<Vec<String>, sqlx::Error> {
+        let milliseconds = timeout.as_millis().max(1);
+        Ok(match self {
+            Self::Sqlite => vec![
+                "PRAGMA foreign_keys = ON".into(),
+                format!("PRAGMA busy_timeout = {milliseconds}"),
+                "PRAGMA journal_mode = WAL".into(),
+                "PRAGMA synchronous = NORMAL".into(),
+            ],
+            Self::Postgres => vec![
+                format!("SET statement_timeout = {milliseconds}"),
+                format!("SET lock_timeout = {milliseconds}"),
+                format!("SET idle_in_transaction_session_timeout = {}", milliseconds * 2),
+            ],
+            Self::MySql => {
+                let version: String = sqlx::query_scalar("SELECT VERSION()").fetch_one(&mut *connection).await?;
+                let statement_limit = if version.contains("MariaDB") {
+                    format!("SET SESSION max_statement_time = {:.3}", milliseconds as f64 / 1000.0)
+                } else {
+                    format!("SET SESSION max_execution_time = {milliseconds}")
+                };
+                vec![format!("SET SESSION innodb_lock_wait_timeout = {}", milliseconds.div_ceil(1000)), statement_limit]
+            }
+        })
+    }
+
     /// The schema migrations of this backend, embedded in the binary.
     pub fn migrator(self) -> Migrator {
         let files: &[(i64, &str, &'static str)] = match self {

@@ -44,7 +44,8 @@ impl Store {
             for key in chunk {
                 query = query.bind(key.subject.clone()).bind(key.window_start);
             }
-            for row in query.fetch_all(&self.pool).await? {
+            let rows = self.bounded(async { Ok(query.fetch_all(&self.pool).await?) }).await?;
+            for row in rows {
                 let key = CountKey { subject: row.try_get("subject")?, window_start: row.try_get("window_start")? };
                 totals.push((key, row.try_get("count")?));
             }
@@ -54,10 +55,13 @@ impl Store {
 
     /// Deletes counters of windows that started before `before`.
     pub async fn prune_request_counts(&self, before: DateTime<Utc>) -> StoreResult<u64> {
-        let result = sqlx::query::<Any>(self.backend.sql("DELETE FROM request_counts WHERE window_start < ?"))
-            .bind(micros(before))
-            .execute(&self.pool)
-            .await?;
-        Ok(result.rows_affected())
+        self.bounded(async {
+            let result = sqlx::query::<Any>(self.backend.sql("DELETE FROM request_counts WHERE window_start < ?"))
+                .bind(micros(before))
+                .execute(&self.pool)
+                .await?;
+            Ok(result.rows_affected())
+        })
+        .await
     }
 }

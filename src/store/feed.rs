@@ -85,44 +85,53 @@ impl Store {
     /// The sequence number of the newest change. Feed reads are not counted in
     /// [`query_count`](Store::query_count), which counts work done for API calls.
     pub async fn feed_head(&self) -> StoreResult<i64> {
-        let row = sqlx::query::<Any>("SELECT seq FROM change_feed_head WHERE id = 1").fetch_one(&self.pool).await?;
-        Ok(row.try_get(0)?)
+        self.bounded(async {
+            let row = sqlx::query::<Any>("SELECT seq FROM change_feed_head WHERE id = 1").fetch_one(&self.pool).await?;
+            Ok(row.try_get(0)?)
+        })
+        .await
     }
 
     /// Up to `limit` changes after `seq`, oldest first.
     pub async fn changes_after(&self, seq: i64, limit: i64) -> StoreResult<Vec<Change>> {
-        let rows = sqlx::query::<Any>(
-            self.backend
-                .sql("SELECT seq, kind, entity_id, created_at FROM change_feed WHERE seq > ? ORDER BY seq LIMIT ?"),
-        )
-        .bind(seq)
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|row| {
-                let kind: String = row.try_get("kind")?;
-                let id: String = row.try_get("entity_id")?;
-                let target = match kind.as_str() {
-                    "key" => ChangeTarget::Key(id),
-                    "tenant" => ChangeTarget::Tenant(id),
-                    "site" => ChangeTarget::Site(id),
-                    other => ChangeTarget::Unknown(other.to_owned()),
-                };
-                let micros: i64 = row.try_get("created_at")?;
-                let created_at = DateTime::from_timestamp_micros(micros)
-                    .ok_or_else(|| StoreError::Corrupt(format!("change time {micros}")))?;
-                Ok(Change { seq: row.try_get("seq")?, target, created_at })
-            })
-            .collect()
+        self.bounded(async {
+            let rows = sqlx::query::<Any>(
+                self.backend
+                    .sql("SELECT seq, kind, entity_id, created_at FROM change_feed WHERE seq > ? ORDER BY seq LIMIT ?"),
+            )
+            .bind(seq)
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+            rows.iter()
+                .map(|row| {
+                    let kind: String = row.try_get("kind")?;
+                    let id: String = row.try_get("entity_id")?;
+                    let target = match kind.as_str() {
+                        "key" => ChangeTarget::Key(id),
+                        "tenant" => ChangeTarget::Tenant(id),
+                        "site" => ChangeTarget::Site(id),
+                        other => ChangeTarget::Unknown(other.to_owned()),
+                    };
+                    let micros: i64 = row.try_get("created_at")?;
+                    let created_at = DateTime::from_timestamp_micros(micros)
+                        .ok_or_else(|| StoreError::Corrupt(format!("change time {micros}")))?;
+                    Ok(Change { seq: row.try_get("seq")?, target, created_at })
+                })
+                .collect()
+        })
+        .await
     }
 
     /// Deletes changes made before `before`; returns how many.
     pub async fn prune_changes(&self, before: DateTime<Utc>) -> StoreResult<u64> {
-        let result = sqlx::query::<Any>(self.backend.sql("DELETE FROM change_feed WHERE created_at < ?"))
-            .bind(micros(before))
-            .execute(&self.pool)
-            .await?;
-        Ok(result.rows_affected())
+        self.bounded(async {
+            let result = sqlx::query::<Any>(self.backend.sql("DELETE FROM change_feed WHERE created_at < ?"))
+                .bind(micros(before))
+                .execute(&self.pool)
+                .await?;
+            Ok(result.rows_affected())
+        })
+        .await
     }
 }

@@ -21,26 +21,29 @@ impl Store {
         now: DateTime<Utc>,
         audit: &AuditEntry,
     ) -> StoreResult<InsertKeyOutcome> {
-        let mut tx = self.pool.begin().await?;
-        if !self.lock_tenant(&mut tx, &key.tenant_id).await? {
-            return Ok(InsertKeyOutcome::TenantMissing);
-        }
-        let active: (i64,) = sqlx::query_as(self.backend.sql(
-            "SELECT COUNT(*) FROM api_keys WHERE tenant_id = ? AND revoked_at IS NULL \
-             AND (expires_at IS NULL OR expires_at > ?)",
-        ))
-        .bind(key.tenant_id.clone())
-        .bind(micros(now))
-        .fetch_one(&mut *tx)
-        .await?;
-        self.counted();
-        if active.0 >= i64::from(max_active_keys) {
-            return Ok(InsertKeyOutcome::LimitReached { limit: max_active_keys });
-        }
-        self.insert_key_in(&mut tx, key).await?;
-        self.record_in(&mut tx, audit, now).await?;
-        tx.commit().await?;
-        Ok(InsertKeyOutcome::Inserted)
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            if !self.lock_tenant(&mut tx, &key.tenant_id).await? {
+                return Ok(InsertKeyOutcome::TenantMissing);
+            }
+            let active: (i64,) = sqlx::query_as(self.backend.sql(
+                "SELECT COUNT(*) FROM api_keys WHERE tenant_id = ? AND revoked_at IS NULL \
+                 AND (expires_at IS NULL OR expires_at > ?)",
+            ))
+            .bind(key.tenant_id.clone())
+            .bind(micros(now))
+            .fetch_one(&mut *tx)
+            .await?;
+            self.counted();
+            if active.0 >= i64::from(max_active_keys) {
+                return Ok(InsertKeyOutcome::LimitReached { limit: max_active_keys });
+            }
+            self.insert_key_in(&mut tx, key).await?;
+            self.record_in(&mut tx, audit, now).await?;
+            tx.commit().await?;
+            Ok(InsertKeyOutcome::Inserted)
+        })
+        .await
     }
 
     async fn insert_key_in(&self, tx: &mut Transaction<'static, Any>, record: &KeyRecord) -> StoreResult<()> {
@@ -86,18 +89,24 @@ impl Store {
 
     /// A key of the tenant by id.
     pub async fn get_key(&self, tenant_id: &str, key_id: &str) -> StoreResult<Option<KeyRecord>> {
-        let mut connection = self.pool.acquire().await?;
-        self.key_in(&mut connection, tenant_id, key_id).await
+        self.bounded(async {
+            let mut connection = self.pool.acquire().await?;
+            self.key_in(&mut connection, tenant_id, key_id).await
+        })
+        .await
     }
 
     /// The key whose secret hashes to `key_hash`: the lookup behind every cache miss of Check.
     pub async fn key_by_hash(&self, key_hash: &str) -> StoreResult<Option<KeyRecord>> {
-        let row = self
-            .query(format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?"))
-            .bind(key_hash.to_owned())
-            .fetch_optional(&self.pool)
-            .await?;
-        row.as_ref().map(key_from_row).transpose()
+        self.bounded(async {
+            let row = self
+                .query(format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE key_hash = ?"))
+                .bind(key_hash.to_owned())
+                .fetch_optional(&self.pool)
+                .await?;
+            row.as_ref().map(key_from_row).transpose()
+        })
+        .await
     }
 
     /// One page of the tenant's keys in key id (creation) order.
@@ -107,21 +116,24 @@ impl Store {
         filter: &KeyFilter<'_>,
         limit: usize,
     ) -> StoreResult<Vec<KeyRecord>> {
-        let mut sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = ? AND key_id > ?");
-        if !filter.include_revoked {
-            sql.push_str(" AND revoked_at IS NULL");
-        }
-        if filter.site_id.is_some() {
-            sql.push_str(" AND key_id IN (SELECT key_id FROM key_sites WHERE site_id = ?)");
-        }
-        sql.push_str(" ORDER BY key_id LIMIT ?");
-        let mut query =
-            self.query(sql).bind(tenant_id.to_owned()).bind(filter.after_key_id.unwrap_or_default().to_owned());
-        if let Some(site_id) = filter.site_id {
-            query = query.bind(site_id.to_owned());
-        }
-        let rows: Vec<AnyRow> = query.bind(limit as i64).fetch_all(&self.pool).await?;
-        rows.iter().map(key_from_row).collect()
+        self.bounded(async {
+            let mut sql = format!("SELECT {KEY_COLUMNS} FROM api_keys WHERE tenant_id = ? AND key_id > ?");
+            if !filter.include_revoked {
+                sql.push_str(" AND revoked_at IS NULL");
+            }
+            if filter.site_id.is_some() {
+                sql.push_str(" AND key_id IN (SELECT key_id FROM key_sites WHERE site_id = ?)");
+            }
+            sql.push_str(" ORDER BY key_id LIMIT ?");
+            let mut query =
+                self.query(sql).bind(tenant_id.to_owned()).bind(filter.after_key_id.unwrap_or_default().to_owned());
+            if let Some(site_id) = filter.site_id {
+                query = query.bind(site_id.to_owned());
+            }
+            let rows: Vec<AnyRow> = query.bind(limit as i64).fetch_all(&self.pool).await?;
+            rows.iter().map(key_from_row).collect()
+        })
+        .await
     }
 
     /// Applies the fields of `patch` that are set to an active key that was not rotated.
@@ -135,64 +147,67 @@ impl Store {
         now: DateTime<Utc>,
         audit: &AuditEntry,
     ) -> StoreResult<KeyWrite> {
-        let mut tx = self.pool.begin().await?;
-        if !self.lock_tenant(&mut tx, tenant_id).await? {
-            return Ok(KeyWrite::NotFound);
-        }
-        let Some(current) = self.key_in(&mut tx, tenant_id, key_id).await? else {
-            return Ok(KeyWrite::NotFound);
-        };
-        match current.state(now) {
-            KeyState::Active => {}
-            state => return Ok(KeyWrite::NotActive { key: Box::new(current), state }),
-        }
-        if self.successors_in(&mut tx, key_id).await? > 0 {
-            return Ok(KeyWrite::Rotated { key: Box::new(current) });
-        }
-        let mut assignments: Vec<(&str, Column)> = Vec::new();
-        if let Some(name) = &patch.name {
-            assignments.push(("name", Column::Text(Some(name.clone()))));
-        }
-        if let Some(scopes) = &patch.scopes {
-            let scopes = to_json(&scopes.iter().map(|scope| scope.as_str()).collect::<Vec<_>>());
-            assignments.push(("scopes", Column::Text(Some(scopes))));
-        }
-        if let Some(site_ids) = &patch.site_ids {
-            assignments.push(("site_ids", Column::Text(Some(to_json(site_ids)))));
-        }
-        if let Some(metadata) = &patch.metadata {
-            assignments.push(("metadata", Column::Text(Some(to_json(metadata)))));
-        }
-        if let Some(expires_at) = patch.expires_at {
-            assignments.push(("expires_at", Column::Integer(expires_at.map(micros))));
-        }
-        if let Some(limit) = patch.rate_limit_per_minute {
-            assignments.push(("rate_limit_per_minute", Column::Integer(Some(i64::from(limit)))));
-        }
-        if !assignments.is_empty() {
-            let columns = assignments.iter().map(|(column, _)| format!("{column} = ?")).collect::<Vec<_>>();
-            let sql = format!(
-                "UPDATE api_keys SET {} WHERE key_id = ? AND tenant_id = ? AND revoked_at IS NULL",
-                columns.join(", ")
-            );
-            let mut query = self.query(sql);
-            for (_, value) in assignments {
-                query = value.bind_to(query);
-            }
-            let updated = query.bind(key_id.to_owned()).bind(tenant_id.to_owned()).execute(&mut *tx).await?;
-            if updated.rows_affected() == 0 {
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            if !self.lock_tenant(&mut tx, tenant_id).await? {
                 return Ok(KeyWrite::NotFound);
             }
-        }
-        if let Some(site_ids) = &patch.site_ids {
-            self.replace_key_sites(&mut tx, key_id, site_ids).await?;
-        }
-        let Some(updated) = self.key_in(&mut tx, tenant_id, key_id).await? else {
-            return Ok(KeyWrite::NotFound);
-        };
-        self.record_in(&mut tx, audit, now).await?;
-        self.commit_with_change(tx, &ChangeTarget::Key(updated.key_hash.clone()), now).await?;
-        Ok(KeyWrite::Done(Box::new(updated)))
+            let Some(current) = self.key_in(&mut tx, tenant_id, key_id).await? else {
+                return Ok(KeyWrite::NotFound);
+            };
+            match current.state(now) {
+                KeyState::Active => {}
+                state => return Ok(KeyWrite::NotActive { key: Box::new(current), state }),
+            }
+            if self.successors_in(&mut tx, key_id).await? > 0 {
+                return Ok(KeyWrite::Rotated { key: Box::new(current) });
+            }
+            let mut assignments: Vec<(&str, Column)> = Vec::new();
+            if let Some(name) = &patch.name {
+                assignments.push(("name", Column::Text(Some(name.clone()))));
+            }
+            if let Some(scopes) = &patch.scopes {
+                let scopes = to_json(&scopes.iter().map(|scope| scope.as_str()).collect::<Vec<_>>());
+                assignments.push(("scopes", Column::Text(Some(scopes))));
+            }
+            if let Some(site_ids) = &patch.site_ids {
+                assignments.push(("site_ids", Column::Text(Some(to_json(site_ids)))));
+            }
+            if let Some(metadata) = &patch.metadata {
+                assignments.push(("metadata", Column::Text(Some(to_json(metadata)))));
+            }
+            if let Some(expires_at) = patch.expires_at {
+                assignments.push(("expires_at", Column::Integer(expires_at.map(micros))));
+            }
+            if let Some(limit) = patch.rate_limit_per_minute {
+                assignments.push(("rate_limit_per_minute", Column::Integer(Some(i64::from(limit)))));
+            }
+            if !assignments.is_empty() {
+                let columns = assignments.iter().map(|(column, _)| format!("{column} = ?")).collect::<Vec<_>>();
+                let sql = format!(
+                    "UPDATE api_keys SET {} WHERE key_id = ? AND tenant_id = ? AND revoked_at IS NULL",
+                    columns.join(", ")
+                );
+                let mut query = self.query(sql);
+                for (_, value) in assignments {
+                    query = value.bind_to(query);
+                }
+                let updated = query.bind(key_id.to_owned()).bind(tenant_id.to_owned()).execute(&mut *tx).await?;
+                if updated.rows_affected() == 0 {
+                    return Ok(KeyWrite::NotFound);
+                }
+            }
+            if let Some(site_ids) = &patch.site_ids {
+                self.replace_key_sites(&mut tx, key_id, site_ids).await?;
+            }
+            let Some(updated) = self.key_in(&mut tx, tenant_id, key_id).await? else {
+                return Ok(KeyWrite::NotFound);
+            };
+            self.record_in(&mut tx, audit, now).await?;
+            self.commit_with_change(tx, &ChangeTarget::Key(updated.key_hash.clone()), now).await?;
+            Ok(KeyWrite::Done(Box::new(updated)))
+        })
+        .await
     }
 
     /// Revokes a key at `now` unless it is revoked already, and returns it as it is afterwards.
@@ -203,23 +218,26 @@ impl Store {
         now: DateTime<Utc>,
         audit: &AuditEntry,
     ) -> StoreResult<Option<KeyRecord>> {
-        let mut tx = self.pool.begin().await?;
-        let revoked = self
-            .query("UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND tenant_id = ? AND revoked_at IS NULL")
-            .bind(micros(now))
-            .bind(key_id.to_owned())
-            .bind(tenant_id.to_owned())
-            .execute(&mut *tx)
-            .await?;
-        let key = self.key_in(&mut tx, tenant_id, key_id).await?;
-        match key.as_ref().filter(|_| revoked.rows_affected() > 0) {
-            Some(key) => {
-                self.record_in(&mut tx, audit, now).await?;
-                self.commit_with_change(tx, &ChangeTarget::Key(key.key_hash.clone()), now).await?
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            let revoked = self
+                .query("UPDATE api_keys SET revoked_at = ? WHERE key_id = ? AND tenant_id = ? AND revoked_at IS NULL")
+                .bind(micros(now))
+                .bind(key_id.to_owned())
+                .bind(tenant_id.to_owned())
+                .execute(&mut *tx)
+                .await?;
+            let key = self.key_in(&mut tx, tenant_id, key_id).await?;
+            match key.as_ref().filter(|_| revoked.rows_affected() > 0) {
+                Some(key) => {
+                    self.record_in(&mut tx, audit, now).await?;
+                    self.commit_with_change(tx, &ChangeTarget::Key(key.key_hash.clone()), now).await?
+                }
+                None => tx.commit().await?,
             }
-            None => tx.commit().await?,
-        }
-        Ok(key)
+            Ok(key)
+        })
+        .await
     }
 
     async fn key_in(
@@ -257,34 +275,37 @@ impl Store {
         successor: &KeyRecord,
         audit: &AuditEntry,
     ) -> StoreResult<RotateOutcome> {
-        let mut tx = self.pool.begin().await?;
-        if !self.lock_tenant(&mut tx, &old.tenant_id).await? {
-            return Ok(RotateOutcome::Conflict);
-        }
-        if self.successors_in(&mut tx, &old.key_id).await? > 0 {
-            return Ok(RotateOutcome::Conflict);
-        }
-        let (revoked_at, expires_at) = match end {
-            KeyEnd::RevokeAt(at) => (Some(micros(at)), old.expires_at.map(micros)),
-            KeyEnd::ExpireAt(at) => (None, Some(micros(at))),
-        };
-        let ended = self
-            .query(
-                "UPDATE api_keys SET revoked_at = ?, expires_at = ? \
-                 WHERE key_id = ? AND tenant_id = ? AND revoked_at IS NULL",
-            )
-            .bind(revoked_at)
-            .bind(expires_at)
-            .bind(old.key_id.clone())
-            .bind(old.tenant_id.clone())
-            .execute(&mut *tx)
-            .await?;
-        if ended.rows_affected() == 0 {
-            return Ok(RotateOutcome::Conflict);
-        }
-        self.insert_key_in(&mut tx, successor).await?;
-        self.record_in(&mut tx, audit, successor.created_at).await?;
-        self.commit_with_change(tx, &ChangeTarget::Key(old.key_hash.clone()), successor.created_at).await?;
-        Ok(RotateOutcome::Rotated)
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            if !self.lock_tenant(&mut tx, &old.tenant_id).await? {
+                return Ok(RotateOutcome::Conflict);
+            }
+            if self.successors_in(&mut tx, &old.key_id).await? > 0 {
+                return Ok(RotateOutcome::Conflict);
+            }
+            let (revoked_at, expires_at) = match end {
+                KeyEnd::RevokeAt(at) => (Some(micros(at)), old.expires_at.map(micros)),
+                KeyEnd::ExpireAt(at) => (None, Some(micros(at))),
+            };
+            let ended = self
+                .query(
+                    "UPDATE api_keys SET revoked_at = ?, expires_at = ? \
+                     WHERE key_id = ? AND tenant_id = ? AND revoked_at IS NULL",
+                )
+                .bind(revoked_at)
+                .bind(expires_at)
+                .bind(old.key_id.clone())
+                .bind(old.tenant_id.clone())
+                .execute(&mut *tx)
+                .await?;
+            if ended.rows_affected() == 0 {
+                return Ok(RotateOutcome::Conflict);
+            }
+            self.insert_key_in(&mut tx, successor).await?;
+            self.record_in(&mut tx, audit, successor.created_at).await?;
+            self.commit_with_change(tx, &ChangeTarget::Key(old.key_hash.clone()), successor.created_at).await?;
+            Ok(RotateOutcome::Rotated)
+        })
+        .await
     }
 }

@@ -9,6 +9,7 @@ mod audit;
 mod backend;
 mod counts;
 mod feed;
+mod health;
 mod keys;
 mod rows;
 mod tenants;
@@ -25,13 +26,19 @@ pub use audit::{DenialKey, UsageKey};
 pub use backend::Backend;
 pub use counts::CountKey;
 pub use feed::{Change, ChangeTarget};
+pub use health::{StoreHealth, TRIP_AFTER};
 
 use crate::domain::model::{KeyRecord, KeyState, Site};
 
 /// What can go wrong below the domain.
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum StoreError {
-    /// The database cannot be reached or failed; details are for the log only.
+    /// The database did not answer: no connection, a broken one, or no answer within
+    /// `KEYGATE_DB_QUERY_TIMEOUT_MS`. Details are for the log only.
+    #[error("database unreachable: {0}")]
+    Unreachable(String),
+    /// The database answered with a condition that may pass (a deadlock, a lock or statement
+    /// timeout, a full disk, a read-only database); details are for the log only.
     #[error("database unavailable: {0}")]
     Unavailable(String),
     /// A row could not be read back (corrupt JSON, an out-of-range number).
@@ -52,31 +59,47 @@ impl From<sqlx::Error> for StoreError {
                 Self::Corrupt(error.to_string())
             }
             sqlx::Error::Database(database) if !is_transient(database.as_ref()) => Self::Rejected(error.to_string()),
-            _ => Self::Unavailable(error.to_string()),
+            sqlx::Error::Database(_) => Self::Unavailable(error.to_string()),
+            _ => Self::Unreachable(error.to_string()),
         }
     }
 }
 
-/// Whether a database's own error is worth retrying (connection trouble, overload, deadlock,
-/// lock timeout, shutdown) rather than a statement the database will always refuse.
+/// Whether a database's own error is a condition of the database that may pass (connection
+/// trouble, overload, deadlock, lock or statement timeout, shutdown, a full disk, a read-only
+/// database or file) rather than a statement the database will always refuse (a bug).
 fn is_transient(error: &dyn sqlx::error::DatabaseError) -> bool {
     if let Some(mysql) = error.try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>() {
-        // Lock wait timeout, deadlock, too many connections, server shutdown, read-only.
-        return matches!(mysql.number(), 1205 | 1213 | 1040 | 1053 | 1290 | 1836);
+        return matches!(
+            mysql.number(),
+            // Disk full, out of memory, too many connections, shutdown, network errors.
+            1021 | 1037 | 1038 | 1040 | 1041 | 1053 | 1158
+                ..=1161
+            // Table full, lock wait timeout, deadlock, query interrupted, read-only server.
+            | 1114 | 1205 | 1213 | 1317 | 1290 | 1792 | 1836
+            // Statement time limits (MariaDB, MySQL), connection killed, idle disconnect.
+            | 1927 | 1969 | 3024 | 4031
+        );
     }
     let code = error.code().unwrap_or_default();
     if error.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
-        // SQLITE_BUSY and SQLITE_LOCKED, with their extended codes.
-        return code.parse::<i32>().is_ok_and(|code| matches!(code & 0xff, 5 | 6));
+        // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_NOMEM, SQLITE_READONLY, SQLITE_IOERR, SQLITE_FULL,
+        // SQLITE_CANTOPEN, SQLITE_PROTOCOL, with their extended codes.
+        return code.parse::<i32>().is_ok_and(|code| matches!(code & 0xff, 5 | 6 | 7 | 8 | 10 | 13 | 14 | 15));
     }
-    // PostgreSQL SQLSTATE classes: connection, rollback (serialisation, deadlock),
-    // insufficient resources, operator intervention; and lock not available.
-    ["08", "40", "53", "57"].iter().any(|class| code.starts_with(class)) || code == "55P03"
+    // PostgreSQL SQLSTATE classes: connection, rollback (serialisation, deadlock), insufficient
+    // resources (disk full), operator intervention (statement timeout, shutdown), system error;
+    // and lock not available, read-only transaction (a standby after failover).
+    ["08", "40", "53", "57", "58"].iter().any(|class| code.starts_with(class))
+        || matches!(code.as_ref(), "55P03" | "25006")
 }
 
 impl From<sqlx::migrate::MigrateError> for StoreError {
     fn from(error: sqlx::migrate::MigrateError) -> Self {
-        Self::Unavailable(format!("migration failed: {error}"))
+        match error {
+            sqlx::migrate::MigrateError::Execute(error) => Self::from(error),
+            other => Self::Rejected(format!("migration failed: {other}")),
+        }
     }
 }
 
@@ -141,6 +164,9 @@ const KEY_COLUMNS: &str = "key_id, tenant_id, key_hash, name, display_prefix, sc
 pub struct Store {
     pool: AnyPool,
     backend: Backend,
+    /// The most one operation may take; see `KEYGATE_DB_QUERY_TIMEOUT_MS`.
+    query_timeout: Duration,
+    health: Arc<StoreHealth>,
     queries: Arc<AtomicU64>,
     /// Changes this replica committed, which its follower of the feed can skip.
     own_changes: Arc<std::sync::Mutex<std::collections::BTreeSet<i64>>>,
@@ -149,30 +175,62 @@ pub struct Store {
 impl Store {
     /// Creates the pool without connecting: the server starts, reports NOT_SERVING, and
     /// connects and migrates in the background.
-    pub fn connect_lazy(url: &str, max_connections: u32, acquire_timeout: Duration) -> StoreResult<Self> {
+    pub fn connect_lazy(database: &crate::config::DatabaseConfig) -> StoreResult<Self> {
         sqlx::any::install_default_drivers();
+        let url = database.url.0.as_str();
         let backend = Backend::from_url(url)?;
+        let query_timeout = database.query_timeout;
         let pool = AnyPoolOptions::new()
-            .max_connections(max_connections)
-            .acquire_timeout(acquire_timeout)
+            .max_connections(database.max_connections)
+            .acquire_timeout(database.acquire_timeout.min(query_timeout))
             .after_connect(move |connection, _| {
                 Box::pin(async move {
-                    if backend == Backend::Sqlite {
-                        use sqlx::Executor;
-                        // WAL lets Checks read while an admin call writes.
-                        connection
-                            .execute(
-                                "PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; \
-                                 PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;",
-                            )
-                            .await?;
+                    use sqlx::Executor;
+                    for statement in backend.session_settings(connection, query_timeout).await? {
+                        connection.execute(sqlx::AssertSqlSafe(statement)).await?;
                     }
                     Ok(())
                 })
             })
             .connect_lazy(url)
             .map_err(|error| StoreError::Config(format!("invalid database URL: {}", redact_error(&error))))?;
-        Ok(Self { pool, backend, queries: Arc::new(AtomicU64::new(0)), own_changes: Arc::default() })
+        Ok(Self {
+            pool,
+            backend,
+            query_timeout,
+            health: Arc::default(),
+            queries: Arc::new(AtomicU64::new(0)),
+            own_changes: Arc::default(),
+        })
+    }
+
+    /// Whether the database is answering, as this store's operations see it.
+    pub fn health(&self) -> &StoreHealth {
+        &self.health
+    }
+
+    /// Runs one store operation within the query timeout, and records whether the database
+    /// answered. While the database is known to be unreachable (the breaker is open), fails at
+    /// once instead: only [`ping`](Self::ping) probes it then.
+    async fn bounded<T>(&self, operation: impl std::future::Future<Output = StoreResult<T>>) -> StoreResult<T> {
+        if let Some(failing) = self.health.unreachable_for() {
+            return Err(StoreError::Unreachable(format!("no answer from the database for {} ms", failing.as_millis())));
+        }
+        self.timed(operation).await
+    }
+
+    /// [`bounded`](Self::bounded) without the breaker: for probes.
+    async fn timed<T>(&self, operation: impl std::future::Future<Output = StoreResult<T>>) -> StoreResult<T> {
+        let started = self.health.started();
+        let result = match tokio::time::timeout(self.query_timeout, operation).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unreachable(format!(
+                "no answer within KEYGATE_DB_QUERY_TIMEOUT_MS ({} ms)",
+                self.query_timeout.as_millis()
+            ))),
+        };
+        self.health.observe(started, &result);
+        result
     }
 
     pub fn backend(&self) -> Backend {
@@ -184,18 +242,25 @@ impl Store {
         self.queries.load(Ordering::Relaxed)
     }
 
-    /// Applies pending migrations (idempotent; safe to run from several replicas at once).
+    /// Applies pending migrations (idempotent; safe to run from several replicas at once). Not
+    /// bounded by the query timeout: a migration may take long on a large table.
     pub async fn migrate(&self) -> StoreResult<()> {
         self.counted();
-        self.backend.migrator().run(&self.pool).await?;
-        Ok(())
+        let started = self.health.started();
+        let result = self.backend.migrator().run(&self.pool).await.map_err(StoreError::from);
+        self.health.observe(started, &result);
+        result
     }
 
-    /// Checks that the database answers.
+    /// Checks that the database answers, within the query timeout, even while the breaker is
+    /// open: the probe that closes it.
     pub async fn ping(&self) -> StoreResult<()> {
         self.counted();
-        sqlx::query::<Any>("SELECT 1").execute(&self.pool).await?;
-        Ok(())
+        self.timed(async {
+            sqlx::query::<Any>("SELECT 1").execute(&self.pool).await?;
+            Ok(())
+        })
+        .await
     }
 
     /// Closes every connection; pending queries finish first.
@@ -248,7 +313,9 @@ impl Store {
         const CHUNK: usize = 100;
         let Some(width) = rows.first().map(Vec::len) else { return Ok(()) };
         let placeholders = format!("({})", vec!["?"; width].join(", "));
-        let mut tx = self.pool.begin().await?;
+        // Each statement has the query timeout, not the whole batch: a batch can be long after
+        // an outage, and a statement that gets no answer drops (rolls back) the transaction.
+        let mut tx = self.bounded(async { Ok(self.pool.begin().await?) }).await?;
         let mut rows = rows.into_iter().peekable();
         while rows.peek().is_some() {
             let chunk: Vec<Vec<Column>> = rows.by_ref().take(CHUNK).collect();
@@ -258,10 +325,9 @@ impl Store {
             for value in chunk.into_iter().flatten() {
                 query = value.bind_to(query);
             }
-            query.execute(&mut *tx).await?;
+            self.bounded(async { Ok(query.execute(&mut *tx).await?) }).await?;
         }
-        tx.commit().await?;
-        Ok(())
+        self.bounded(async { Ok(tx.commit().await?) }).await
     }
 }
 

@@ -1,39 +1,40 @@
-//! The server: binds its listener, serves KeyAdmin, Authorize, health and reflection, and
-//! connects and migrates the store in the background while health says NOT_SERVING.
+//! The server: binds its listeners, serves KeyAdmin, Authorize, Envoy's ext_authz, health and
+//! reflection under the limits of [`connections`], and connects and migrates the store in the
+//! background while health says NOT_SERVING.
+
+mod connections;
+mod health;
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
-use tonic_health::ServingStatus;
-use tonic_health::server::HealthReporter;
+use tonic::service::interceptor::InterceptedService;
 use tracing::{info, warn};
 
+pub use connections::{
+    CONNECTION_WINDOW_BYTES, ConnectionLimits, MAX_FRAME_BYTES, MAX_LOCAL_ERROR_RESETS, MAX_PENDING_ACCEPT_RESETS,
+    STREAM_WINDOW_BYTES,
+};
+pub use health::{LIVENESS_SERVICE, SERVICE_NAMES};
+
 use crate::cache::DecisionCache;
-use crate::config::Config;
+use crate::config::{Config, TlsFiles};
 use crate::domain::clock::{Clock, SystemClock};
 use crate::feed::FeedSettings;
 use crate::gateway::Gateway;
-use crate::grpc::{AuthorizeApi, BearerAuth, EnvoyAuthorizationApi, KeyAdminApi};
+use crate::grpc::{AuthorizeApi, BearerAuth, CallLayer, EnvoyAuthorizationApi, KeyAdminApi};
 use crate::limits::{LimitSettings, Limiter};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::authorize_server::AuthorizeServer;
 use crate::proto::key_admin_server::KeyAdminServer;
-use crate::service::{Authorizer, Core, KeyService, LookupLimit};
+use crate::service::{Authorizer, Core, KeyService, LookupLimit, StoreSource};
 use crate::store::Store;
 use crate::usage::UsageRecorder;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
-
-/// The fully qualified names health reports on, besides the overall "".
-const SERVICE_NAMES: [&str; 3] = ["keygate.v1.KeyAdmin", "keygate.v1.Authorize", "envoy.service.auth.v3.Authorization"];
-
-/// The health service name that is SERVING as long as the process answers (for liveness
-/// probes; readiness uses "", which waits for the database).
-pub const LIVENESS_SERVICE: &str = "keygate.liveness";
 
 /// A bound, not yet running keygate server.
 pub struct App {
@@ -50,20 +51,31 @@ impl App {
     }
 
     /// Like [`bind`](Self::bind) with a chosen clock; tests move time by hand.
-    pub async fn bind_with_clock(config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
-        let database = &config.database;
-        let store = Store::connect_lazy(&database.url.0, database.max_connections, database.acquire_timeout)?;
-        let listener = TcpListener::bind(config.listen).await?;
+    pub async fn bind_with_clock(mut config: Config, clock: Arc<dyn Clock>) -> anyhow::Result<Self> {
+        let store = Store::connect_lazy(&config.database)?;
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (KEYGATE_LISTEN, the gRPC address)", config.listen))?;
         let metrics_listener = match config.metrics_listen {
-            Some(address) => Some(TcpListener::bind(address).await?),
+            Some(address) => Some(TcpListener::bind(address).await.with_context(|| {
+                format!(
+                    "cannot listen on {address} (KEYGATE_METRICS_LISTEN, the Prometheus address; `off` disables it)"
+                )
+            })?),
             None => None,
         };
+        let open_files = config.connections.fit_to_open_file_limit(config.database.max_connections);
+        if let Some(open_files) = open_files {
+            tracing::debug!(open_files, max_connections = config.connections.max_connections, "connection limit");
+        }
+        let lookups = Arc::new(LookupLimit::new(config.max_lookups_in_flight as usize, config.database.query_timeout));
+        let source = StoreSource { store: store.clone(), lookups: lookups.clone() };
         let core = Arc::new(Core {
+            cache: DecisionCache::new(&config.cache, Arc::new(source)),
             store,
-            cache: DecisionCache::new(&config.cache),
             clock,
             policy: config.policy.clone(),
-            lookups: LookupLimit::new(config.max_lookups_in_flight as usize, database.acquire_timeout),
+            lookups,
             limiter: Limiter::default(),
             usage: UsageRecorder::default(),
         });
@@ -91,36 +103,61 @@ impl App {
 
     /// Serves until `shutdown` completes, then drains in-flight calls and closes the pool.
     pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
-        let (health, health_service) = tonic_health::server::health_reporter();
-        set_health(&health, ServingStatus::NotServing).await;
-        // For liveness probes: the process answers, whatever the database does.
-        health.set_service_status(LIVENESS_SERVICE, ServingStatus::Serving).await;
+        let (reporter, health_service) = tonic_health::server::health_reporter();
+        let health = health::Health::new(reporter);
+        health.starting().await;
         let store = self.core.store.clone();
-        let readiness = tokio::spawn(become_ready(self.core.clone(), health.clone(), self.config.feed.clone()));
+        let readiness = tokio::spawn(become_ready(
+            self.core.clone(),
+            health.clone(),
+            self.config.feed.clone(),
+            self.config.cache.ttl + self.config.cache.stale_window,
+        ));
         let (stop_writers, writers_stop) = tokio::sync::watch::channel(false);
         let counting = tokio::spawn(share_counts(self.core.clone(), self.config.limits.clone(), writers_stop.clone()));
         let recording =
             tokio::spawn(flush_usage(self.core.clone(), self.config.limits.usage_flush_interval, writers_stop));
 
-        let reflection_v1 = reflection().build_v1()?;
-        let reflection_v1alpha = reflection().build_v1alpha()?;
-        let admin = KeyAdminServer::with_interceptor(
-            KeyAdminApi::new(KeyService::new(self.core.clone()), self.core.clock.clone()),
+        let limits = self.config.connections.clone();
+        let max_message = limits.max_message_bytes;
+        let admin = InterceptedService::new(
+            KeyAdminServer::new(KeyAdminApi::new(KeyService::new(self.core.clone()), self.core.clock.clone()))
+                .max_decoding_message_size(max_message),
             BearerAuth::required(self.config.admin_tokens.clone(), "KeyAdmin"),
         );
         let authorizer = Authorizer::new(self.core.clone());
         let gateway = Gateway::new(authorizer.clone(), self.config.gateway.clone(), self.core.clock.clone());
-        let authorize = AuthorizeServer::with_interceptor(
-            AuthorizeApi::new(authorizer),
+        let authorize = InterceptedService::new(
+            AuthorizeServer::new(AuthorizeApi::new(authorizer)).max_decoding_message_size(max_message),
             BearerAuth::when_configured(self.config.authorize_tokens.clone(), "Authorize"),
         );
-        let envoy = AuthorizationServer::with_interceptor(
-            EnvoyAuthorizationApi::new(gateway),
+        let envoy = InterceptedService::new(
+            AuthorizationServer::new(EnvoyAuthorizationApi::new(gateway)).max_decoding_message_size(max_message),
             BearerAuth::when_configured(self.config.authorize_tokens.clone(), "envoy ext_authz"),
         );
+        let routes = tonic::service::Routes::builder()
+            .add_service(health_service.max_decoding_message_size(max_message))
+            .add_service(reflection().build_v1()?.max_decoding_message_size(max_message))
+            .add_service(reflection().build_v1alpha()?.max_decoding_message_size(max_message))
+            .add_service(admin)
+            .add_service(authorize)
+            .add_service(envoy)
+            .clone()
+            .routes()
+            .prepare();
+        let service = tower_layer::Layer::layer(&CallLayer::new(limits.request_timeout), routes);
+        let tls = self.config.tls.as_ref().map(tls_acceptor).transpose()?;
 
         let address = self.local_addr();
-        info!(%address, backend = store.backend().name(), "keygate listening");
+        info!(
+            grpc = %address,
+            metrics = %self.metrics_addr().map_or_else(|| "off".to_owned(), |address| address.to_string()),
+            tls = tls.is_some(),
+            mutual_tls = self.config.tls.as_ref().is_some_and(|tls| tls.client_ca.is_some()),
+            backend = store.backend().name(),
+            max_connections = limits.max_connections,
+            "keygate listening"
+        );
         let health_on_shutdown = health.clone();
         let drain_delay = self.config.shutdown_drain_delay;
         let (stop_metrics, metrics_stop) = tokio::sync::watch::channel(false);
@@ -142,55 +179,33 @@ impl App {
         }
         let stopping = Arc::new(tokio::sync::Notify::new());
         let stop_signal = stopping.clone();
-        let mut builder = Server::builder();
-        if let Some(tls) = &self.config.tls {
-            let mut settings = ServerTlsConfig::new().identity(Identity::from_pem(tls.cert.clone(), tls.key.clone()));
-            if let Some(ca) = &tls.client_ca {
-                settings = settings.client_ca_root(Certificate::from_pem(ca.clone()));
+        let serving = connections::serve(self.listener, tls, service, &limits, async move {
+            shutdown.await;
+            stop_signal.notify_one();
+            health_on_shutdown.stopping().await;
+            // Keep accepting while load balancers notice NOT_SERVING and stop routing here.
+            if !drain_delay.is_zero() {
+                info!(delay_ms = drain_delay.as_millis() as u64, "shutting down: NOT_SERVING, still accepting");
+                tokio::time::sleep(drain_delay).await;
             }
-            builder = builder.tls_config(settings)?;
-            info!(mutual = tls.client_ca.is_some(), "TLS on the gRPC listener");
-        }
-        let serving = builder
-            .trace_fn(crate::telemetry::request_span)
-            .layer(crate::metrics::GrpcMetricsLayer)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .add_service(admin)
-            .add_service(authorize)
-            .add_service(envoy)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(self.listener), async move {
-                shutdown.await;
-                stop_signal.notify_one();
-                set_health(&health_on_shutdown, ServingStatus::NotServing).await;
-                // Keep accepting while load balancers notice NOT_SERVING and stop routing here.
-                if !drain_delay.is_zero() {
-                    info!(delay_ms = drain_delay.as_millis() as u64, "shutting down: NOT_SERVING, still accepting");
-                    tokio::time::sleep(drain_delay).await;
-                }
-                info!("shutting down: draining in-flight calls");
-            });
+            info!("shutting down: draining in-flight calls");
+        });
         // Once shutdown begins, everything must be done within the deadline; the last part of it
         // (a third, at most 5 s) is kept for writing buffers, however long draining takes.
         let deadline = self.config.shutdown_timeout;
         let flush_budget = (deadline / 3).min(Duration::from_secs(5));
-        let result = {
+        {
             tokio::pin!(serving);
             tokio::select! {
-                result = &mut serving => result,
+                () = &mut serving => {}
                 () = stopping.notified() => {
                     let drain_until = tokio::time::Instant::now() + deadline.saturating_sub(flush_budget);
-                    match tokio::time::timeout_at(drain_until, &mut serving).await {
-                        Ok(result) => result,
-                        Err(_) => {
-                            warn!(deadline_seconds = deadline.as_secs(), "calls still in flight at the drain deadline: dropping them");
-                            Ok(())
-                        }
+                    if tokio::time::timeout_at(drain_until, &mut serving).await.is_err() {
+                        warn!(deadline_seconds = deadline.as_secs(), "calls still in flight at the drain deadline: dropping them");
                     }
                 }
             }
-        };
+        }
         let deadline_at = tokio::time::Instant::now() + flush_budget;
         readiness.abort();
         // The writers finish the write they are in (never dropped halfway, which would lose
@@ -212,8 +227,42 @@ impl App {
         }
         let _ = stop_metrics.send(true);
         info!("keygate stopped");
-        Ok(result?)
+        Ok(())
     }
+}
+
+/// The rustls acceptor of the gRPC listener: HTTP/2 by ALPN, client certificates required
+/// when a client CA is configured.
+fn tls_acceptor(tls: &TlsFiles) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls::{RootCertStore, ServerConfig, server::WebPkiClientVerifier};
+    let certificates = CertificateDer::pem_slice_iter(&tls.cert)
+        .collect::<Result<Vec<_>, _>>()
+        .context("KEYGATE_TLS_CERT is not a PEM certificate chain")?;
+    let key = PrivateKeyDer::from_pem_slice(&tls.key).context("KEYGATE_TLS_KEY is not a PEM private key")?;
+    let provider = Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone()).with_safe_default_protocol_versions()?;
+    let builder = match &tls.client_ca {
+        None => builder.with_no_client_auth(),
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for certificate in CertificateDer::pem_slice_iter(ca) {
+                roots
+                    .add(certificate.context("KEYGATE_TLS_CLIENT_CA is not a PEM certificate list")?)
+                    .context("KEYGATE_TLS_CLIENT_CA holds an unusable certificate")?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .context("KEYGATE_TLS_CLIENT_CA")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder
+        .with_single_cert(certificates, key)
+        .context("KEYGATE_TLS_CERT and KEYGATE_TLS_KEY do not make a usable identity")?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 /// Shares request counts every sync interval, and prunes old counters now and then.
@@ -273,8 +322,8 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 }
 
 /// Connects and migrates, retrying with backoff; reads where to follow the change feed from;
-/// reports SERVING; then follows the feed.
-async fn become_ready(core: Arc<Core>, health: HealthReporter, feed: FeedSettings) {
+/// reports SERVING; then follows the feed while health follows the store.
+async fn become_ready(core: Arc<Core>, health: health::Health, feed: FeedSettings, servable_for: Duration) {
     let mut delay = Duration::from_millis(200);
     let head = loop {
         let ready = match core.store.migrate().await {
@@ -293,16 +342,10 @@ async fn become_ready(core: Arc<Core>, health: HealthReporter, feed: FeedSetting
             }
         }
     };
-    set_health(&health, ServingStatus::Serving).await;
+    health.ready().await;
     info!("store migrated and reachable: serving");
+    tokio::spawn(health::follow_store(core.store.clone(), health, servable_for));
     crate::feed::follow(core, feed, head).await;
-}
-
-async fn set_health(health: &HealthReporter, status: ServingStatus) {
-    health.set_service_status("", status).await;
-    for name in SERVICE_NAMES {
-        health.set_service_status(name, status).await;
-    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.
@@ -332,7 +375,7 @@ pub async fn shutdown_signal() {
 
 /// Runs migrations once and returns (for `keygate migrate`).
 pub async fn migrate(database: &crate::config::DatabaseConfig) -> anyhow::Result<()> {
-    let store = Store::connect_lazy(&database.url.0, database.max_connections, database.acquire_timeout)?;
+    let store = Store::connect_lazy(database)?;
     store.migrate().await?;
     store.close().await;
     Ok(())

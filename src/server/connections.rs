@@ -1,0 +1,420 @@
+//! Accepting and serving client connections under explicit limits.
+//!
+//! keygate runs its own accept loop over hyper's HTTP/2 server so that every limit a hostile
+//! client could push against is set here, in one place: how many connections are served at
+//! once, how many calls one connection may have in flight, how large headers may be, how long
+//! a connection may sit idle, how quickly it must answer keep-alive pings, and how many stream
+//! resets it may cause before it is closed. Running out of file descriptors makes the accept
+//! loop back off instead of spinning, and the server recovers by itself when connections close.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::Incoming;
+use hyper::server::conn::http2;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tracing::{debug, warn};
+
+use crate::telemetry::Throttle;
+
+/// Client streams a connection may reset before keygate answers GOAWAY (the HTTP/2 "rapid
+/// reset" attack, CVE-2023-44487): h2's own default, set explicitly.
+pub const MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams keygate may have to reset because of a client's protocol errors before it answers
+/// GOAWAY (the "MadeYouReset" attack, CVE-2025-8671).
+pub const MAX_LOCAL_ERROR_RESETS: usize = 256;
+/// Largest HTTP/2 frame keygate accepts, in bytes (the protocol's minimum maximum).
+pub const MAX_FRAME_BYTES: u32 = 16_384;
+/// HTTP/2 flow-control window of one stream, in bytes: what a client may send on one call
+/// before keygate reads it.
+pub const STREAM_WINDOW_BYTES: u32 = 256 * 1024;
+/// HTTP/2 flow-control window of one connection, in bytes: what a client may send on all of its
+/// calls together before keygate reads them. Bounds the memory one connection can pin.
+pub const CONNECTION_WINDOW_BYTES: u32 = 1024 * 1024;
+/// File descriptors kept free for everything that is not a client connection (database
+/// connections are added to this), when the open-file limit caps the connections.
+const RESERVED_DESCRIPTORS: u64 = 64;
+
+/// The limits of the gRPC listener; see the README's configuration table.
+#[derive(Clone, Debug)]
+pub struct ConnectionLimits {
+    /// Most client connections served at once; more wait in the listen backlog.
+    pub max_connections: usize,
+    /// Most calls in flight on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// Largest request header list, in bytes (SETTINGS_MAX_HEADER_LIST_SIZE).
+    pub max_header_list_bytes: u32,
+    /// Largest request message, in bytes (larger ones are RESOURCE_EXHAUSTED).
+    pub max_message_bytes: usize,
+    /// How often keygate pings a connection; `None`: never.
+    pub keepalive_interval: Option<Duration>,
+    /// How long a ping may go unanswered before the connection is closed.
+    pub keepalive_timeout: Duration,
+    /// How long a connection may have no call in flight before keygate closes it with GOAWAY;
+    /// also the longest a TLS handshake may take.
+    pub idle_timeout: Duration,
+    /// The longest a call may take to produce its response (a shorter client deadline wins).
+    pub request_timeout: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        Self {
+            max_connections: 1024,
+            max_concurrent_streams: 128,
+            max_header_list_bytes: 16 * 1024,
+            max_message_bytes: 4 * 1024 * 1024,
+            keepalive_interval: Some(Duration::from_secs(30)),
+            keepalive_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(300),
+            request_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
+impl ConnectionLimits {
+    /// Raises the process's soft open-file limit to its hard limit (as Go's runtime does), and
+    /// lowers `max_connections` so that connections cannot take the descriptors the database
+    /// pool (`database_connections`) and the rest of keygate need. Returns the open-file limit.
+    pub fn fit_to_open_file_limit(&mut self, database_connections: u32) -> Option<u64> {
+        let limit = rlimit::increase_nofile_limit(u64::MAX).ok()?;
+        let reserved = RESERVED_DESCRIPTORS + u64::from(database_connections);
+        let fits = usize::try_from(limit.saturating_sub(reserved).max(1)).unwrap_or(usize::MAX);
+        if fits < self.max_connections {
+            warn!(
+                configured = self.max_connections,
+                open_file_limit = limit,
+                serving = fits,
+                "KEYGATE_MAX_CONNECTIONS is above what the open-file limit allows: serving fewer connections"
+            );
+            self.max_connections = fits;
+        }
+        Some(limit)
+    }
+
+    fn http2(&self) -> http2::Builder<TokioExecutor> {
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_concurrent_streams(self.max_concurrent_streams)
+            .max_header_list_size(self.max_header_list_bytes)
+            .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESETS)
+            .max_local_error_reset_streams(MAX_LOCAL_ERROR_RESETS)
+            .max_frame_size(MAX_FRAME_BYTES)
+            .initial_stream_window_size(STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(CONNECTION_WINDOW_BYTES)
+            .adaptive_window(false)
+            .keep_alive_interval(self.keepalive_interval)
+            .keep_alive_timeout(self.keepalive_timeout);
+        builder
+    }
+}
+
+/// Serves `service` on every connection `listener` accepts (through TLS when `tls` is set),
+/// until `shutdown` completes; then stops accepting, asks every connection to finish its calls
+/// (GOAWAY) and returns once all are closed.
+pub async fn serve<S, B>(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    service: S,
+    limits: &ConnectionLimits,
+    shutdown: impl Future<Output = ()>,
+) where
+    S: tower_service::Service<http::Request<Incoming>, Response = http::Response<B>, Error = std::convert::Infallible>
+        + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    static ACCEPT_FAILED: Throttle = Throttle::every(Duration::from_secs(10));
+    let builder = limits.http2();
+    let slots = u32::try_from(limits.max_connections.clamp(1, Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
+    let permits = Arc::new(Semaphore::new(slots as usize));
+    let (stop, stopping) = watch::channel(false);
+    let mut backoff = Duration::ZERO;
+    tokio::pin!(shutdown);
+    loop {
+        // A free slot first: at the limit, new clients wait in the kernel's backlog.
+        let permit = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                Err(_) => break,
+            },
+        };
+        let accepted = tokio::select! {
+            biased;
+            () = &mut shutdown => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                backoff = Duration::ZERO;
+                stream
+            }
+            Err(error) if is_per_connection(&error) => {
+                debug!(%error, "a connection failed while it was accepted");
+                continue;
+            }
+            Err(error) => {
+                // Out of file descriptors or memory: wait for connections to close rather than
+                // spin on an accept that fails at once.
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                if let Some(suppressed) = ACCEPT_FAILED.allow() {
+                    warn!(%error, retry_in_ms = backoff.as_millis() as u64, suppressed, "cannot accept connections");
+                }
+                tokio::select! {
+                    () = &mut shutdown => break,
+                    () = tokio::time::sleep(backoff) => continue,
+                }
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let connection = Connection {
+            builder: builder.clone(),
+            service: service.clone(),
+            idle_timeout: limits.idle_timeout,
+            stopping: stopping.clone(),
+            _slot: permit,
+        };
+        match tls.clone() {
+            None => {
+                tokio::spawn(connection.serve(stream));
+            }
+            Some(acceptor) => {
+                tokio::spawn(async move {
+                    match tokio::time::timeout(connection.idle_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => connection.serve(stream).await,
+                        Ok(Err(error)) => debug!(%error, "TLS handshake failed"),
+                        Err(_) => debug!("TLS handshake timed out"),
+                    }
+                });
+            }
+        }
+    }
+    drop(listener);
+    let _ = stop.send(true);
+    // Every slot back means every connection is closed.
+    let _ = permits.acquire_many(slots).await;
+}
+
+/// Accept errors that concern one connection only: the next accept may well succeed.
+fn is_per_connection(error: &std::io::Error) -> bool {
+    use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset, Interrupted};
+    matches!(error.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset | Interrupted)
+}
+
+/// One accepted connection and what serving it needs.
+struct Connection<S> {
+    builder: http2::Builder<TokioExecutor>,
+    service: S,
+    idle_timeout: Duration,
+    stopping: watch::Receiver<bool>,
+    /// Released when the connection closes.
+    _slot: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl<S> Connection<S> {
+    async fn serve<IO, B>(mut self, io: IO)
+    where
+        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        S: tower_service::Service<
+                http::Request<Incoming>,
+                Response = http::Response<B>,
+                Error = std::convert::Infallible,
+            > + Clone
+            + Send
+            + 'static,
+        S::Future: Send + 'static,
+        B: http_body::Body<Data = Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let activity = Arc::new(Activity::default());
+        let service = TowerToHyperService::new(Tracked { inner: self.service, activity: activity.clone() });
+        let connection = self.builder.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        let idle = activity.idle(self.idle_timeout);
+        tokio::pin!(idle);
+        let mut closing = false;
+        loop {
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(error) = result {
+                        debug!(%error, "connection closed with an error");
+                    }
+                    return;
+                }
+                _ = self.stopping.wait_for(|stopping| *stopping), if !closing => {
+                    closing = true;
+                    connection.as_mut().graceful_shutdown();
+                }
+                () = &mut idle, if !closing => {
+                    closing = true;
+                    debug!(idle_seconds = self.idle_timeout.as_secs(), "closing an idle connection");
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// The calls of one connection: how many are in flight, and how many began.
+#[derive(Debug, Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    begun: AtomicU64,
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>) -> CallGuard {
+        self.begun.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::AcqRel);
+        CallGuard(self.clone())
+    }
+
+    /// Completes once the connection has had no call in flight for `timeout` (detected within
+    /// a quarter of it more): every quarter counts only if it began and ended with no call in
+    /// flight and no call began in between.
+    async fn idle(&self, timeout: Duration) {
+        let tick = (timeout / 4).max(Duration::from_millis(10));
+        let mut quiet = Duration::ZERO;
+        let mut was_idle = self.in_flight.load(Ordering::Acquire) == 0;
+        let mut last_begun = self.begun.load(Ordering::Relaxed);
+        loop {
+            tokio::time::sleep(tick).await;
+            let begun = self.begun.load(Ordering::Relaxed);
+            let is_idle = self.in_flight.load(Ordering::Acquire) == 0;
+            if was_idle && is_idle && begun == last_begun {
+                quiet += tick;
+                if quiet >= timeout {
+                    return;
+                }
+            } else {
+                quiet = Duration::ZERO;
+            }
+            (was_idle, last_begun) = (is_idle, begun);
+        }
+    }
+}
+
+/// One call in flight, until its response body is finished or dropped.
+struct CallGuard(Arc<Activity>);
+
+impl Drop for CallGuard {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Counts a connection's calls for its idle timeout.
+#[derive(Clone)]
+struct Tracked<S> {
+    inner: S,
+    activity: Arc<Activity>,
+}
+
+impl<S, Request, B> tower_service::Service<Request> for Tracked<S>
+where
+    S: tower_service::Service<Request, Response = http::Response<B>>,
+{
+    type Response = http::Response<TrackedBody<B>>;
+    type Error = S::Error;
+    type Future = TrackedFuture<S::Future>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let guard = self.activity.begin();
+        TrackedFuture { inner: self.inner.call(request), guard: Some(guard) }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A call's response future, holding its place among the calls in flight.
+    struct TrackedFuture<F> {
+        #[pin]
+        inner: F,
+        guard: Option<CallGuard>,
+    }
+}
+
+impl<F, B, E> Future for TrackedFuture<F>
+where
+    F: Future<Output = Result<http::Response<B>, E>>,
+{
+    type Output = Result<http::Response<TrackedBody<B>>, E>;
+
+    fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        let response = std::task::ready!(this.inner.poll(context))?;
+        let guard = this.guard.take();
+        Poll::Ready(Ok(response.map(|body| TrackedBody { inner: body, _guard: guard })))
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that keeps its call in flight until it is finished or dropped (a
+    /// streaming call such as Health.Watch is in flight as long as it streams).
+    struct TrackedBody<B> {
+        #[pin]
+        inner: B,
+        _guard: Option<CallGuard>,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        self.project().inner.poll_frame(context)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_is_idle_only_without_calls_for_the_whole_timeout() {
+        let activity = Arc::new(Activity::default());
+        let timeout = Duration::from_secs(8);
+        let started = tokio::time::Instant::now();
+        let call = activity.begin();
+        let watcher = {
+            let activity = activity.clone();
+            tokio::spawn(async move { activity.idle(timeout).await })
+        };
+        tokio::time::sleep(Duration::from_secs(20)).await;
+        assert!(!watcher.is_finished(), "a call in flight keeps the connection busy");
+        drop(call);
+        watcher.await.unwrap();
+        let idle_for = started.elapsed() - Duration::from_secs(20);
+        assert!(idle_for >= timeout && idle_for <= timeout + timeout / 4, "{idle_for:?}");
+    }
+}
