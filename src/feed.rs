@@ -7,10 +7,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use chrono::Utc;
 use tracing::{debug, info, warn};
 
 use crate::cache::DecisionCache;
+use crate::domain::clock::Clock;
 use crate::service::Core;
 use crate::store::Store;
 
@@ -51,7 +51,7 @@ pub async fn follow(core: Arc<Core>, settings: FeedSettings, mut last_seen: i64)
     let mut failing = false;
     loop {
         ticker.tick().await;
-        match catch_up(store, cache, last_seen).await {
+        match catch_up(store, cache, core.clock.as_ref(), last_seen).await {
             Ok(seen) => {
                 if failing {
                     // Changes made during the outage may have been pruned with no newer change
@@ -94,6 +94,7 @@ pub async fn follow(core: Arc<Core>, settings: FeedSettings, mut last_seen: i64)
 pub async fn catch_up(
     store: &Store,
     cache: &DecisionCache,
+    clock: &dyn Clock,
     mut last_seen: i64,
 ) -> Result<i64, crate::store::StoreError> {
     loop {
@@ -107,13 +108,15 @@ pub async fn catch_up(
             cache.invalidate_all();
         }
         for change in &changes {
+            // This replica's own changes were applied when they were made: no lag to measure.
             if !store.take_own_change(change.seq) {
                 cache.apply(&change.target).await;
+                // Measured on the clock that stamped the change.
+                let lag = clock.now() - change.created_at;
+                metrics::histogram!("keygate_invalidation_lag_seconds")
+                    .record(lag.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
+                debug!(seq = change.seq, lag_ms = lag.num_milliseconds(), "applied a change from the feed");
             }
-            let lag = Utc::now() - change.created_at;
-            metrics::histogram!("keygate_invalidation_lag_seconds")
-                .record(lag.num_microseconds().unwrap_or(0).max(0) as f64 / 1e6);
-            debug!(seq = change.seq, lag_ms = lag.num_milliseconds(), "applied a change from the feed");
             last_seen = change.seq;
         }
         if (changes.len() as i64) < BATCH {
@@ -130,8 +133,10 @@ mod tests {
     use crate::cache::CacheSettings;
     use crate::config::{DatabaseConfig, DatabaseUrl};
     use crate::domain::audit::{AuditEntry, AuditEventType};
+    use crate::domain::clock::SystemClock;
     use crate::domain::model::TenantChanges;
     use crate::service::{LookupLimit, StoreSource};
+    use chrono::Utc;
 
     /// A migrated SQLite store in a directory that lives as long as the returned guard.
     async fn migrated_store() -> (tempfile::TempDir, Store) {
@@ -182,7 +187,7 @@ mod tests {
             .await
             .unwrap();
 
-        let seen = catch_up(&store, &cache, last_seen).await.unwrap();
+        let seen = catch_up(&store, &cache, &SystemClock, last_seen).await.unwrap();
         assert_eq!(seen, store.feed_head().await.unwrap());
         let tenant = cache.tenant("acme").await.unwrap().unwrap();
         assert!(!tenant.api_access_enabled, "the cached tenant was dropped and read again");
@@ -196,8 +201,8 @@ mod tests {
         for tenant in ["a", "b", "c"] {
             store.put_tenant(tenant, &TenantChanges::default(), Utc::now(), &audit(tenant)).await.unwrap();
         }
-        let seen = catch_up(&store, &cache, start).await.unwrap();
+        let seen = catch_up(&store, &cache, &SystemClock, start).await.unwrap();
         assert_eq!(seen, start + 3);
-        assert_eq!(catch_up(&store, &cache, seen).await.unwrap(), seen, "nothing new");
+        assert_eq!(catch_up(&store, &cache, &SystemClock, seen).await.unwrap(), seen, "nothing new");
     }
 }

@@ -6,8 +6,14 @@
 //! it tracks. A decision uses the last totals read plus this replica's counts since. Replicas
 //! therefore see each other's requests one sync interval late: with N replicas, a limit can be
 //! exceeded by at most what the other N-1 replicas admit in one sync interval.
+//!
+//! A replica never starts from zero on a subject (a key or a tenant) the others may have
+//! counted: the first time it decides for a subject (after a start, a rollout, or once the
+//! subject's windows have closed) it reads the subject's shared counts first
+//! ([`Limiter::unprimed`], [`Limiter::prime`]). Only while the database cannot answer does it
+//! decide on its own counts.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -15,7 +21,6 @@ use chrono::{DateTime, DurationRound, Utc};
 
 use crate::domain::decision::DenyReason;
 use crate::domain::model::{KeyRecord, Tenant};
-use crate::service::RateLimitState;
 use crate::store::{CountKey, Store, StoreError};
 
 /// How often counts are shared.
@@ -48,6 +53,35 @@ impl Counter {
     }
 }
 
+/// The window a limit counts requests in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateLimitWindow {
+    /// A sliding minute.
+    Minute,
+    /// The UTC day.
+    Day,
+}
+
+/// Whose requests a limit counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RateLimitSubject {
+    Key,
+    Tenant,
+}
+
+/// The state of one limit for one Check.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RateLimitState {
+    /// Requests allowed per `window`.
+    pub limit: u32,
+    /// Requests left in the window after this one.
+    pub remaining: u32,
+    /// When a request is admitted again (a deny) or the window has room again (an allow).
+    pub reset_at: DateTime<Utc>,
+    pub window: RateLimitWindow,
+    pub subject: RateLimitSubject,
+}
+
 /// What the limits say about one more request.
 #[derive(Clone, Debug, PartialEq)]
 pub enum LimitDecision {
@@ -59,7 +93,14 @@ pub enum LimitDecision {
 /// Local counters and their synchronisation with the shared ones.
 #[derive(Debug, Default)]
 pub struct Limiter {
-    counters: Mutex<HashMap<CountKey, Counter>>,
+    counters: Mutex<Counters>,
+}
+
+#[derive(Debug, Default)]
+struct Counters {
+    windows: HashMap<CountKey, Counter>,
+    /// Subjects whose shared counts this replica has read and tracks since.
+    primed: HashSet<String>,
 }
 
 /// The earliest time at which the sliding window admits one more request, given this minute's
@@ -88,22 +129,76 @@ fn count_key(subject: &str, window: DateTime<Utc>) -> CountKey {
     CountKey { subject: subject.to_owned(), window_start: window.timestamp_micros() }
 }
 
+fn key_subject(key: &KeyRecord) -> String {
+    format!("key:{}", key.key_id)
+}
+
+fn tenant_subject(tenant: &Tenant) -> String {
+    format!("tenant:{}", tenant.tenant_id)
+}
+
+/// The per-minute limit of a key (its own, else its tenant's) and its tenant's daily quota;
+/// 0 means none.
+fn limits_of(key: &KeyRecord, tenant: &Tenant) -> (u32, u32) {
+    let per_minute =
+        if key.rate_limit_per_minute > 0 { key.rate_limit_per_minute } else { tenant.rate_limit_per_minute };
+    (per_minute, tenant.daily_request_quota)
+}
+
 impl Limiter {
+    /// The shared counters a decision for `key` at `now` needs and this replica has not read
+    /// yet (its subjects were never primed, or their windows closed since); `None` when it
+    /// knows them all. Read them with [`Store::request_counts`] and hand them to
+    /// [`prime`](Self::prime).
+    pub fn unprimed(&self, key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) -> Option<Vec<CountKey>> {
+        let (per_minute, quota) = limits_of(key, tenant);
+        let counters = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut needed = Vec::new();
+        if per_minute > 0 {
+            let subject = key_subject(key);
+            if !counters.primed.contains(&subject) {
+                let this_minute = minute(now);
+                needed.push(count_key(&subject, this_minute - chrono::Duration::minutes(1)));
+                needed.push(count_key(&subject, this_minute));
+            }
+        }
+        if quota > 0 {
+            let subject = tenant_subject(tenant);
+            if !counters.primed.contains(&subject) {
+                needed.push(count_key(&subject, day(now)));
+            }
+        }
+        (!needed.is_empty()).then_some(needed)
+    }
+
+    /// Takes the shared totals of `windows` (absent rows count zero) and marks their subjects
+    /// as known.
+    pub fn prime(&self, windows: &[CountKey], totals: Vec<(CountKey, i64)>) {
+        let mut counters = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for window in windows {
+            counters.windows.entry(window.clone()).or_default();
+            counters.primed.insert(window.subject.clone());
+        }
+        for (window, total) in totals {
+            let counter = counters.windows.entry(window).or_default();
+            counter.shared = counter.shared.max(total);
+        }
+    }
+
     /// Decides whether `key` may make one more request at `now` and, if so, counts it. The
     /// per-minute limit is the key's own, else its tenant's; the quota is the tenant's; 0 means
     /// none. Denied requests are not counted.
     pub fn check_and_count(&self, key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) -> LimitDecision {
-        let per_minute =
-            if key.rate_limit_per_minute > 0 { key.rate_limit_per_minute } else { tenant.rate_limit_per_minute };
-        let quota = tenant.daily_request_quota;
+        let (per_minute, quota) = limits_of(key, tenant);
         if per_minute == 0 && quota == 0 {
             return LimitDecision::Allowed(None);
         }
-        let key_subject = format!("key:{}", key.key_id);
-        let tenant_subject = format!("tenant:{}", tenant.tenant_id);
+        let key_subject = key_subject(key);
+        let tenant_subject = tenant_subject(tenant);
         let (this_minute, this_day) = (minute(now), day(now));
         let previous_minute = this_minute - chrono::Duration::minutes(1);
-        let mut counters = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut guard = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let counters = &mut guard.windows;
         let count = |subject: &str, window| counters.get(&count_key(subject, window)).map_or(0, Counter::estimate);
 
         let next_minute = this_minute + chrono::Duration::minutes(1);
@@ -117,11 +212,25 @@ impl Limiter {
             let limit = f64::from(per_minute);
             let reset_at =
                 if used + 1.0 > limit { retry_at(this_minute, current, previous, limit) } else { next_minute };
-            (used, RateLimitState { limit: per_minute, remaining: 0, reset_at })
+            let state = RateLimitState {
+                limit: per_minute,
+                remaining: 0,
+                reset_at,
+                window: RateLimitWindow::Minute,
+                subject: RateLimitSubject::Key,
+            };
+            (used, state)
         });
         let quota_state = (quota > 0).then(|| {
             let used = count(&tenant_subject, this_day) as f64;
-            (used, RateLimitState { limit: quota, remaining: 0, reset_at: this_day + chrono::Duration::days(1) })
+            let state = RateLimitState {
+                limit: quota,
+                remaining: 0,
+                reset_at: this_day + chrono::Duration::days(1),
+                window: RateLimitWindow::Day,
+                subject: RateLimitSubject::Tenant,
+            };
+            (used, state)
         });
         for (limit, reason) in [(&rate, DenyReason::RateLimited), (&quota_state, DenyReason::QuotaExceeded)] {
             if let Some((used, state)) = limit
@@ -136,18 +245,22 @@ impl Limiter {
         if quota > 0 {
             counters.entry(count_key(&tenant_subject, this_day)).or_default().pending += 1;
         }
+        // On an allow, the limit with the fewest requests left (the minute's on a tie).
         let remaining = |used: f64, limit: u32| (f64::from(limit) - used - 1.0).floor().max(0.0) as u32;
-        let shown = rate
-            .or(quota_state)
-            .map(|(used, state)| RateLimitState { remaining: remaining(used, state.limit), ..state });
-        LimitDecision::Allowed(shown)
+        let tightest = [rate, quota_state]
+            .into_iter()
+            .flatten()
+            .map(|(used, state)| RateLimitState { remaining: remaining(used, state.limit), ..state })
+            .min_by_key(|state| state.remaining);
+        LimitDecision::Allowed(tightest)
     }
 
     /// Adds this replica's new counts to the shared ones and reads back the totals. Counts that
     /// cannot be written stay pending for the next sync: none is lost.
     pub async fn sync(&self, store: &Store, now: DateTime<Utc>) -> Result<(), StoreError> {
         let deltas: Vec<(CountKey, i64)> = {
-            let mut counters = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut guard = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let Counters { windows: counters, primed } = &mut *guard;
             // Windows that can no longer matter: minutes before the previous one (day counters
             // are kept until their day is over).
             let oldest_minute = (minute(now) - chrono::Duration::minutes(1)).timestamp_micros();
@@ -158,6 +271,9 @@ impl Limiter {
                 let current = if key.subject.starts_with("tenant:") { today } else { oldest_minute };
                 key.window_start >= current
             });
+            // A subject with no open window left is read again the next time it is seen.
+            let tracked: HashSet<&str> = counters.keys().map(|key| key.subject.as_str()).collect();
+            primed.retain(|subject| tracked.contains(subject.as_str()));
             let mut deltas: Vec<(CountKey, i64)> = counters
                 .iter_mut()
                 .filter(|(_, counter)| counter.pending > 0)
@@ -173,7 +289,8 @@ impl Limiter {
         };
         let written = store.add_request_counts(&deltas).await;
         let tracked: Vec<CountKey> = {
-            let mut counters = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let mut guard = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let counters = &mut guard.windows;
             for (key, _) in &deltas {
                 if let Some(counter) = counters.get_mut(key) {
                     match written {
@@ -187,9 +304,9 @@ impl Limiter {
         };
         written?;
         let totals = store.request_counts(&tracked).await?;
-        let mut counters = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut guard = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         for (key, total) in totals {
-            if let Some(counter) = counters.get_mut(&key) {
+            if let Some(counter) = guard.windows.get_mut(&key) {
                 counter.shared = counter.shared.max(total);
             }
         }

@@ -115,7 +115,8 @@ impl Violations {
         Scope::parse(value).map_err(|description| self.add(field, description)).ok()
     }
 
-    /// At most 100 distinct site ids; returned sorted.
+    /// At most 100 site ids, each well-formed; returned in request order (repeats included), so
+    /// later checks (is each a site of the tenant?) can name the index the client sent.
     pub fn site_ids(&mut self, field: &str, values: &[String]) -> Vec<String> {
         if values.len() > MAX_SITES_PER_KEY {
             self.add(field, format!("must have at most {MAX_SITES_PER_KEY} sites"));
@@ -124,10 +125,7 @@ impl Violations {
         for (index, value) in values.iter().enumerate() {
             self.id(&format!("{field}[{index}]"), value);
         }
-        let mut sites = values.to_vec();
-        sites.sort();
-        sites.dedup();
-        sites
+        values.to_vec()
     }
 
     /// 0 means the default; negative is invalid; above the maximum is clamped.

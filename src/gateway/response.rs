@@ -195,7 +195,13 @@ mod tests {
     #[test]
     fn a_429_carries_retry_after_and_the_rate_limit_headers() {
         let now = Utc::now();
-        let limit = RateLimitState { limit: 60, remaining: 0, reset_at: now + Duration::seconds(42) };
+        let limit = RateLimitState {
+            limit: 60,
+            remaining: 0,
+            reset_at: now + Duration::seconds(42),
+            window: crate::service::RateLimitWindow::Minute,
+            subject: crate::service::RateLimitSubject::Key,
+        };
         let allowed = Allowed { credentials: &credentials(), strip_credentials: true, site_id: None };
         let response = decided(&outcome(DenyReason::RateLimited, Some(limit)), &allowed, "events:read", now);
         let (grpc, status, headers, body) = denied_parts(&response);

@@ -208,7 +208,11 @@ impl TryFrom<proto::UpdateKeyRequest> for KeyPatch {
                 "rate_limit_per_minute" => changes.rate_limit_per_minute = Some(request.rate_limit_per_minute),
                 other => violations.add(
                     "update_mask",
-                    format!("unknown or read-only field {other:?}; updatable: {}", UPDATABLE.join(", ")),
+                    format!(
+                        "unknown or read-only field {:?}; updatable: {}",
+                        super::Untrusted(other),
+                        UPDATABLE.join(", ")
+                    ),
                 ),
             }
         }
@@ -309,10 +313,23 @@ pub fn check_response(outcome: &crate::service::CheckOutcome, scope: &str, site_
         response.metadata = key.metadata.clone().into_iter().collect();
         response.expires_at = key.expires_at.map(timestamp);
     }
-    response.rate_limit = outcome.rate_limit.as_ref().map(|limit| proto::RateLimit {
-        limit: limit.limit,
-        remaining: limit.remaining,
-        reset_at: Some(timestamp(limit.reset_at)),
+    response.rate_limit = outcome.rate_limit.as_ref().map(|limit| {
+        use crate::service::{RateLimitSubject, RateLimitWindow};
+        let window = match limit.window {
+            RateLimitWindow::Minute => proto::RateLimitWindow::Minute,
+            RateLimitWindow::Day => proto::RateLimitWindow::Day,
+        };
+        let subject = match limit.subject {
+            RateLimitSubject::Key => proto::RateLimitSubject::Key,
+            RateLimitSubject::Tenant => proto::RateLimitSubject::Tenant,
+        };
+        proto::RateLimit {
+            limit: limit.limit,
+            remaining: limit.remaining,
+            reset_at: Some(timestamp(limit.reset_at)),
+            window: window.into(),
+            subject: subject.into(),
+        }
     });
     response
 }

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use chrono::{DateTime, Duration, NaiveDate, NaiveTime, Utc};
 use tracing::info;
 
-use super::{Core, PageToken, ServiceError, ServiceResult};
+use super::page_token::ListCall;
+use super::{Core, ServiceError, ServiceResult};
 use crate::domain::audit::{AuditEntry, AuditEvent, AuditEventType, AuditFilter};
 use crate::domain::key::{ApiKeySecret, Environment, new_key_id};
 use crate::domain::model::{KeyPatch, KeyRecord, KeyState, Site, Tenant, TenantChanges};
@@ -160,11 +161,12 @@ impl KeyService {
     }
 
     pub async fn list_sites(&self, tenant_id: &str, page_size: usize, page_token: &str) -> ServiceResult<Page<Site>> {
-        let after = PageToken::decode("sites", page_token)?;
+        let call = ListCall { kind: "sites", scope: &[tenant_id] };
+        let after = call.decode(page_token)?;
         self.get_tenant(tenant_id).await?;
         let after_id = after.as_ref().map(|token| token.after_id.as_str());
         let sites = self.core.store.list_sites(tenant_id, after_id, page_size + 1).await?;
-        Ok(paginate(sites, page_size, "sites", |site| &site.site_id))
+        Ok(paginate(sites, page_size, &call, |site| &site.site_id))
     }
 
     /// Mints a key under the tenant's plan and active-key limit.
@@ -179,6 +181,7 @@ impl KeyService {
         self.check_catalogue("scopes", &request.scopes)?;
         let scopes = sorted_unique(request.scopes);
         self.check_sites_owned(&request.tenant_id, &request.site_ids).await?;
+        let site_ids = sorted_unique(request.site_ids);
         let expires_at = match request.expiry {
             Expiry::Never => None,
             Expiry::At(at) => Some(future_time("expires_at", at, now)?),
@@ -198,7 +201,7 @@ impl KeyService {
             name: request.name,
             display_prefix: secret.display_prefix(),
             scopes,
-            site_ids: request.site_ids,
+            site_ids,
             environment: request.environment,
             metadata: request.metadata,
             rate_limit_per_minute: request.rate_limit_per_minute,
@@ -233,7 +236,10 @@ impl KeyService {
     }
 
     pub async fn list_keys(&self, request: &ListKeys) -> ServiceResult<Page<KeyRecord>> {
-        let after = PageToken::decode("keys", &request.page_token)?;
+        let include_revoked = request.include_revoked.to_string();
+        let site = request.site_id.as_deref().unwrap_or_default();
+        let call = ListCall { kind: "keys", scope: &[&request.tenant_id, &include_revoked, site] };
+        let after = call.decode(&request.page_token)?;
         self.get_tenant(&request.tenant_id).await?;
         let filter = KeyFilter {
             include_revoked: request.include_revoked,
@@ -241,7 +247,7 @@ impl KeyService {
             after_key_id: after.as_ref().map(|token| token.after_id.as_str()),
         };
         let keys = self.core.store.list_keys(&request.tenant_id, &filter, request.page_size + 1).await?;
-        Ok(paginate(keys, request.page_size, "keys", |key| &key.key_id))
+        Ok(paginate(keys, request.page_size, &call, |key| &key.key_id))
     }
 
     /// Changes the patched fields of an active key that was not rotated. Runs to completion
@@ -258,8 +264,9 @@ impl KeyService {
             self.check_catalogue("scopes", &scopes)?;
             patch.scopes = Some(sorted_unique(scopes));
         }
-        if let Some(site_ids) = &patch.site_ids {
-            self.check_sites_owned(&tenant_id, site_ids).await?;
+        if let Some(site_ids) = patch.site_ids.take() {
+            self.check_sites_owned(&tenant_id, &site_ids).await?;
+            patch.site_ids = Some(sorted_unique(site_ids));
         }
         if let Some(Some(expires_at)) = patch.expires_at {
             future_time("expires_at", expires_at, now)?;
@@ -353,11 +360,22 @@ impl KeyService {
             .key(key_id)
             .detail("new_key_id", &successor.key_id)
             .detail("grace_seconds", grace.num_seconds());
-        let outcome = self.core.store.rotate_key(&old, end, &successor, &audit).await?;
+        let tenant = self.get_tenant(tenant_id).await?;
+        let limit = self.effective_max_keys(&tenant);
+        let outcome = self.core.store.rotate_key(&old, end, &successor, limit, &audit).await?;
         // Whatever happened, the old key's cached state may be out of date now.
         self.core.cache.invalidate_key(&old.key_hash).await;
-        if let RotateOutcome::Conflict = outcome {
-            return Err(ServiceError::FailedPrecondition(format!("key {key_id} was rotated or revoked already")));
+        match outcome {
+            RotateOutcome::Rotated => {}
+            RotateOutcome::Conflict => {
+                return Err(ServiceError::FailedPrecondition(format!("key {key_id} was rotated or revoked already")));
+            }
+            RotateOutcome::LimitReached { limit } => {
+                return Err(ServiceError::ResourceExhausted(format!(
+                    "tenant {tenant_id} already has {limit} other working keys, its limit; a key in its grace period \
+                     counts until it expires: rotate without a grace period, or revoke a key first"
+                )));
+            }
         }
         info!(tenant_id, key_id = %successor.key_id, previous_key_id = key_id, grace_seconds = grace.num_seconds(), "key rotated");
         let previous_key = self.get_key(tenant_id, key_id).await?;
@@ -400,7 +418,13 @@ impl KeyService {
         page_size: usize,
         page_token: &str,
     ) -> ServiceResult<Page<AuditEvent>> {
-        let after = PageToken::decode("audit", page_token)?;
+        let key_id = filter.key_id.clone().unwrap_or_default();
+        let event_types = filter.event_types.iter().map(|kind| kind.as_str()).collect::<Vec<_>>().join(",");
+        let time =
+            |time: Option<DateTime<Utc>>| time.map_or_else(String::new, |time| time.timestamp_micros().to_string());
+        let (start, end) = (time(filter.start_time), time(filter.end_time));
+        let call = ListCall { kind: "audit", scope: &[tenant_id, &key_id, &event_types, &start, &end] };
+        let after = call.decode(page_token)?;
         let after = match &after {
             None => None,
             Some(token) => {
@@ -415,7 +439,7 @@ impl KeyService {
         let next_page_token = if events.len() > page_size {
             events.truncate(page_size);
             events.last().map_or_else(String::new, |last| {
-                PageToken::encode("audit", &format!("{}:{}", last.occurred_at.timestamp_micros(), last.event_id))
+                call.token(&format!("{}:{}", last.occurred_at.timestamp_micros(), last.event_id))
             })
         } else {
             String::new()
@@ -434,7 +458,10 @@ impl KeyService {
     }
 
     async fn check_sites_owned(&self, tenant_id: &str, site_ids: &[String]) -> ServiceResult<()> {
-        let owned = self.core.store.owned_sites(tenant_id, site_ids).await?;
+        let mut distinct = site_ids.to_vec();
+        distinct.sort();
+        distinct.dedup();
+        let owned = self.core.store.owned_sites(tenant_id, &distinct).await?;
         let mut violations = Violations::default();
         for (index, site_id) in site_ids.iter().enumerate() {
             if !owned.contains(site_id) {
@@ -446,10 +473,10 @@ impl KeyService {
     }
 }
 
-fn paginate<T>(mut items: Vec<T>, page_size: usize, kind: &str, id: impl Fn(&T) -> &String) -> Page<T> {
+fn paginate<T>(mut items: Vec<T>, page_size: usize, call: &ListCall<'_>, id: impl Fn(&T) -> &String) -> Page<T> {
     let next_page_token = if items.len() > page_size {
         items.truncate(page_size);
-        items.last().map(|last| PageToken::encode(kind, id(last))).unwrap_or_default()
+        items.last().map(|last| call.token(id(last))).unwrap_or_default()
     } else {
         String::new()
     };
@@ -464,10 +491,10 @@ async fn to_completion<T: Send + 'static>(
     tokio::spawn(change).await.map_err(|error| ServiceError::Internal(format!("admin task failed: {error}")))?
 }
 
-fn sorted_unique(mut scopes: Vec<Scope>) -> Vec<Scope> {
-    scopes.sort();
-    scopes.dedup();
-    scopes
+fn sorted_unique<T: Ord>(mut items: Vec<T>) -> Vec<T> {
+    items.sort();
+    items.dedup();
+    items
 }
 
 fn future_time(field: &str, at: DateTime<Utc>, now: DateTime<Utc>) -> ServiceResult<DateTime<Utc>> {

@@ -8,23 +8,15 @@ use tracing::{debug, info};
 use super::{Core, ServiceResult};
 use crate::domain::decision::{CheckInput, DenyReason, decide};
 use crate::domain::key::{ApiKeySecret, KeyFormatError};
-use crate::domain::model::KeyRecord;
+use crate::domain::model::{KeyRecord, Tenant};
 use crate::domain::scope::Scope;
-use crate::limits::LimitDecision;
+use crate::limits::{LimitDecision, RateLimitState};
 
 /// A validated Check: the raw key (checked here, never logged), the scope and the site.
 pub struct CheckRequest {
     pub key: String,
     pub scope: Scope,
     pub site_id: Option<String>,
-}
-
-/// The per-minute limit that applies to a key.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct RateLimitState {
-    pub limit: u32,
-    pub remaining: u32,
-    pub reset_at: DateTime<Utc>,
 }
 
 /// The decision and, when the key is known, its context.
@@ -91,7 +83,11 @@ impl Authorizer {
             site_owner: site_owner.as_deref(),
             now,
         };
-        let (decision, rate_limit) = match decide(&input, &core.policy.scopes) {
+        let decided = decide(&input, &core.policy.scopes);
+        if decided.is_ok() {
+            self.prime_limits(&key, &tenant, now).await;
+        }
+        let (decision, rate_limit) = match decided {
             Err(reason) => (Err(reason), None),
             Ok(()) => match core.limiter.check_and_count(&key, &tenant, now) {
                 LimitDecision::Allowed(state) => (Ok(()), state),
@@ -108,5 +104,19 @@ impl Authorizer {
             ),
         }
         Ok(CheckOutcome { decision, key: Some(key), rate_limit })
+    }
+
+    /// Reads the shared request counts of a key or tenant this replica has not counted for yet,
+    /// so that a start, a rollout or a new replica never begins a window at zero. When the
+    /// store cannot answer, the decision goes on with this replica's own counts.
+    async fn prime_limits(&self, key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) {
+        let core = &self.core;
+        let Some(windows) = core.limiter.unprimed(key, tenant, now) else { return };
+        match core.lookups.run(core.store.request_counts(&windows)).await {
+            Ok(totals) => core.limiter.prime(&windows, totals),
+            Err(error) => {
+                debug!(%error, "deciding on this replica's own request counts: the shared ones are unreadable")
+            }
+        }
     }
 }

@@ -7,9 +7,10 @@ mod page_token;
 
 use std::sync::Arc;
 
+pub use crate::limits::{RateLimitState, RateLimitSubject, RateLimitWindow};
 pub use admin::{CreateKey, DailyUsage, Expiry, KeyService, ListKeys, Page, Rotation};
-pub use authorizer::{Authorizer, CheckOutcome, CheckRequest, RateLimitState};
-pub use page_token::PageToken;
+pub use authorizer::{Authorizer, CheckOutcome, CheckRequest};
+pub use page_token::{ListCall, PageToken};
 
 use crate::cache::{DecisionCache, Load};
 use crate::domain::clock::Clock;

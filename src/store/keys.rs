@@ -46,6 +46,26 @@ impl Store {
         .await
     }
 
+    /// How many keys of the tenant work at `now` (not revoked, not expired; a key in its
+    /// rotation grace period works).
+    async fn active_keys_in(
+        &self,
+        connection: &mut sqlx::AnyConnection,
+        tenant_id: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<i64> {
+        self.counted();
+        let active: (i64,) = sqlx::query_as(self.backend.sql(
+            "SELECT COUNT(*) FROM api_keys WHERE tenant_id = ? AND revoked_at IS NULL \
+             AND (expires_at IS NULL OR expires_at > ?)",
+        ))
+        .bind(tenant_id.to_owned())
+        .bind(micros(now))
+        .fetch_one(connection)
+        .await?;
+        Ok(active.0)
+    }
+
     async fn insert_key_in(&self, tx: &mut Transaction<'static, Any>, record: &KeyRecord) -> StoreResult<()> {
         self.query(format!(
             "INSERT INTO api_keys ({KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
@@ -267,12 +287,15 @@ impl Store {
 
     /// Atomically ends the old key (revoked at `revoke_at`, or expiring at `expire_at`) and
     /// inserts its successor. Fails with `Conflict` when the old key was revoked or already
-    /// rotated by a concurrent call.
+    /// rotated by a concurrent call. With a grace period the old key keeps working, so the
+    /// tenant needs room: its other working keys must number fewer than `max_active_keys`, or
+    /// the outcome is `LimitReached`.
     pub async fn rotate_key(
         &self,
         old: &KeyRecord,
         end: KeyEnd,
         successor: &KeyRecord,
+        max_active_keys: u32,
         audit: &AuditEntry,
     ) -> StoreResult<RotateOutcome> {
         self.bounded(async {
@@ -282,6 +305,12 @@ impl Store {
             }
             if self.successors_in(&mut tx, &old.key_id).await? > 0 {
                 return Ok(RotateOutcome::Conflict);
+            }
+            if let KeyEnd::ExpireAt(_) = end {
+                let others = self.active_keys_in(&mut tx, &old.tenant_id, successor.created_at).await? - 1;
+                if others >= i64::from(max_active_keys) {
+                    return Ok(RotateOutcome::LimitReached { limit: max_active_keys });
+                }
             }
             let (revoked_at, expires_at) = match end {
                 KeyEnd::RevokeAt(at) => (Some(micros(at)), old.expires_at.map(micros)),

@@ -145,6 +145,11 @@ pub enum RotateOutcome {
     Rotated,
     /// The old key was revoked, or rotated already, between the read and the write.
     Conflict,
+    /// A grace period would leave the tenant with more working keys than `limit` plus the one
+    /// on its way out.
+    LimitReached {
+        limit: u32,
+    },
 }
 
 /// Filters of ListKeys.
