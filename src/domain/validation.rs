@@ -80,6 +80,8 @@ impl Violations {
             let key_chars = key.chars().count();
             if key_chars == 0 || key_chars > MAX_METADATA_KEY_CHARS {
                 self.add(field, format!("keys must be 1 to {MAX_METADATA_KEY_CHARS} characters"));
+            } else if key.chars().any(char::is_control) {
+                self.add(field, "keys must not contain control characters");
             }
             if value.chars().count() > MAX_METADATA_VALUE_CHARS {
                 self.add(format!("{field}[{key}]"), format!("must be at most {MAX_METADATA_VALUE_CHARS} characters"));

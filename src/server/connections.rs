@@ -186,6 +186,7 @@ pub async fn serve<S, B>(
             builder: builder.clone(),
             service: service.clone(),
             idle_timeout: limits.idle_timeout,
+            close_grace: limits.request_timeout,
             stopping: stopping.clone(),
             _slot: permit,
         };
@@ -221,6 +222,10 @@ struct Connection<S> {
     builder: http2::Builder<TokioExecutor>,
     service: S,
     idle_timeout: Duration,
+    /// How long a connection asked to close (GOAWAY) may take to finish before it is dropped:
+    /// long enough for any call (the request timeout), and no longer, so that a client that
+    /// never answers the GOAWAY's ping cannot keep its connection.
+    close_grace: Duration,
     stopping: watch::Receiver<bool>,
     /// Released when the connection closes.
     _slot: tokio::sync::OwnedSemaphorePermit,
@@ -247,6 +252,8 @@ impl<S> Connection<S> {
         tokio::pin!(connection);
         let idle = activity.idle(self.idle_timeout);
         tokio::pin!(idle);
+        let closed = tokio::time::sleep(Duration::MAX);
+        tokio::pin!(closed);
         let mut closing = false;
         loop {
             tokio::select! {
@@ -259,11 +266,17 @@ impl<S> Connection<S> {
                 _ = self.stopping.wait_for(|stopping| *stopping), if !closing => {
                     closing = true;
                     connection.as_mut().graceful_shutdown();
+                    closed.as_mut().reset(tokio::time::Instant::now() + self.close_grace);
                 }
                 () = &mut idle, if !closing => {
                     closing = true;
                     debug!(idle_seconds = self.idle_timeout.as_secs(), "closing an idle connection");
                     connection.as_mut().graceful_shutdown();
+                    closed.as_mut().reset(tokio::time::Instant::now() + self.close_grace);
+                }
+                () = &mut closed, if closing => {
+                    debug!("dropping a connection that did not close after GOAWAY");
+                    return;
                 }
             }
         }

@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use keygate::proto::*;
+use sqlx::Connection;
 
 use crate::support::*;
 
@@ -11,6 +12,10 @@ crate::trials!(
         a_key_over_its_per_minute_limit_is_rate_limited_until_the_window_slides,
         a_tenant_over_its_daily_quota_is_denied_until_the_next_day,
         two_replicas_share_a_limit_within_the_documented_bound,
+        limits_hold_across_a_restart,
+        a_replica_that_starts_later_knows_the_shared_counts,
+        a_rolling_restart_of_two_replicas_keeps_the_limit,
+        check_names_the_window_and_subject_of_the_limit_it_reports,
     ],
     once: [],
 );
@@ -109,4 +114,103 @@ async fn two_replicas_share_a_limit_within_the_documented_bound(backend: Backend
     for replica in [&a, &b] {
         assert_eq!(check(replica, &secret, "events:read", "").await.reason(), DenyReason::RateLimited);
     }
+}
+
+const SYNC_OFTEN: [&str; 2] = ["--usage-sync-interval-ms", "50"];
+
+/// A tenant with a daily quota of `quota` and a key of it limited to `per_minute`; returns the
+/// key's secret.
+async fn limited_key(app: &TestApp, tenant: &str, per_minute: u32, quota: u32) -> String {
+    let request = PutTenantRequest { tenant_id: tenant.into(), daily_request_quota: Some(quota), ..Default::default() };
+    put_tenant_with(app, request).await;
+    let mut request = key_request(tenant, &["events:read"]);
+    request.rate_limit_per_minute = per_minute;
+    create_key(app, request).await.unwrap().1
+}
+
+/// How many of `count` Checks of `secret` on `app` are allowed.
+async fn allowed_of(app: &TestApp, secret: &str, count: usize) -> usize {
+    let mut allowed = 0;
+    for _ in 0..count {
+        allowed += usize::from(check(app, secret, "events:read", "").await.allowed);
+    }
+    allowed
+}
+
+/// Waits until the shared counters of the database hold `total` requests of `subject_prefix`.
+async fn shared_total_reaches(app: &TestApp, subject_prefix: &str, total: i64) {
+    let started = std::time::Instant::now();
+    loop {
+        let mut connection = sqlx::AnyConnection::connect(&app.database_url).await.unwrap();
+        let sql =
+            sqlx::AssertSqlSafe(format!("SELECT count FROM request_counts WHERE subject LIKE '{subject_prefix}%'"));
+        let counts: i64 = sqlx::query_scalar::<_, i64>(sql).fetch_all(&mut connection).await.unwrap().iter().sum();
+        let _ = connection.close().await;
+        if counts >= total {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the database holds {counts} of {total} requests");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn limits_hold_across_a_restart(backend: Backend) {
+    let Some(app) = spawn_app_with(backend, &SYNC_OFTEN).await else { return };
+    let per_minute = limited_key(&app, "acme", 5, 0).await;
+    let per_day = limited_key(&app, "globex", 0, 5).await;
+    assert_eq!(allowed_of(&app, &per_minute, 5).await, 5);
+    assert_eq!(allowed_of(&app, &per_day, 5).await, 5);
+    let app = app.restart().await;
+    // Same minute, same day: not one more.
+    let response = check(&app, &per_minute, "events:read", "").await;
+    assert_eq!(response.reason(), DenyReason::RateLimited, "{response:?}");
+    let response = check(&app, &per_day, "events:read", "").await;
+    assert_eq!(response.reason(), DenyReason::QuotaExceeded, "{response:?}");
+}
+
+async fn a_replica_that_starts_later_knows_the_shared_counts(backend: Backend) {
+    let Some(first) = spawn_app_with(backend, &SYNC_OFTEN).await else { return };
+    let per_minute = limited_key(&first, "acme", 5, 0).await;
+    let per_day = limited_key(&first, "globex", 0, 5).await;
+    assert_eq!(allowed_of(&first, &per_minute, 5).await, 5);
+    assert_eq!(allowed_of(&first, &per_day, 5).await, 5);
+    shared_total_reaches(&first, "key:", 5).await;
+    shared_total_reaches(&first, "tenant:", 5).await;
+    let second = spawn_replica(&first, &SYNC_OFTEN).await;
+    assert_eq!(allowed_of(&second, &per_minute, 3).await, 0, "the new replica's first Checks are denied");
+    assert_eq!(allowed_of(&second, &per_day, 3).await, 0);
+}
+
+async fn a_rolling_restart_of_two_replicas_keeps_the_limit(backend: Backend) {
+    let Some(a) = spawn_app_with(backend, &SYNC_OFTEN).await else { return };
+    let b = spawn_replica(&a, &SYNC_OFTEN).await;
+    let secret = limited_key(&a, "acme", 6, 0).await;
+    let mut allowed = allowed_of(&a, &secret, 3).await + allowed_of(&b, &secret, 3).await;
+    assert_eq!(allowed, 6);
+    shared_total_reaches(&a, "key:", 6).await;
+    let a = a.restart().await;
+    allowed += allowed_of(&a, &secret, 5).await + allowed_of(&b, &secret, 5).await;
+    let b = b.restart().await;
+    allowed += allowed_of(&a, &secret, 5).await + allowed_of(&b, &secret, 5).await;
+    assert_eq!(allowed, 6, "a rolling restart admitted {} more than the limit", allowed - 6);
+}
+
+async fn check_names_the_window_and_subject_of_the_limit_it_reports(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else { return };
+    let secret = limited_key(&app, "acme", 10, 3).await;
+    let reported = |response: &CheckResponse| {
+        let limit = response.rate_limit.expect("a limit applies");
+        (limit.limit, limit.remaining, limit.window(), limit.subject())
+    };
+    // On an allow, the tighter of the two: the tenant's 3 a day before the key's 10 a minute.
+    let response = check(&app, &secret, "events:read", "").await;
+    assert_eq!(reported(&response), (3, 2, RateLimitWindow::Day, RateLimitSubject::Tenant));
+    let per_minute = limited_key(&app, "globex", 2, 100).await;
+    let response = check(&app, &per_minute, "events:read", "").await;
+    assert_eq!(reported(&response), (2, 1, RateLimitWindow::Minute, RateLimitSubject::Key));
+    check(&app, &per_minute, "events:read", "").await;
+    // On a deny, the limit that denied.
+    let response = check(&app, &per_minute, "events:read", "").await;
+    assert_eq!(response.reason(), DenyReason::RateLimited);
+    assert_eq!(reported(&response), (2, 0, RateLimitWindow::Minute, RateLimitSubject::Key));
 }

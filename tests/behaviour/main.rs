@@ -4,12 +4,15 @@
 
 mod envoy_support;
 mod harness;
+mod raw_h2;
 mod support;
 
+mod abuse;
 mod authorization;
 mod caching;
 mod checks;
 mod gateway;
+mod hostile;
 mod isolation;
 mod keys;
 mod limits;
@@ -28,10 +31,12 @@ mod validation;
 fn main() -> std::process::ExitCode {
     let arguments = libtest_mimic::Arguments::from_args();
     let trials: Vec<libtest_mimic::Trial> = [
+        abuse::trials(),
         authorization::trials(),
         caching::trials(),
         checks::trials(),
         gateway::trials(),
+        hostile::trials(),
         isolation::trials(),
         keys::trials(),
         limits::trials(),

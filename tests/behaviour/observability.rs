@@ -8,6 +8,7 @@ use crate::support::*;
 crate::trials!(
     every_backend: [],
     once: [
+        a_server_does_not_measure_invalidation_lag_for_its_own_changes,
         metrics_count_decisions_cache_store_admin_calls_and_invalidation_lag,
     ],
 );
@@ -84,4 +85,23 @@ async fn metrics_count_decisions_cache_store_admin_calls_and_invalidation_lag() 
         - replica_before.value("keygate_invalidation_lag_seconds_count", &[]);
     assert!(lag >= 1.0, "the replica measured how late the revoke reached it");
     assert_eq!(get(app.metrics_address, "/other", &[]).await.unwrap().status, 404);
+}
+
+async fn a_server_does_not_measure_invalidation_lag_for_its_own_changes() {
+    let metrics = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().to_string();
+    let keygate = Binary::start(&[("KEYGATE_METRICS_LISTEN", metrics.as_str())], None).await;
+    let metrics: std::net::SocketAddr = metrics.parse().unwrap();
+    let mut admin = keygate.admin();
+    for index in 0..5 {
+        let request = PutTenantRequest { tenant_id: format!("t{index}"), ..Default::default() };
+        admin.put_tenant(request).await.unwrap();
+    }
+    // Several polls of the change feed later, the changes were seen and skipped as its own.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let body = get(metrics, "/metrics", &[]).await.unwrap().body;
+    let count: f64 = body
+        .lines()
+        .find_map(|line| line.strip_prefix("keygate_invalidation_lag_seconds_count "))
+        .map_or(0.0, |value| value.trim().parse().unwrap());
+    assert_eq!(count, 0.0, "a server's own changes are not lag:\n{body}");
 }

@@ -5,11 +5,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::time::{Duration, Instant};
 
 use keygate::proto::*;
 use sqlx::Connection;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio::task::JoinHandle;
@@ -20,15 +22,45 @@ use crate::support::*;
 crate::trials!(
     every_backend: [],
     once: [
-        postgres_outage_serves_cached_keys_fails_closed_and_recovers,
-        mysql_outage_serves_cached_keys_fails_closed_and_recovers,
+        postgres_cut_serves_cached_keys_at_once_fails_closed_and_recovers,
+        postgres_hang_serves_cached_keys_at_once_fails_closed_and_recovers,
+        mysql_cut_serves_cached_keys_at_once_fails_closed_and_recovers,
+        mysql_hang_serves_cached_keys_at_once_fails_closed_and_recovers,
     ],
 );
 
-/// Forwards TCP connections to `target` until cut; refuses them while cut.
+/// How the proxy fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Failure {
+    /// Connections are dropped and refused (the database is down).
+    Cut,
+    /// Connections are accepted and open ones kept, but nothing is forwarded (the database or
+    /// the network hangs).
+    Hang,
+}
+
+const FORWARD: u8 = 0;
+const CUT: u8 = 1;
+const HANG: u8 = 2;
+
+/// Copies bytes from `from` to `to`; while the proxy hangs, what was read is held back.
+async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mode: Arc<AtomicU8>) {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        let Ok(read) = from.read(&mut buffer).await else { return };
+        while mode.load(Ordering::SeqCst) == HANG {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        if read == 0 || to.write_all(&buffer[..read]).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Forwards TCP connections to `target` until it fails as a [`Failure`].
 struct Proxy {
     address: SocketAddr,
-    cut: Arc<AtomicBool>,
+    mode: Arc<AtomicU8>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
@@ -36,36 +68,47 @@ impl Proxy {
     async fn start(target: String) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let cut = Arc::new(AtomicBool::new(false));
+        let mode = Arc::new(AtomicU8::new(FORWARD));
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let (is_cut, tracked) = (cut.clone(), connections.clone());
+        let (current, tracked) = (mode.clone(), connections.clone());
         tokio::spawn(async move {
-            while let Ok((mut client, _)) = listener.accept().await {
-                if is_cut.load(Ordering::SeqCst) {
+            while let Ok((client, _)) = listener.accept().await {
+                if current.load(Ordering::SeqCst) == CUT {
                     drop(client);
                     continue;
                 }
-                let target = target.clone();
+                let (target, mode) = (target.clone(), current.clone());
                 tracked.lock().await.push(tokio::spawn(async move {
-                    if let Ok(mut server) = TcpStream::connect(&target).await {
-                        let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                    // A hung proxy accepts and then says nothing.
+                    while mode.load(Ordering::SeqCst) == HANG {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
                     }
+                    let Ok(server) = TcpStream::connect(&target).await else { return };
+                    let (client_read, client_write) = client.into_split();
+                    let (server_read, server_write) = server.into_split();
+                    let upstream = tokio::spawn(pipe(client_read, server_write, mode.clone()));
+                    pipe(server_read, client_write, mode).await;
+                    upstream.abort();
                 }));
             }
         });
-        Self { address, cut, connections }
+        Self { address, mode, connections }
     }
 
-    /// Drops every open connection and refuses new ones.
-    async fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        for connection in self.connections.lock().await.drain(..) {
-            connection.abort();
+    async fn fail(&self, failure: Failure) {
+        match failure {
+            Failure::Cut => {
+                self.mode.store(CUT, Ordering::SeqCst);
+                for connection in self.connections.lock().await.drain(..) {
+                    connection.abort();
+                }
+            }
+            Failure::Hang => self.mode.store(HANG, Ordering::SeqCst),
         }
     }
 
     fn restore(&self) {
-        self.cut.store(false, Ordering::SeqCst);
+        self.mode.store(FORWARD, Ordering::SeqCst);
     }
 }
 
@@ -76,22 +119,46 @@ fn host_port(url: &str) -> String {
     after_user.split('/').next().unwrap_or_default().to_owned()
 }
 
-async fn postgres_outage_serves_cached_keys_fails_closed_and_recovers() {
-    outage(Backend::Postgres).await;
+async fn postgres_cut_serves_cached_keys_at_once_fails_closed_and_recovers() {
+    outage(Backend::Postgres, Failure::Cut).await;
 }
 
-async fn mysql_outage_serves_cached_keys_fails_closed_and_recovers() {
-    outage(Backend::MySql).await;
+async fn postgres_hang_serves_cached_keys_at_once_fails_closed_and_recovers() {
+    outage(Backend::Postgres, Failure::Hang).await;
 }
 
-async fn outage(backend: Backend) {
+async fn mysql_cut_serves_cached_keys_at_once_fails_closed_and_recovers() {
+    outage(Backend::MySql, Failure::Cut).await;
+}
+
+async fn mysql_hang_serves_cached_keys_at_once_fails_closed_and_recovers() {
+    outage(Backend::MySql, Failure::Hang).await;
+}
+
+/// The status health reports for `service`.
+async fn health_of(app: &TestApp, service: &str) -> tonic_health::pb::health_check_response::ServingStatus {
+    let request = tonic_health::pb::HealthCheckRequest { service: service.into() };
+    let client = tonic_health::pb::health_client::HealthClient::new(app.channel.clone());
+    client.clone().check(request).await.unwrap().into_inner().status()
+}
+
+/// A Check with the 1 s deadline of the example Envoy config.
+async fn check_within_a_second(app: &TestApp, key: &str) -> Result<CheckResponse, tonic::Status> {
+    let mut request =
+        tonic::Request::new(CheckRequest { key: key.into(), scope: "events:read".into(), site_id: String::new() });
+    request.set_timeout(Duration::from_secs(1));
+    Ok(app.authorize.clone().check(request).await?.into_inner())
+}
+
+async fn outage(backend: Backend, failure: Failure) {
+    use tonic_health::pb::health_check_response::ServingStatus::{NotServing, Serving};
     let flags = [
         "--cache-ttl-seconds",
         "1",
         "--stale-window-seconds",
-        "60",
-        "--db-acquire-timeout-seconds",
-        "1",
+        "6",
+        "--db-query-timeout-ms",
+        "500",
         "--usage-sync-interval-ms",
         "100",
         "--usage-flush-interval-ms",
@@ -112,14 +179,51 @@ async fn outage(backend: Backend) {
     let (_, uncached) = create_key(&app, key_request("acme", &["events:read"])).await.unwrap();
     assert!(check(&app, &cached, "events:read", "").await.allowed);
 
-    proxy.cut().await;
-    assert!(check(&app, &cached, "events:read", "").await.allowed, "cached and fresh");
+    proxy.fail(failure).await;
+    let outage_began = Instant::now();
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert!(check(&app, &cached, "events:read", "").await.allowed, "past its TTL, inside the stale window");
-    let status = try_check(&app, &uncached, "events:read", "").await.unwrap_err();
-    assert_eq!(status.code(), Code::Unavailable, "a key that is not cached is never allowed without the store");
+    // Past its TTL, inside the stale window: answered at once, every time.
+    for _ in 0..10 {
+        let started = Instant::now();
+        let response = check_within_a_second(&app, &cached).await.expect("a cached key is answered");
+        assert!(response.allowed);
+        assert!(started.elapsed() < Duration::from_millis(250), "a cached key waited {:?}", started.elapsed());
+    }
+    // Not cached: UNAVAILABLE within the 1 s deadline, never an allow, never a timeout.
+    for _ in 0..3 {
+        let status = check_within_a_second(&app, &uncached).await.unwrap_err();
+        assert_eq!(status.code(), Code::Unavailable, "{failure:?}: {status:?}");
+    }
+    // Checks of unknown keys that their clients give up on leave no lookup counted in flight.
+    for index in 0..20 {
+        let mut request = tonic::Request::new(CheckRequest {
+            key: format!("kg_live_{index:064}"),
+            scope: "events:read".into(),
+            site_id: String::new(),
+        });
+        request.set_timeout(Duration::from_millis(50));
+        let _ = app.authorize.clone().check(request).await;
+    }
     let admin = app.admin.clone().get_tenant(GetTenantRequest { tenant_id: "acme".into() }).await;
     assert_eq!(admin.unwrap_err().code(), Code::Unavailable);
+    // Health tells the truth within a few seconds: KeyAdmin cannot work, the decision services can.
+    let started = Instant::now();
+    while health_of(&app, "keygate.v1.KeyAdmin").await != NotServing {
+        assert!(started.elapsed() < Duration::from_secs(5), "KeyAdmin still SERVING during the outage");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for service in ["", "keygate.v1.Authorize", "envoy.service.auth.v3.Authorization"] {
+        assert_eq!(health_of(&app, service).await, Serving, "{service:?} answers from the cache");
+    }
+    assert_eq!(app.core.lookups.in_flight(), 0, "abandoned lookups are not counted in flight");
+
+    // Once nothing cached can be answered any more (TTL + stale window), Authorize says so.
+    while outage_began.elapsed() < Duration::from_secs(8) {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let status = check_within_a_second(&app, &cached).await.unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "past the stale window a cached key fails closed");
+    assert_eq!(health_of(&app, "keygate.v1.Authorize").await, NotServing);
 
     proxy.restore();
     let started = Instant::now();
@@ -131,28 +235,32 @@ async fn outage(backend: Backend) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     app.admin.clone().get_tenant(GetTenantRequest { tenant_id: "acme".into() }).await.unwrap();
+    let started = Instant::now();
+    while health_of(&app, "keygate.v1.KeyAdmin").await != Serving {
+        assert!(started.elapsed() < Duration::from_secs(5), "KeyAdmin not SERVING again");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
-    // The three allowed Checks of the limited key were counted for its rate limit and its usage,
-    // the outage's included.
+    // The allowed Checks of the limited key were counted for its rate limit and its usage, the
+    // outage's included.
+    let allowed = 11;
     let subject = format!("key:{}", cached_key.key_id);
     let started = Instant::now();
     loop {
         let mut connection = sqlx::AnyConnection::connect(&direct_url).await.unwrap();
         let sql = sqlx::AssertSqlSafe(format!("SELECT count FROM request_counts WHERE subject = '{subject}'"));
         let counts: Vec<i64> = sqlx::query_scalar(sql).fetch_all(&mut connection).await.unwrap();
-        let _ = connection.close().await;
         let counted: i64 = counts.iter().sum();
         let sql = sqlx::AssertSqlSafe(format!(
             "SELECT count FROM key_usage WHERE key_id = '{}' AND outcome = 'ALLOWED'",
             cached_key.key_id
         ));
-        let mut connection = sqlx::AnyConnection::connect(&direct_url).await.unwrap();
         let used: Vec<i64> = sqlx::query_scalar(sql).fetch_all(&mut connection).await.unwrap();
         let _ = connection.close().await;
-        if counted == 3 && used.iter().sum::<i64>() == 3 {
+        if counted == allowed && used.iter().sum::<i64>() == allowed {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "counted {counted} of 3 allowed Checks");
+        assert!(started.elapsed() < Duration::from_secs(10), "counted {counted} of {allowed} allowed Checks");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -11,6 +11,7 @@ crate::trials!(
         rotation_with_grace_keeps_the_old_key_until_the_grace_ends,
         rotation_without_grace_revokes_the_old_key_at_once,
         only_an_active_key_that_was_not_rotated_can_be_rotated,
+        rotation_chains_cannot_get_round_the_key_limit,
     ],
     once: [],
 );
@@ -82,4 +83,29 @@ async fn only_an_active_key_that_was_not_rotated_can_be_rotated(backend: Backend
     assert_status(app.admin.clone().rotate_key(rotate_request("key_unknown", None)).await, Code::NotFound, None);
     let too_long = rotate_request(&key.key_id, Some(31 * 86_400));
     assert_status(app.admin.clone().rotate_key(too_long).await, Code::InvalidArgument, Some("grace_period"));
+}
+
+async fn rotation_chains_cannot_get_round_the_key_limit(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else { return };
+    put_tenant_with(&app, PutTenantRequest { tenant_id: "acme".into(), max_keys: Some(1), ..Default::default() }).await;
+    let (first, first_secret) = create_key(&app, key_request("acme", &["events:read"])).await.unwrap();
+    let mut admin = app.admin.clone();
+    // At the limit, one rotation with a grace period is allowed: the old key is on its way out.
+    let second = admin.rotate_key(rotate_request(&first.key_id, Some(86_400))).await.unwrap().into_inner();
+    let second_key = second.key.unwrap();
+    // Rotating again with a grace period would leave three keys working: refused.
+    let status = admin.rotate_key(rotate_request(&second_key.key_id, Some(86_400))).await;
+    assert_status(status, Code::ResourceExhausted, None);
+    assert_status(create_key(&app, key_request("acme", &["events:read"])).await, Code::ResourceExhausted, None);
+    // Without a grace period the number of working keys does not grow: allowed.
+    let third = admin.rotate_key(rotate_request(&second_key.key_id, None)).await.unwrap().into_inner();
+    let mut allowed = 0;
+    for secret in [&first_secret, &second.secret, &third.secret] {
+        allowed += usize::from(check(&app, secret, "events:read", "").await.allowed);
+    }
+    assert_eq!(allowed, 2, "the key in grace and the newest one: the limit plus the one on its way out");
+    // Once the grace period is over, rotation with a grace period is possible again.
+    app.clock.advance(chrono::Duration::days(1) + chrono::Duration::seconds(1));
+    let third_key = third.key.unwrap();
+    admin.rotate_key(rotate_request(&third_key.key_id, Some(3600))).await.unwrap();
 }

@@ -126,6 +126,8 @@ pub struct TestApp {
     pub channel: Channel,
     /// The database this server uses; replicas share it.
     pub database_url: String,
+    /// The extra flags it was started with.
+    flags: Vec<String>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     /// The first server of a test owns (and drops) the database; replicas do not.
@@ -141,6 +143,18 @@ impl TestApp {
     /// A client of Authorize that presents `token` (or none).
     pub fn authorize_with(&self, token: Option<&str>) -> Authorizer {
         AuthorizeClient::with_interceptor(self.channel.clone(), WithToken(token.map(str::to_owned)))
+    }
+
+    /// Stops the server gracefully (it writes what it buffered) and starts a new one on the same
+    /// database, with the same clock and flags: a restart, or one step of a rolling update.
+    pub async fn restart(mut self) -> TestApp {
+        let database = self._database.take();
+        let (url, flags, clock) = (self.database_url.clone(), self.flags.clone(), self.clock.clone());
+        self.stop().await;
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let mut app = start(&url, &flags, clock).await;
+        app._database = database;
+        app
     }
 
     /// Stops the server gracefully and waits for it.
@@ -192,6 +206,11 @@ pub async fn spawn_replica(app: &TestApp, flags: &[&str]) -> TestApp {
     start(&app.database_url, flags, app.clock.clone()).await
 }
 
+/// Starts another server sharing `app`'s clock on the database at `database_url`.
+pub async fn spawn_replica_at(app: &TestApp, database_url: &str) -> TestApp {
+    start(database_url, &[], app.clock.clone()).await
+}
+
 async fn start(database_url: &str, flags: &[&str], clock: Arc<ManualClock>) -> TestApp {
     let admin_tokens = format!("tests={ADMIN_TOKEN}");
     let mut args = vec![
@@ -231,6 +250,7 @@ async fn start(database_url: &str, flags: &[&str], clock: Arc<ManualClock>) -> T
         clock,
         channel,
         database_url: database_url.to_owned(),
+        flags: flags.iter().map(|flag| flag.to_string()).collect(),
         stop: Some(stop),
         server: Some(server),
         _database: None,
@@ -333,4 +353,92 @@ impl Drop for KillOnDrop {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// The real `keygate` binary, started on a SQLite database of its own with `env` set (and
+/// through `sh -c '<shell_prefix> exec keygate'` when a prefix such as `ulimit -n 128;` is
+/// given); stopped when dropped.
+pub struct Binary {
+    pub process: KillOnDrop,
+    pub address: std::net::SocketAddr,
+    pub channel: Channel,
+    _dir: tempfile::TempDir,
+}
+
+impl Binary {
+    pub async fn start(env: &[(&str, &str)], shell_prefix: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let address = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+        let binary = env!("CARGO_BIN_EXE_keygate");
+        let mut command = match shell_prefix {
+            None => std::process::Command::new(binary),
+            Some(prefix) => {
+                let mut command = std::process::Command::new("sh");
+                command.args(["-c", &format!("{prefix} exec {binary}")]);
+                command
+            }
+        };
+        command
+            .env("KEYGATE_LISTEN", address.to_string())
+            .env("KEYGATE_METRICS_LISTEN", "off")
+            .env("KEYGATE_DATABASE_URL", format!("sqlite://{}?mode=rwc", dir.path().join("keygate.db").display()))
+            .env("KEYGATE_ADMIN_TOKENS", format!("tests={ADMIN_TOKEN}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let process = KillOnDrop(command.spawn().expect("start the keygate binary"));
+        let channel = Channel::from_shared(format!("http://{address}")).unwrap().connect_lazy();
+        wait_until_serving(channel.clone()).await;
+        Self { process, address, channel, _dir: dir }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.process.0.id()
+    }
+
+    /// A KeyAdmin client with the admin token.
+    pub fn admin(&self) -> Admin {
+        KeyAdminClient::with_interceptor(self.channel.clone(), WithToken(Some(ADMIN_TOKEN.to_owned())))
+    }
+
+    /// A tenant `acme` and a key of it with `events:read`; returns the secret.
+    pub async fn key(&self) -> String {
+        let mut admin = self.admin();
+        admin.put_tenant(PutTenantRequest { tenant_id: "acme".into(), ..Default::default() }).await.unwrap();
+        admin.create_key(key_request("acme", &["events:read"])).await.unwrap().into_inner().secret
+    }
+
+    /// Whether a fresh, well-behaved client gets `secret` allowed within `wait`.
+    pub async fn serves(&self, secret: &str, wait: Duration) -> bool {
+        let check = async {
+            let channel = Channel::from_shared(format!("http://{}", self.address)).unwrap().connect().await.ok()?;
+            let request = CheckRequest { key: secret.into(), scope: "events:read".into(), site_id: String::new() };
+            let response = AuthorizeClient::new(channel).check(request).await.ok()?;
+            Some(response.into_inner().allowed)
+        };
+        tokio::time::timeout(wait, check).await.ok().flatten() == Some(true)
+    }
+}
+
+/// Resident memory of a process, in MiB.
+pub fn resident_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|kib| kib.parse::<f64>().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// CPU time a process has used, user and system, from /proc.
+pub fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks: u64 = [11, 12].iter().filter_map(|index| fields.get(*index)?.parse::<u64>().ok()).sum();
+    Duration::from_millis(ticks * 10)
 }
