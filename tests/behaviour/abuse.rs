@@ -21,6 +21,7 @@ crate::trials!(
         idle_connections_are_closed_with_goaway_but_a_streaming_call_keeps_its_connection,
         a_connection_that_does_not_answer_pings_is_closed,
         running_out_of_file_descriptors_neither_spins_nor_stops_the_server,
+        connections_beyond_the_limit_wait_until_one_closes,
         oversized_headers_and_messages_are_refused_and_the_connection_keeps_working,
         a_call_that_never_finishes_its_request_ends_at_its_deadline,
         made_up_method_names_create_no_metric_series,
@@ -208,6 +209,20 @@ async fn running_out_of_file_descriptors_neither_spins_nor_stops_the_server() {
     assert!(keygate.serves(&secret, Duration::from_secs(20)).await, "a new client is served while they are open");
     drop(idle);
     assert!(keygate.serves(&secret, Duration::from_secs(5)).await, "and once they are closed");
+}
+
+async fn connections_beyond_the_limit_wait_until_one_closes() {
+    let app = spawn_app_with(Backend::Sqlite, &["--max-connections", "2"]).await.unwrap();
+    // The test's own client holds one connection; one more fills the limit.
+    let mut second = RawH2::connect(app.address).await;
+    let mut seen = Vec::new();
+    assert!(second.read_until(Duration::from_secs(5), &mut seen, |frame| frame.kind == SETTINGS).await.is_some());
+    let mut third = RawH2::connect(app.address).await;
+    let waiting = third.read_until(Duration::from_secs(1), &mut Vec::new(), |frame| frame.kind == SETTINGS).await;
+    assert!(waiting.is_none(), "a connection beyond the limit is not served yet");
+    drop(second);
+    let served = third.read_until(Duration::from_secs(5), &mut Vec::new(), |frame| frame.kind == SETTINGS).await;
+    assert!(served.is_some(), "it is served once another connection closes");
 }
 
 async fn oversized_headers_and_messages_are_refused_and_the_connection_keeps_working() {
