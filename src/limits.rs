@@ -1,23 +1,30 @@
 //! Rate limits and quotas, shared by all replicas without a database write per Check.
 //!
-//! Each replica counts allowed requests locally, per key and minute (the rate limit, a sliding
-//! window) and per tenant and UTC day (the quota). Every sync interval it adds its new counts to
-//! the shared counters in the database, in one batch, and reads back the totals of every counter
-//! it tracks. A decision uses the last totals read plus this replica's counts since. Replicas
-//! therefore see each other's requests one sync interval late: with N replicas, a limit can be
-//! exceeded by at most what the other N-1 replicas admit in one sync interval.
+//! **What is counted.** A key's per-minute limit is a sliding window of 60 seconds, counted in
+//! 60 one-second buckets; a tenant's daily quota is the calendar UTC day. Only allowed requests
+//! count. A Check at time `t` counts the requests of the bucket `t` falls in and of the 59
+//! before it: everything it counts lies within the last 60 seconds, so **a client that makes
+//! at most N requests in any 60 seconds is never denied**, and the limit holds to N requests in
+//! any 59 seconds. A deny names the earliest time a request is admitted again (the start of the
+//! second in which enough counted requests have slid out); a request sent then is admitted.
 //!
-//! A replica never starts from zero on a subject (a key or a tenant) the others may have
-//! counted: the first time it decides for a subject (after a start, a rollout, or once the
-//! subject's windows have closed) it reads the subject's shared counts first
+//! **How replicas share it.** Each replica counts locally, per bucket. Every sync interval it
+//! adds its new counts to the shared counters in the database, in one batch, and reads back the
+//! totals of the recent buckets of every subject (key or tenant) it tracks. A decision uses the
+//! last totals read plus this replica's counts since. Replicas therefore see each other's
+//! requests a sync interval or two late: with N replicas, a limit can be exceeded by what the
+//! other N-1 replicas admit in about two sync intervals.
+//!
+//! **No fresh start.** The first time a replica decides for a subject (after a start, a rollout,
+//! or once the subject's buckets have all closed) it reads the subject's shared counts first
 //! ([`Limiter::unprimed`], [`Limiter::prime`]). Only while the database cannot answer does it
 //! decide on its own counts.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use chrono::{DateTime, DurationRound, Utc};
+use chrono::{DateTime, Utc};
 
 use crate::domain::decision::DenyReason;
 use crate::domain::model::{KeyRecord, Tenant};
@@ -34,22 +41,6 @@ pub struct LimitSettings {
 impl Default for LimitSettings {
     fn default() -> Self {
         Self { sync_interval: Duration::from_millis(500), usage_flush_interval: Duration::from_secs(5) }
-    }
-}
-
-#[derive(Debug, Default)]
-struct Counter {
-    /// The shared total as last read (this replica's flushed counts included).
-    shared: i64,
-    /// Counted here since the last flush began.
-    pending: i64,
-    /// Being written by the flush under way.
-    flushing: i64,
-}
-
-impl Counter {
-    fn estimate(&self) -> i64 {
-        self.shared + self.pending + self.flushing
     }
 }
 
@@ -76,7 +67,8 @@ pub struct RateLimitState {
     pub limit: u32,
     /// Requests left in the window after this one.
     pub remaining: u32,
-    /// When a request is admitted again (a deny) or the window has room again (an allow).
+    /// On a deny, the earliest time a request is admitted again; on an allow, the time at which
+    /// every request counted now (this one included) has left the window.
     pub reset_at: DateTime<Utc>,
     pub window: RateLimitWindow,
     pub subject: RateLimitSubject,
@@ -85,202 +77,258 @@ pub struct RateLimitState {
 /// What the limits say about one more request.
 #[derive(Clone, Debug, PartialEq)]
 pub enum LimitDecision {
-    /// Allowed and counted; the state of the limit that applies, if any.
+    /// Allowed and counted; the state of the limit with the fewest requests left, if any.
     Allowed(Option<RateLimitState>),
     Denied(DenyReason, RateLimitState),
 }
 
-/// Local counters and their synchronisation with the shared ones.
-#[derive(Debug, Default)]
-pub struct Limiter {
-    counters: Mutex<Counters>,
+const MICROS_PER_SECOND: i64 = 1_000_000;
+const MICROS_PER_DAY: i64 = 86_400 * MICROS_PER_SECOND;
+/// Buckets in a sliding window.
+const BUCKETS: i64 = 60;
+
+/// How a limit counts: a sliding window of [`BUCKETS`] buckets, or the calendar UTC day.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Span {
+    Sliding { window_micros: i64 },
+    UtcDay,
 }
 
-#[derive(Debug, Default)]
-struct Counters {
-    windows: HashMap<CountKey, Counter>,
-    /// Subjects whose shared counts this replica has read and tracks since.
-    primed: HashSet<String>,
-}
+impl Span {
+    const MINUTE: Self = Self::Sliding { window_micros: 60 * MICROS_PER_SECOND };
 
-/// The earliest time at which the sliding window admits one more request, given this minute's
-/// and the previous minute's counts: later in this minute once enough of the previous minute
-/// has slid out, or else in the next minute once enough of this one has.
-fn retry_at(this_minute: DateTime<Utc>, current: f64, previous: f64, limit: f64) -> DateTime<Utc> {
-    let at = |minute_start: DateTime<Utc>, fraction: f64| {
-        minute_start + chrono::Duration::milliseconds((fraction.clamp(0.0, 1.0) * 60_000.0).ceil() as i64)
-    };
-    if current + 1.0 <= limit && previous > 0.0 {
-        return at(this_minute, 1.0 - (limit - 1.0 - current) / previous);
+    fn bucket_micros(self) -> i64 {
+        match self {
+            Self::Sliding { window_micros } => window_micros / BUCKETS,
+            Self::UtcDay => MICROS_PER_DAY,
+        }
     }
-    let fraction = if current > 0.0 { 1.0 - (limit - 1.0) / current } else { 0.0 };
-    at(this_minute + chrono::Duration::minutes(1), fraction)
+
+    /// The start of the bucket `now` (microseconds since the epoch) falls in.
+    fn bucket_of(self, now: i64) -> i64 {
+        now.div_euclid(self.bucket_micros()) * self.bucket_micros()
+    }
+
+    /// The oldest bucket a decision at `now` counts.
+    fn oldest_counted(self, now: i64) -> i64 {
+        match self {
+            Self::Sliding { .. } => self.bucket_of(now) - (BUCKETS - 1) * self.bucket_micros(),
+            Self::UtcDay => self.bucket_of(now),
+        }
+    }
+
+    /// When a bucket that started at `start` stops being counted.
+    fn leaves_at(self, start: i64) -> i64 {
+        match self {
+            Self::Sliding { window_micros } => start + window_micros,
+            Self::UtcDay => start + MICROS_PER_DAY,
+        }
+    }
 }
 
-fn minute(now: DateTime<Utc>) -> DateTime<Utc> {
-    now.duration_trunc(chrono::Duration::minutes(1)).unwrap_or(now)
+/// One limit that applies to a Check.
+struct Applied {
+    limit: u32,
+    span: Span,
+    subject: String,
+    window: RateLimitWindow,
+    kind: RateLimitSubject,
+    reason: DenyReason,
 }
 
-fn day(now: DateTime<Utc>) -> DateTime<Utc> {
-    now.duration_trunc(chrono::Duration::days(1)).unwrap_or(now)
-}
-
-fn count_key(subject: &str, window: DateTime<Utc>) -> CountKey {
-    CountKey { subject: subject.to_owned(), window_start: window.timestamp_micros() }
-}
-
-fn key_subject(key: &KeyRecord) -> String {
-    format!("key:{}", key.key_id)
-}
-
-fn tenant_subject(tenant: &Tenant) -> String {
-    format!("tenant:{}", tenant.tenant_id)
-}
-
-/// The per-minute limit of a key (its own, else its tenant's) and its tenant's daily quota;
-/// 0 means none.
-fn limits_of(key: &KeyRecord, tenant: &Tenant) -> (u32, u32) {
+/// The limits of a key: its per-minute limit (its own, else its tenant's default for keys) and
+/// its tenant's daily quota; 0 means none.
+fn limits_of(key: &KeyRecord, tenant: &Tenant) -> Vec<Applied> {
     let per_minute =
         if key.rate_limit_per_minute > 0 { key.rate_limit_per_minute } else { tenant.rate_limit_per_minute };
-    (per_minute, tenant.daily_request_quota)
+    let mut applied = Vec::new();
+    if per_minute > 0 {
+        applied.push(Applied {
+            limit: per_minute,
+            span: Span::MINUTE,
+            subject: format!("key:{}", key.key_id),
+            window: RateLimitWindow::Minute,
+            kind: RateLimitSubject::Key,
+            reason: DenyReason::RateLimited,
+        });
+    }
+    if tenant.daily_request_quota > 0 {
+        applied.push(Applied {
+            limit: tenant.daily_request_quota,
+            span: Span::UtcDay,
+            subject: format!("tenant:{}", tenant.tenant_id),
+            window: RateLimitWindow::Day,
+            kind: RateLimitSubject::Tenant,
+            reason: DenyReason::QuotaExceeded,
+        });
+    }
+    applied
+}
+
+#[derive(Debug, Default)]
+struct Counter {
+    /// The shared total as last read (this replica's flushed counts included).
+    shared: i64,
+    /// Counted here since the last flush began.
+    pending: i64,
+    /// Being written by the flush under way.
+    flushing: i64,
+}
+
+impl Counter {
+    fn estimate(&self) -> i64 {
+        self.shared + self.pending + self.flushing
+    }
+}
+
+/// The buckets of one subject.
+#[derive(Debug)]
+struct SubjectCounts {
+    span: Span,
+    buckets: BTreeMap<i64, Counter>,
+    /// Whether this replica has read the subject's shared counts and tracks them since.
+    primed: bool,
+}
+
+/// Local counters and their synchronisation with the shared ones.
+#[derive(Debug)]
+pub struct Limiter {
+    subjects: Mutex<HashMap<String, SubjectCounts>>,
+    /// How far back a sync reads shared counts: the buckets other replicas can still be adding
+    /// to (their counts arrive within a couple of sync intervals).
+    read_back: Duration,
+}
+
+impl Default for Limiter {
+    fn default() -> Self {
+        Self::new(LimitSettings::default().sync_interval)
+    }
+}
+
+fn micros(time: DateTime<Utc>) -> i64 {
+    time.timestamp_micros()
+}
+
+fn time(micros: i64) -> DateTime<Utc> {
+    DateTime::from_timestamp_micros(micros).unwrap_or_default()
 }
 
 impl Limiter {
-    /// The shared counters a decision for `key` at `now` needs and this replica has not read
-    /// yet (its subjects were never primed, or their windows closed since); `None` when it
-    /// knows them all. Read them with [`Store::request_counts`] and hand them to
+    /// A limiter that shares its counts every `sync_interval`.
+    pub fn new(sync_interval: Duration) -> Self {
+        Self { subjects: Mutex::default(), read_back: sync_interval * 4 + Duration::from_secs(1) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SubjectCounts>> {
+        self.subjects.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The subjects of a decision for `key` at `now` whose shared counts this replica has not
+    /// read yet, each with the oldest bucket the decision needs; `None` when it knows them
+    /// all. Read them with [`Store::request_counts_since`] and hand them to
     /// [`prime`](Self::prime).
-    pub fn unprimed(&self, key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) -> Option<Vec<CountKey>> {
-        let (per_minute, quota) = limits_of(key, tenant);
-        let counters = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut needed = Vec::new();
-        if per_minute > 0 {
-            let subject = key_subject(key);
-            if !counters.primed.contains(&subject) {
-                let this_minute = minute(now);
-                needed.push(count_key(&subject, this_minute - chrono::Duration::minutes(1)));
-                needed.push(count_key(&subject, this_minute));
-            }
-        }
-        if quota > 0 {
-            let subject = tenant_subject(tenant);
-            if !counters.primed.contains(&subject) {
-                needed.push(count_key(&subject, day(now)));
-            }
-        }
+    pub fn unprimed(&self, key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) -> Option<Vec<(String, i64)>> {
+        let subjects = self.lock();
+        let needed: Vec<(String, i64)> = limits_of(key, tenant)
+            .into_iter()
+            .filter(|applied| !subjects.get(&applied.subject).is_some_and(|counts| counts.primed))
+            .map(|applied| {
+                let since = applied.span.oldest_counted(micros(now));
+                (applied.subject, since)
+            })
+            .collect();
         (!needed.is_empty()).then_some(needed)
     }
 
-    /// Takes the shared totals of `windows` (absent rows count zero) and marks their subjects
-    /// as known.
-    pub fn prime(&self, windows: &[CountKey], totals: Vec<(CountKey, i64)>) {
-        let mut counters = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        for window in windows {
-            counters.windows.entry(window.clone()).or_default();
-            counters.primed.insert(window.subject.clone());
+    /// Takes the shared totals read for `needed` (subjects and the buckets since) and marks the
+    /// subjects as known.
+    pub fn prime(&self, key: &KeyRecord, tenant: &Tenant, needed: &[(String, i64)], totals: Vec<(CountKey, i64)>) {
+        let spans: HashMap<String, Span> =
+            limits_of(key, tenant).into_iter().map(|applied| (applied.subject, applied.span)).collect();
+        let mut subjects = self.lock();
+        for (subject, _) in needed {
+            let Some(span) = spans.get(subject) else { continue };
+            subjects
+                .entry(subject.clone())
+                .or_insert_with(|| SubjectCounts { span: *span, buckets: BTreeMap::new(), primed: false })
+                .primed = true;
         }
-        for (window, total) in totals {
-            let counter = counters.windows.entry(window).or_default();
-            counter.shared = counter.shared.max(total);
-        }
-    }
-
-    /// Decides whether `key` may make one more request at `now` and, if so, counts it. The
-    /// per-minute limit is the key's own, else its tenant's; the quota is the tenant's; 0 means
-    /// none. Denied requests are not counted.
-    pub fn check_and_count(&self, key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) -> LimitDecision {
-        let (per_minute, quota) = limits_of(key, tenant);
-        if per_minute == 0 && quota == 0 {
-            return LimitDecision::Allowed(None);
-        }
-        let key_subject = key_subject(key);
-        let tenant_subject = tenant_subject(tenant);
-        let (this_minute, this_day) = (minute(now), day(now));
-        let previous_minute = this_minute - chrono::Duration::minutes(1);
-        let mut guard = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let counters = &mut guard.windows;
-        let count = |subject: &str, window| counters.get(&count_key(subject, window)).map_or(0, Counter::estimate);
-
-        let next_minute = this_minute + chrono::Duration::minutes(1);
-        let rate = (per_minute > 0).then(|| {
-            // Sliding window: this minute's count plus the share of the previous minute's that
-            // still lies within the last 60 seconds.
-            let elapsed = (now - this_minute).num_milliseconds() as f64 / 60_000.0;
-            let (current, previous) =
-                (count(&key_subject, this_minute) as f64, count(&key_subject, previous_minute) as f64);
-            let used = current + previous * (1.0 - elapsed);
-            let limit = f64::from(per_minute);
-            let reset_at =
-                if used + 1.0 > limit { retry_at(this_minute, current, previous, limit) } else { next_minute };
-            let state = RateLimitState {
-                limit: per_minute,
-                remaining: 0,
-                reset_at,
-                window: RateLimitWindow::Minute,
-                subject: RateLimitSubject::Key,
-            };
-            (used, state)
-        });
-        let quota_state = (quota > 0).then(|| {
-            let used = count(&tenant_subject, this_day) as f64;
-            let state = RateLimitState {
-                limit: quota,
-                remaining: 0,
-                reset_at: this_day + chrono::Duration::days(1),
-                window: RateLimitWindow::Day,
-                subject: RateLimitSubject::Tenant,
-            };
-            (used, state)
-        });
-        for (limit, reason) in [(&rate, DenyReason::RateLimited), (&quota_state, DenyReason::QuotaExceeded)] {
-            if let Some((used, state)) = limit
-                && *used + 1.0 > f64::from(state.limit)
-            {
-                return LimitDecision::Denied(reason, state.clone());
+        for (bucket, total) in totals {
+            if let Some(counts) = subjects.get_mut(&bucket.subject) {
+                let counter = counts.buckets.entry(bucket.window_start).or_default();
+                counter.shared = counter.shared.max(total);
             }
         }
-        if per_minute > 0 {
-            counters.entry(count_key(&key_subject, this_minute)).or_default().pending += 1;
-        }
-        if quota > 0 {
-            counters.entry(count_key(&tenant_subject, this_day)).or_default().pending += 1;
-        }
-        // On an allow, the limit with the fewest requests left (the minute's on a tie).
-        let remaining = |used: f64, limit: u32| (f64::from(limit) - used - 1.0).floor().max(0.0) as u32;
-        let tightest = [rate, quota_state]
-            .into_iter()
-            .flatten()
-            .map(|(used, state)| RateLimitState { remaining: remaining(used, state.limit), ..state })
-            .min_by_key(|state| state.remaining);
-        LimitDecision::Allowed(tightest)
     }
 
-    /// Adds this replica's new counts to the shared ones and reads back the totals. Counts that
-    /// cannot be written stay pending for the next sync: none is lost.
-    pub async fn sync(&self, store: &Store, now: DateTime<Utc>) -> Result<(), StoreError> {
-        let deltas: Vec<(CountKey, i64)> = {
-            let mut guard = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let Counters { windows: counters, primed } = &mut *guard;
-            // Windows that can no longer matter: minutes before the previous one (day counters
-            // are kept until their day is over).
-            let oldest_minute = (minute(now) - chrono::Duration::minutes(1)).timestamp_micros();
-            let today = day(now).timestamp_micros();
-            // Closed windows no longer affect any decision: their unwritten counts go too, so an
-            // outage cannot make the buffer grow without bound.
-            counters.retain(|key, _| {
-                let current = if key.subject.starts_with("tenant:") { today } else { oldest_minute };
-                key.window_start >= current
+    /// Decides whether `key` may make one more request at `now` and, if so, counts it against
+    /// every limit that applies. A denied request is not counted.
+    pub fn check_and_count(&self, key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) -> LimitDecision {
+        let applied = limits_of(key, tenant);
+        if applied.is_empty() {
+            return LimitDecision::Allowed(None);
+        }
+        let now = micros(now);
+        let mut subjects = self.lock();
+        let mut states = Vec::with_capacity(applied.len());
+        for limit in &applied {
+            let counts = subjects.get(&limit.subject);
+            let counted: Vec<(i64, i64)> = counts
+                .map(|counts| {
+                    let oldest = limit.span.oldest_counted(now);
+                    counts.buckets.range(oldest..).map(|(start, counter)| (*start, counter.estimate())).collect()
+                })
+                .unwrap_or_default();
+            let used: i64 = counted.iter().map(|(_, count)| count).sum();
+            let state = |remaining: u32, reset_at: i64| RateLimitState {
+                limit: limit.limit,
+                remaining,
+                reset_at: time(reset_at),
+                window: limit.window,
+                subject: limit.kind,
+            };
+            if used + 1 > i64::from(limit.limit) {
+                let reset_at = admitted_again_at(limit.span, &counted, i64::from(limit.limit));
+                return LimitDecision::Denied(limit.reason, state(0, reset_at));
+            }
+            let remaining = u32::try_from(i64::from(limit.limit) - used - 1).unwrap_or(0);
+            states.push(state(remaining, limit.span.leaves_at(limit.span.bucket_of(now))));
+        }
+        for limit in applied {
+            let bucket = limit.span.bucket_of(now);
+            let counts = subjects.entry(limit.subject).or_insert_with(|| SubjectCounts {
+                span: limit.span,
+                buckets: BTreeMap::new(),
+                primed: false,
             });
-            // A subject with no open window left is read again the next time it is seen.
-            let tracked: HashSet<&str> = counters.keys().map(|key| key.subject.as_str()).collect();
-            primed.retain(|subject| tracked.contains(subject.as_str()));
-            let mut deltas: Vec<(CountKey, i64)> = counters
+            counts.buckets.entry(bucket).or_default().pending += 1;
+        }
+        LimitDecision::Allowed(states.into_iter().min_by_key(|state| state.remaining))
+    }
+
+    /// Adds this replica's new counts to the shared ones and reads back the recent totals of
+    /// every subject it tracks. Counts that cannot be written stay pending for the next sync:
+    /// none is lost while its bucket can still matter.
+    pub async fn sync(&self, store: &Store, now: DateTime<Utc>) -> Result<(), StoreError> {
+        let now = micros(now);
+        let deltas: Vec<(CountKey, i64)> = {
+            let mut subjects = self.lock();
+            // Buckets that no decision counts any more go, their unwritten counts too, so an
+            // outage cannot make the buffer grow without bound; a subject with no bucket left
+            // is read again the next time it is seen.
+            subjects.retain(|_, counts| {
+                let oldest = counts.span.oldest_counted(now);
+                counts.buckets.retain(|start, _| *start >= oldest);
+                !counts.buckets.is_empty()
+            });
+            let mut deltas: Vec<(CountKey, i64)> = subjects
                 .iter_mut()
-                .filter(|(_, counter)| counter.pending > 0)
-                .map(|(key, counter)| {
-                    counter.flushing = counter.pending;
-                    counter.pending = 0;
-                    (key.clone(), counter.flushing)
+                .flat_map(|(subject, counts)| {
+                    counts.buckets.iter_mut().filter(|(_, counter)| counter.pending > 0).map(|(start, counter)| {
+                        counter.flushing = counter.pending;
+                        counter.pending = 0;
+                        (CountKey { subject: subject.clone(), window_start: *start }, counter.flushing)
+                    })
                 })
                 .collect();
             // Every replica writes rows in one order, so concurrent batches cannot deadlock.
@@ -288,11 +336,12 @@ impl Limiter {
             deltas
         };
         let written = store.add_request_counts(&deltas).await;
-        let tracked: Vec<CountKey> = {
-            let mut guard = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let counters = &mut guard.windows;
-            for (key, _) in &deltas {
-                if let Some(counter) = counters.get_mut(key) {
+        let (sliding, daily) = {
+            let mut subjects = self.lock();
+            for (bucket, _) in &deltas {
+                if let Some(counter) =
+                    subjects.get_mut(&bucket.subject).and_then(|counts| counts.buckets.get_mut(&bucket.window_start))
+                {
                     match written {
                         Ok(()) => counter.shared += counter.flushing,
                         Err(_) => counter.pending += counter.flushing,
@@ -300,13 +349,29 @@ impl Limiter {
                     counter.flushing = 0;
                 }
             }
-            counters.keys().cloned().collect()
+            let (mut sliding, mut daily) = (Vec::new(), Vec::new());
+            for (subject, counts) in subjects.iter() {
+                match counts.span {
+                    Span::Sliding { .. } => sliding.push(subject.clone()),
+                    Span::UtcDay => daily.push(subject.clone()),
+                }
+            }
+            (sliding, daily)
         };
         written?;
-        let totals = store.request_counts(&tracked).await?;
-        let mut guard = self.counters.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        for (key, total) in totals {
-            if let Some(counter) = guard.windows.get_mut(&key) {
+        let read_back = i64::try_from(self.read_back.as_micros()).unwrap_or(i64::MAX);
+        let ranges: Vec<(String, i64)> = sliding
+            .into_iter()
+            .map(|subject| (subject, now.saturating_sub(read_back)))
+            .chain(daily.into_iter().map(|subject| (subject, Span::UtcDay.bucket_of(now))))
+            .collect();
+        let totals = store.request_counts_since(&ranges).await?;
+        let mut subjects = self.lock();
+        for (bucket, total) in totals {
+            if let Some(counts) = subjects.get_mut(&bucket.subject)
+                && bucket.window_start >= counts.span.oldest_counted(now)
+            {
+                let counter = counts.buckets.entry(bucket.window_start).or_default();
                 counter.shared = counter.shared.max(total);
             }
         }
@@ -314,23 +379,180 @@ impl Limiter {
     }
 }
 
+/// The earliest time at which one more request fits under `limit`, given the counted buckets
+/// (oldest first): the moment enough of them have left the window.
+fn admitted_again_at(span: Span, counted: &[(i64, i64)], limit: i64) -> i64 {
+    let mut used: i64 = counted.iter().map(|(_, count)| count).sum();
+    for (start, count) in counted {
+        used -= count;
+        if used < limit {
+            return span.leaves_at(*start);
+        }
+    }
+    counted.last().map_or(0, |(start, _)| span.leaves_at(*start))
+}
+
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeMap;
+
     use chrono::TimeZone;
 
     use super::*;
+    use crate::domain::key::Environment;
+
+    fn key(per_minute: u32) -> KeyRecord {
+        KeyRecord {
+            key_id: "key_1".into(),
+            tenant_id: "acme".into(),
+            key_hash: String::new(),
+            name: "k".into(),
+            display_prefix: String::new(),
+            scopes: Vec::new(),
+            site_ids: Vec::new(),
+            environment: Environment::Live,
+            metadata: BTreeMap::new(),
+            rate_limit_per_minute: per_minute,
+            created_at: Utc::now(),
+            expires_at: None,
+            revoked_at: None,
+            last_used_at: None,
+            rotated_from_key_id: None,
+        }
+    }
+
+    fn tenant(quota: u32) -> Tenant {
+        Tenant {
+            tenant_id: "acme".into(),
+            display_name: "Acme".into(),
+            api_access_enabled: true,
+            max_keys: 0,
+            rate_limit_per_minute: 0,
+            daily_request_quota: quota,
+            created_at: Utc::now(),
+            updated_at: Utc::now(),
+        }
+    }
+
+    fn start() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0).unwrap()
+    }
+
+    fn at(seconds: f64) -> DateTime<Utc> {
+        start() + chrono::Duration::microseconds((seconds * 1e6) as i64)
+    }
+
+    /// Replays requests at the given seconds; returns which were allowed.
+    fn replay(limit: u32, seconds: &[f64]) -> Vec<bool> {
+        let (limiter, key, tenant) = (Limiter::default(), key(limit), tenant(0));
+        seconds
+            .iter()
+            .map(|second| matches!(limiter.check_and_count(&key, &tenant, at(*second)), LimitDecision::Allowed(_)))
+            .collect()
+    }
 
     #[test]
-    fn the_retry_time_is_when_the_window_has_slid_enough() {
-        let minute = Utc.with_ymd_and_hms(2026, 11, 22, 10, 0, 0).unwrap();
-        let seconds = |s: i64| minute + chrono::Duration::seconds(s);
-        // Limit 10, 10 this minute: in the next minute the window holds 10 (1 - e), which admits
-        // one more at e = 0.1.
-        assert_eq!(retry_at(minute, 10.0, 0.0, 10.0), seconds(60 + 6));
-        // Limit 10, 4 this minute and 12 in the previous one: 4 + 12 (1 - e) + 1 <= 10 from
-        // e = 7/12, 35 s into this minute.
-        assert_eq!(retry_at(minute, 4.0, 12.0, 10.0), seconds(35));
-        // Limit 1: the one request must slide out entirely.
-        assert_eq!(retry_at(minute, 1.0, 0.0, 1.0), seconds(120));
+    fn a_request_61_seconds_after_the_last_one_is_admitted_at_limit_1() {
+        assert_eq!(replay(1, &[0.0, 61.0]), [true, true]);
+        assert_eq!(replay(1, &[30.5, 90.5]), [true, true]);
+        assert_eq!(replay(1, &[0.0, 59.0]), [true, false]);
+    }
+
+    #[test]
+    fn a_client_asking_every_second_gets_exactly_the_limit_each_minute() {
+        for limit in [1u32, 2, 5] {
+            let seconds: Vec<f64> = (0..240).map(f64::from).collect();
+            let allowed = replay(limit, &seconds);
+            let per_minute: Vec<usize> =
+                allowed.chunks(60).map(|minute| minute.iter().filter(|allowed| **allowed).count()).collect();
+            assert_eq!(per_minute, vec![limit as usize; 4], "limit {limit}");
+        }
+    }
+
+    #[test]
+    fn a_client_that_keeps_to_n_in_any_60_seconds_is_never_denied() {
+        // Deterministic pseudo-random schedules that are compliant by construction: a request is
+        // sent only when fewer than `limit` were sent in the 60 seconds before it.
+        for limit in [1u32, 2, 5, 1000] {
+            let mut state: u64 = 0x9e37_79b9_7f4a_7c15 ^ u64::from(limit);
+            let (limiter, key, tenant) = (Limiter::default(), key(limit), tenant(0));
+            let mut sent: Vec<f64> = Vec::new();
+            let mut now = 0.0;
+            while now < 600.0 {
+                state = state.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
+                now += (state >> 40) as f64 / (1u64 << 24) as f64 * (120.0 / f64::from(limit));
+                let in_window = sent.iter().filter(|at| **at > now - 60.0).count();
+                if in_window < limit as usize {
+                    let decision = limiter.check_and_count(&key, &tenant, at(now));
+                    assert!(
+                        matches!(decision, LimitDecision::Allowed(_)),
+                        "limit {limit}, request at {now:.3}s denied"
+                    );
+                    sent.push(now);
+                }
+            }
+            assert!(sent.len() > limit as usize, "limit {limit}: the schedule made {} requests", sent.len());
+        }
+    }
+
+    #[test]
+    fn no_more_than_the_limit_is_admitted_in_any_59_seconds() {
+        for limit in [1u32, 2, 5, 1000] {
+            let (limiter, key, tenant) = (Limiter::default(), key(limit), tenant(0));
+            let mut admitted = Vec::new();
+            // A client hammering ten times a second for five minutes.
+            for tick in 0..3000 {
+                let now = f64::from(tick) / 10.0;
+                if matches!(limiter.check_and_count(&key, &tenant, at(now)), LimitDecision::Allowed(_)) {
+                    admitted.push(now);
+                }
+            }
+            for (index, first) in admitted.iter().enumerate() {
+                let within = admitted[index..].iter().take_while(|at| **at < first + 59.0).count();
+                assert!(within <= limit as usize, "limit {limit}: {within} admitted within 59 s of {first}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_request_at_the_announced_time_is_admitted() {
+        for limit in [1u32, 2, 5, 1000] {
+            let (limiter, key, tenant) = (Limiter::default(), key(limit), tenant(0));
+            let mut now = at(12.3);
+            for _ in 0..limit {
+                assert!(matches!(limiter.check_and_count(&key, &tenant, now), LimitDecision::Allowed(_)));
+                now += chrono::Duration::milliseconds(250);
+            }
+            for _ in 0..3 {
+                // Use up what is admitted now, then wait exactly as long as the deny says.
+                while matches!(limiter.check_and_count(&key, &tenant, now), LimitDecision::Allowed(_)) {}
+                let LimitDecision::Denied(DenyReason::RateLimited, state) = limiter.check_and_count(&key, &tenant, now)
+                else {
+                    panic!("limit {limit}: expected a deny at {now}");
+                };
+                assert!(state.reset_at > now);
+                let early = state.reset_at - chrono::Duration::microseconds(1);
+                assert!(matches!(limiter.check_and_count(&key, &tenant, early), LimitDecision::Denied(..)));
+                now = state.reset_at;
+                assert!(
+                    matches!(limiter.check_and_count(&key, &tenant, now), LimitDecision::Allowed(_)),
+                    "limit {limit}: a request at the announced {now} is admitted"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_daily_quota_resets_at_midnight_utc() {
+        let (limiter, key, tenant) = (Limiter::default(), key(0), tenant(2));
+        assert!(matches!(limiter.check_and_count(&key, &tenant, at(10.0)), LimitDecision::Allowed(_)));
+        assert!(matches!(limiter.check_and_count(&key, &tenant, at(20.0)), LimitDecision::Allowed(_)));
+        let LimitDecision::Denied(DenyReason::QuotaExceeded, state) = limiter.check_and_count(&key, &tenant, at(30.0))
+        else {
+            panic!("expected the quota to deny");
+        };
+        let midnight = Utc.with_ymd_and_hms(2026, 11, 23, 0, 0, 0).unwrap();
+        assert_eq!(state.reset_at, midnight);
+        assert!(matches!(limiter.check_and_count(&key, &tenant, midnight), LimitDecision::Allowed(_)));
     }
 }

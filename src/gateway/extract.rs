@@ -70,34 +70,39 @@ pub enum Presented {
 #[derive(Debug, PartialEq, Eq)]
 pub struct ExtractedKey {
     pub presented: Presented,
-    /// Headers that carried a keygate credential (lower-case names).
+    /// Headers that carried a keygate credential, however spelled (lower-case names).
     pub headers_to_remove: Vec<String>,
-    /// Query parameters that carried a keygate credential, by their raw names (Envoy removes
-    /// parameters by raw name).
-    pub query_parameters_to_remove: Vec<String>,
+    /// The request target as sent, byte for byte, less every query parameter that spells a
+    /// credential; `None` when the query holds none.
+    pub path_without_credentials: Option<String>,
 }
 
 /// Reads the key from the first configured source present in the request, and lists every
-/// source present so that none reaches the upstream.
+/// source present, under any spelling a web framework would accept, so that none reaches the
+/// upstream. A source present only under another spelling (`_APIKEY` for `_apikey`, `x_api_key`
+/// for `x-api-key`) is unreadable: keygate does not guess which the upstream would read.
 pub fn extract_key(sources: &KeySources, headers: &HashMap<String, String>, target: &str) -> ExtractedKey {
-    let mut extracted = ExtractedKey {
-        presented: Presented::Absent,
-        headers_to_remove: Vec::new(),
-        query_parameters_to_remove: Vec::new(),
-    };
+    let mut extracted =
+        ExtractedKey { presented: Presented::Absent, headers_to_remove: Vec::new(), path_without_credentials: None };
+    let mut query_names = Vec::new();
     for source in &sources.0 {
         let found = match source {
             KeySource::Bearer => headers.get("authorization").and_then(|value| bearer_value(value)).inspect(|_| {
                 extracted.headers_to_remove.push("authorization".into());
             }),
-            KeySource::Header(name) => headers.get(name).map(|value| {
-                extracted.headers_to_remove.push(name.clone());
-                if value.contains(',') { Presented::Unreadable } else { Presented::Key(value.trim().to_owned()) }
-            }),
+            KeySource::Header(name) => {
+                let spellings: Vec<&String> =
+                    headers.keys().filter(|present| same_header_name(present, name)).collect();
+                extracted.headers_to_remove.extend(spellings.iter().map(|present| (*present).clone()));
+                match (headers.get(name), spellings.len()) {
+                    (_, 0) => None,
+                    (Some(value), 1) if !value.contains(',') => Some(Presented::Key(value.trim().to_owned())),
+                    _ => Some(Presented::Unreadable),
+                }
+            }
             KeySource::Query(name) => {
-                let parameter = query_parameter(target, name);
-                extracted.query_parameters_to_remove.extend(parameter.raw_names);
-                match parameter.value {
+                query_names.push(name.as_str());
+                match query_parameter(target, name).value {
                     QueryValue::Absent => None,
                     QueryValue::One(value) => Some(Presented::Key(value)),
                     QueryValue::Unreadable => Some(Presented::Unreadable),
@@ -108,7 +113,52 @@ pub fn extract_key(sources: &KeySources, headers: &HashMap<String, String>, targ
             extracted.presented = found;
         }
     }
+    extracted.path_without_credentials = without_query_parameters(target, &query_names);
     extracted
+}
+
+/// Whether two header names are one to a web framework: case never matters, and CGI-style
+/// servers read `-` and `_` alike.
+fn same_header_name(present: &str, configured: &str) -> bool {
+    let normal = |name: &str| name.to_ascii_lowercase().replace('_', "-");
+    normal(present) == normal(configured)
+}
+
+/// A query parameter name as web frameworks compare it: percent-decoded (`+` as a space), case
+/// folded (ASP.NET), an array suffix such as `[]` dropped (PHP, Rails), and spaces, dots, dashes
+/// and pluses read as underscores (PHP). `None` when the name does not decode.
+fn canonical_parameter_name(raw: &str) -> Option<String> {
+    let decoded = percent_decode(raw, true)?.to_lowercase();
+    let base = match decoded.find('[') {
+        Some(bracket) if decoded.ends_with(']') => &decoded[..bracket],
+        _ => decoded.as_str(),
+    };
+    Some(base.chars().map(|c| if matches!(c, ' ' | '.' | '-' | '+') { '_' } else { c }).collect())
+}
+
+/// Whether a raw query parameter name spells `name` for some web framework.
+fn spells(raw: &str, name: &str) -> bool {
+    raw == name
+        || canonical_parameter_name(raw).is_some_and(|canonical| Some(canonical) == canonical_parameter_name(name))
+}
+
+/// The request target less every query parameter that spells one of `names`, every other byte
+/// as sent (order, empty pairs, bare names, escapes); `None` when none is there.
+fn without_query_parameters(target: &str, names: &[&str]) -> Option<String> {
+    let (path, query) = target.split_once('?')?;
+    let pairs: Vec<&str> = query.split('&').collect();
+    let kept: Vec<&str> = pairs
+        .iter()
+        .copied()
+        .filter(|pair| {
+            let raw = pair.split_once('=').map_or(*pair, |(raw, _)| raw);
+            !names.iter().any(|name| spells(raw, name))
+        })
+        .collect();
+    if kept.len() == pairs.len() {
+        return None;
+    }
+    Some(if kept.is_empty() { path.to_owned() } else { format!("{path}?{}", kept.join("&")) })
 }
 
 /// The credential of an `Authorization` value with the Bearer scheme; `None` when no part of
@@ -225,30 +275,29 @@ pub enum QueryValue {
     Unreadable,
 }
 
-/// A parameter's value and the raw names under which it occurs.
+/// A parameter's value.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct QueryParameter {
     pub value: QueryValue,
-    pub raw_names: Vec<String>,
 }
 
-/// Looks up `name` in the query of a request target. Names are matched both as written and
-/// percent-decoded, so `%5Fapikey` cannot slip past a check of `_apikey`.
+/// Looks up `name` in the query of a request target, under every spelling a web framework would
+/// take for it (see [`canonical_parameter_name`]): one occurrence spelled exactly is read, and
+/// anything else (`%5Fapikey`, `_APIKEY`, `_apikey[]` or a repeat) is unreadable.
 pub fn query_parameter(target: &str, name: &str) -> QueryParameter {
     let query = target.split_once('?').map_or("", |(_, query)| query);
     let query = query.split('#').next().unwrap_or_default();
     let occurrences: Vec<(&str, &str)> = query
         .split('&')
         .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
-        .filter(|(raw, _)| *raw == name || percent_decode(raw, true).as_deref() == Some(name))
+        .filter(|(raw, _)| spells(raw, name))
         .collect();
-    let raw_names = occurrences.iter().map(|(raw, _)| (*raw).to_owned()).collect();
     let value = match occurrences.as_slice() {
         [] => QueryValue::Absent,
         [(raw, value)] if *raw == name => percent_decode(value, true).map_or(QueryValue::Unreadable, QueryValue::One),
         _ => QueryValue::Unreadable,
     };
-    QueryParameter { value, raw_names }
+    QueryParameter { value }
 }
 
 /// Whether a path has a `.` or `..` segment, as written or percent-encoded.
@@ -313,7 +362,58 @@ mod tests {
             "/x?_apikey=c",
         );
         assert_eq!(extracted.headers_to_remove, ["authorization", "x-api-key"]);
-        assert_eq!(extracted.query_parameters_to_remove, ["_apikey"]);
+        assert_eq!(extracted.path_without_credentials.as_deref(), Some("/x"));
+    }
+
+    #[test]
+    fn the_query_reaches_the_upstream_as_sent_less_the_credential() {
+        let path = |target: &str| {
+            extract_key(&KeySources::default(), &HashMap::new(), target).path_without_credentials.unwrap()
+        };
+        assert_eq!(path("/v1/stats?b=2&siteId=s&a=1&_apikey=KEY"), "/v1/stats?b=2&siteId=s&a=1");
+        assert_eq!(path("/x?&flag&_apikey=KEY&&x=1&q=a%20b+c"), "/x?&flag&&x=1&q=a%20b+c");
+        assert_eq!(path("/x?_apikey=KEY"), "/x");
+        assert_eq!(path("/x?_apikey=a&_APIKEY=b&z"), "/x?z");
+        assert_eq!(extract_key(&KeySources::default(), &HashMap::new(), "/x?a=1").path_without_credentials, None);
+    }
+
+    #[test]
+    fn every_spelling_of_a_credential_is_stripped_and_never_read() {
+        let bearer = [("authorization", "Bearer k")];
+        for spelling in [
+            "_APIKEY",
+            "_ApiKey",
+            "%5Fapikey",
+            "_api%4Bey",
+            "_apikey[]",
+            "_apikey%5B%5D",
+            "_apikey[0]",
+            ".apikey",
+            "%20apikey",
+            "+apikey",
+            "-apikey",
+        ] {
+            let target = format!("/x?a=1&{spelling}=LEAK&b=2");
+            let alone = extract_key(&KeySources::default(), &HashMap::new(), &target);
+            assert_eq!(alone.presented, Presented::Unreadable, "{spelling} alone is not guessed at");
+            let with_bearer = extract_key(&KeySources::default(), &headers(&bearer), &target);
+            assert_eq!(with_bearer.presented, found("k"), "{spelling} next to a Bearer");
+            assert_eq!(with_bearer.path_without_credentials.as_deref(), Some("/x?a=1&b=2"), "{spelling} is stripped");
+        }
+        for header in ["x_api_key", "X-Api-Key", "x_API-key"] {
+            let extracted = extract_key(&KeySources::default(), &headers(&[(header, "LEAK")]), "/");
+            assert_eq!(extracted.headers_to_remove, [header]);
+            assert_eq!(extracted.presented, if header == "x-api-key" { found("LEAK") } else { Presented::Unreadable });
+        }
+        let both = extract_key(&KeySources::default(), &headers(&[("x-api-key", "a"), ("x_api_key", "b")]), "/");
+        assert_eq!(both.presented, Presented::Unreadable);
+        assert_eq!(both.headers_to_remove.len(), 2);
+        // Names that merely contain the credential's name are someone else's.
+        for other in ["x_apikey", "_apikeys", "apikey"] {
+            let extracted = extract_key(&KeySources::default(), &HashMap::new(), &format!("/x?{other}=v"));
+            assert_eq!(extracted.presented, Presented::Absent, "{other}");
+            assert_eq!(extracted.path_without_credentials, None, "{other}");
+        }
     }
 
     #[test]
@@ -344,7 +444,6 @@ mod tests {
     #[test]
     fn query_keys_are_exact_single_and_decodable() {
         assert_eq!(key(&[], "/x?_apikey=kg%5Flive"), found("kg_live"));
-        assert_eq!(key(&[], "/x?_APIKEY=nope"), Presented::Absent);
         assert_eq!(key(&[], "/x?x_apikey=nope"), Presented::Absent);
         assert_eq!(key(&[], "/x?_apikey"), found(""));
         for unreadable in
@@ -352,14 +451,8 @@ mod tests {
         {
             let extracted = extract_key(&KeySources::default(), &HashMap::new(), unreadable);
             assert_eq!(extracted.presented, Presented::Unreadable, "{unreadable}");
-            assert!(!extracted.query_parameters_to_remove.is_empty(), "{unreadable} is stripped");
+            assert_eq!(extracted.path_without_credentials.as_deref(), Some("/x"), "{unreadable} is stripped");
         }
-        let encoded = extract_key(&KeySources::default(), &HashMap::new(), "/x?%5Fapikey=k&_apikey=j");
-        assert_eq!(
-            encoded.query_parameters_to_remove,
-            ["%5Fapikey", "_apikey"],
-            "removed by raw name, as Envoy matches"
-        );
     }
 
     #[test]
@@ -414,6 +507,9 @@ mod tests {
         assert_eq!(site(&[("site_query", "siteId")], &[], "/s?siteId=a+b"), Err(SiteError::Invalid));
         assert_eq!(site(&[("site_query", "siteId")], &[], "/s?siteId=shop&siteId=blog"), Err(SiteError::Invalid));
         assert_eq!(site(&[("site_query", "siteId")], &[], "/s?site%49d=blog"), Err(SiteError::Invalid));
+        // Another spelling next to the one keygate reads could be the one the upstream reads.
+        assert_eq!(site(&[("site_query", "siteId")], &[], "/s?siteId=shop&SITEID=blog"), Err(SiteError::Invalid));
+        assert_eq!(site(&[("site_query", "siteId")], &[], "/s?siteId=shop&siteId[]=blog"), Err(SiteError::Invalid));
         assert_eq!(site(&[("site_header", "x-site")], &[("x-site", &"s".repeat(65))], "/"), Err(SiteError::Invalid));
         assert_eq!(site(&[("site_header", "x-site")], &[("x-site", "a,b")], "/"), Err(SiteError::Invalid));
     }

@@ -47,12 +47,33 @@ fn header(key: &str, value: impl Into<String>) -> HeaderValueOption {
     }
 }
 
+/// Whole seconds from `now` until `at`, rounded up: a client that waits this long is not early.
+fn seconds_until(at: DateTime<Utc>, now: DateTime<Utc>) -> i64 {
+    let micros = (at - now).num_microseconds().unwrap_or(i64::MAX).max(0);
+    micros.div_euclid(1_000_000) + i64::from(micros.rem_euclid(1_000_000) > 0)
+}
+
+/// Unix seconds of `at`, rounded up.
+fn unix_seconds_up(at: DateTime<Utc>) -> i64 {
+    at.timestamp() + i64::from(at.timestamp_subsec_nanos() > 0)
+}
+
 fn rate_limit_headers(limit: &RateLimitState) -> Vec<HeaderValueOption> {
     vec![
         header("x-ratelimit-limit", limit.limit.to_string()),
         header("x-ratelimit-remaining", limit.remaining.to_string()),
-        header("x-ratelimit-reset", limit.reset_at.timestamp().to_string()),
+        header("x-ratelimit-reset", unix_seconds_up(limit.reset_at).to_string()),
     ]
+}
+
+/// The reason code a denied client sees. Unknown, revoked and malformed keys share one, so that
+/// nobody can probe which keys exist; keygate's logs, metrics, audit log and `Authorize.Check`
+/// keep the precise reason.
+pub fn public_code(reason: DenyReason) -> &'static str {
+    match reason {
+        DenyReason::KeyUnknown | DenyReason::KeyRevoked | DenyReason::KeyMalformed => "KEY_INVALID",
+        other => other.code(),
+    }
 }
 
 /// The answer for a decided Check.
@@ -76,7 +97,11 @@ pub fn decided(outcome: &CheckOutcome, allowed: &Allowed<'_>, scope: &str, now: 
             }
             if allowed.strip_credentials {
                 ok.headers_to_remove.extend(allowed.credentials.headers_to_remove.iter().cloned());
-                ok.query_parameters_to_remove = allowed.credentials.query_parameters_to_remove.clone();
+                // The whole target is set rather than the parameter removed: Envoy would re-encode
+                // (and reorder) the rest of the query.
+                if let Some(path) = &allowed.credentials.path_without_credentials {
+                    ok.headers.push(header(":path", path.clone()));
+                }
             }
             CheckResponse {
                 status: Some(RpcStatus { code: Code::Ok as i32, ..Default::default() }),
@@ -129,7 +154,9 @@ fn denied(reason: DenyReason, message: &str, limit: Option<&RateLimitState>, now
         }
         429 => {
             if let Some(limit) = limit {
-                let retry_after = (limit.reset_at - now).num_seconds().max(1);
+                // As RFC 9110 defines Retry-After (delay-seconds), rounded up so that a retry
+                // after exactly that many seconds is admitted.
+                let retry_after = seconds_until(limit.reset_at, now).max(1);
                 headers.push(header("retry-after", retry_after.to_string()));
                 headers.extend(rate_limit_headers(limit));
             }
@@ -137,7 +164,7 @@ fn denied(reason: DenyReason, message: &str, limit: Option<&RateLimitState>, now
         }
         _ => Code::PermissionDenied,
     };
-    denied_response(status, grpc_code, reason.code(), message, headers)
+    denied_response(status, grpc_code, public_code(reason), message, headers)
 }
 
 fn denied_response(
@@ -173,7 +200,7 @@ mod tests {
         ExtractedKey {
             presented: Presented::Key("k".into()),
             headers_to_remove: vec!["x-api-key".into()],
-            query_parameters_to_remove: vec!["_apikey".into()],
+            path_without_credentials: Some("/x".into()),
         }
     }
 
@@ -198,7 +225,7 @@ mod tests {
         let limit = RateLimitState {
             limit: 60,
             remaining: 0,
-            reset_at: now + Duration::seconds(42),
+            reset_at: now + Duration::milliseconds(41_300),
             window: crate::service::RateLimitWindow::Minute,
             subject: crate::service::RateLimitSubject::Key,
         };
@@ -209,7 +236,9 @@ mod tests {
         assert_eq!(headers["retry-after"], "42");
         assert_eq!(headers["x-ratelimit-limit"], "60");
         assert_eq!(headers["x-ratelimit-remaining"], "0");
-        assert_eq!(headers["x-ratelimit-reset"], (now + Duration::seconds(42)).timestamp().to_string());
+        let reset = now + Duration::milliseconds(41_300);
+        assert_eq!(headers["x-ratelimit-reset"], unix_seconds_up(reset).to_string());
+        assert!(unix_seconds_up(reset) >= reset.timestamp() && unix_seconds_up(reset) <= reset.timestamp() + 1);
         assert_eq!(body, serde_json::json!({"error": "Rate limit exceeded", "code": "RATE_LIMITED"}));
     }
 
@@ -228,11 +257,20 @@ mod tests {
             assert_eq!((grpc, status), (code as i32, http), "{reason:?}");
             assert_eq!(headers.contains_key("www-authenticate"), http == 401, "{reason:?}");
             assert_eq!(headers["content-type"], "application/json");
-            assert_eq!(body["code"], reason.code());
+            assert_eq!(body["code"], public_code(reason));
         }
         let (grpc, status, _, body) = denied_parts(&malformed());
         assert_eq!((grpc, status), (Code::Unauthenticated as i32, 401));
-        assert_eq!(body["code"], "KEY_MALFORMED");
+        assert_eq!(body["code"], "KEY_INVALID");
+        let bodies: Vec<String> = [DenyReason::KeyUnknown, DenyReason::KeyRevoked, DenyReason::KeyMalformed]
+            .into_iter()
+            .map(|reason| {
+                let response = decided(&outcome(reason, None), &allowed, "events:read", Utc::now());
+                let Some(HttpResponse::DeniedResponse(denied)) = response.http_response else { panic!() };
+                format!("{:?}", (denied.status, denied.headers, denied.body, response.status))
+            })
+            .collect();
+        assert!(bodies.iter().all(|body| body == &bodies[0]), "one public answer: {bodies:?}");
         let (grpc, status, _, body) = denied_parts(&gateway_denied(GatewayDeny::RouteMisconfigured));
         assert_eq!((grpc, status, body["code"].as_str()), (Code::Internal as i32, 500, Some("ROUTE_MISCONFIGURED")));
     }

@@ -76,7 +76,7 @@ impl App {
             clock,
             policy: config.policy.clone(),
             lookups,
-            limiter: Limiter::default(),
+            limiter: Limiter::new(config.limits.sync_interval),
             usage: UsageRecorder::default(),
         });
         Ok(Self { listener, metrics_listener, config, core })
@@ -286,7 +286,11 @@ async fn share_counts(core: Arc<Core>, settings: LimitSettings, mut stop: tokio:
         }
         if last_prune.elapsed() >= Duration::from_secs(600) {
             last_prune = tokio::time::Instant::now();
-            let _ = core.store.prune_request_counts(core.clock.now() - chrono::Duration::days(2)).await;
+            let now = core.clock.now();
+            let _ = core
+                .store
+                .prune_request_counts(now - chrono::Duration::hours(1), now - chrono::Duration::days(2))
+                .await;
         }
     }
 }

@@ -111,9 +111,9 @@ impl Authorizer {
     /// store cannot answer, the decision goes on with this replica's own counts.
     async fn prime_limits(&self, key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) {
         let core = &self.core;
-        let Some(windows) = core.limiter.unprimed(key, tenant, now) else { return };
-        match core.lookups.run(core.store.request_counts(&windows)).await {
-            Ok(totals) => core.limiter.prime(&windows, totals),
+        let Some(needed) = core.limiter.unprimed(key, tenant, now) else { return };
+        match core.lookups.run(core.store.request_counts_since(&needed)).await {
+            Ok(totals) => core.limiter.prime(key, tenant, &needed, totals),
             Err(error) => {
                 debug!(%error, "deciding on this replica's own request counts: the shared ones are unreadable")
             }

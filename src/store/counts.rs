@@ -6,7 +6,8 @@ use sqlx::{Any, Row};
 use super::rows::micros;
 use super::{Column, Store, StoreResult};
 
-/// A count for one subject (`key:<id>` or `tenant:<id>`) in one window.
+/// A count for one subject (`key:<id>` or `tenant:<id>`) in one bucket: a second of a key's
+/// sliding minute, or a tenant's UTC day.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CountKey {
     pub subject: String,
@@ -33,16 +34,16 @@ impl Store {
         self.add_counts("request_counts", "subject, window_start, count", "subject, window_start", rows).await
     }
 
-    /// The shared totals of `keys` (absent rows are zero and left out), looked up by their
-    /// exact subject and window.
-    pub async fn request_counts(&self, keys: &[CountKey]) -> StoreResult<Vec<(CountKey, i64)>> {
+    /// The shared counts of each subject's buckets that start at or after its `since`
+    /// (microseconds since the epoch), in as few queries as the placeholder limits allow.
+    pub async fn request_counts_since(&self, ranges: &[(String, i64)]) -> StoreResult<Vec<(CountKey, i64)>> {
         let mut totals = Vec::new();
-        for chunk in keys.chunks(CHUNK) {
-            let pairs = vec!["(subject = ? AND window_start = ?)"; chunk.len()].join(" OR ");
+        for chunk in ranges.chunks(CHUNK) {
+            let pairs = vec!["(subject = ? AND window_start >= ?)"; chunk.len()].join(" OR ");
             let sql = format!("SELECT subject, window_start, count FROM request_counts WHERE {pairs}");
             let mut query = sqlx::query::<Any>(self.backend.sql(sql));
-            for key in chunk {
-                query = query.bind(key.subject.clone()).bind(key.window_start);
+            for (subject, since) in chunk {
+                query = query.bind(subject.clone()).bind(*since);
             }
             let rows = self.bounded(async { Ok(query.fetch_all(&self.pool).await?) }).await?;
             for row in rows {
@@ -53,14 +54,25 @@ impl Store {
         Ok(totals)
     }
 
-    /// Deletes counters of windows that started before `before`.
-    pub async fn prune_request_counts(&self, before: DateTime<Utc>) -> StoreResult<u64> {
+    /// Deletes the per-second buckets of keys that started before `keys_before` and every
+    /// counter that started before `all_before` (daily quotas).
+    pub async fn prune_request_counts(
+        &self,
+        keys_before: DateTime<Utc>,
+        all_before: DateTime<Utc>,
+    ) -> StoreResult<u64> {
         self.bounded(async {
-            let result = sqlx::query::<Any>(self.backend.sql("DELETE FROM request_counts WHERE window_start < ?"))
-                .bind(micros(before))
+            let keys = sqlx::query::<Any>(
+                self.backend.sql("DELETE FROM request_counts WHERE window_start < ? AND subject LIKE 'key:%'"),
+            )
+            .bind(micros(keys_before))
+            .execute(&self.pool)
+            .await?;
+            let all = sqlx::query::<Any>(self.backend.sql("DELETE FROM request_counts WHERE window_start < ?"))
+                .bind(micros(all_before))
                 .execute(&self.pool)
                 .await?;
-            Ok(result.rows_affected())
+            Ok(keys.rows_affected() + all.rows_affected())
         })
         .await
     }

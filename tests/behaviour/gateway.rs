@@ -1,5 +1,6 @@
 //! keygate behind a real Envoy: the example config, real HTTP requests, an echo upstream.
 
+use keygate::domain::clock::Clock;
 use keygate::proto::*;
 
 use crate::checks::well_formed_unknown_key;
@@ -100,9 +101,9 @@ async fn every_deny_reason_has_its_status_body_and_headers() {
     let response = stack.get("/v1/account", &[("authorization", "Bearer")]).await;
     assert_http_denied(&response, 401, "KEY_MISSING", "API key is required");
     let response = stack.get("/v1/account", &[("authorization", "Bearer kg_live_nope")]).await;
-    assert_http_denied(&response, 401, "KEY_MALFORMED", "Invalid API key");
+    assert_http_denied(&response, 401, "KEY_INVALID", "Invalid API key");
     let response = stack.get("/v1/account", &[("authorization", &bearer(&well_formed_unknown_key()))]).await;
-    assert_http_denied(&response, 401, "KEY_UNKNOWN", "Invalid API key");
+    assert_http_denied(&response, 401, "KEY_INVALID", "Invalid API key");
     let response = stack.get("/v1/stats?siteId=shop.example", &[("authorization", &bearer(&reader))]).await;
     assert_http_denied(&response, 403, "SCOPE_MISSING", "API key missing required scope: stats:read");
     let (_, stats) = stack.key(&["stats:read"], &["shop.example"]).await;
@@ -198,7 +199,34 @@ async fn no_credential_reaches_the_upstream_however_it_is_spelled() {
     }
     let mixed = format!("Basic dXNlcjpwdw==,Bearer {secret}");
     let response = stack.get("/v1/account", &[("authorization", mixed.as_str()), api_key[0]]).await;
-    assert_http_denied(&response, 401, "KEY_MALFORMED", "Invalid API key");
+    assert_http_denied(&response, 401, "KEY_INVALID", "Invalid API key");
+    // Every spelling a web framework would read as the credential is stripped next to a valid
+    // key, and never read as the key itself.
+    let bearer = format!("Bearer {secret}");
+    for spelling in ["_APIKEY", "_ApiKey", "_apikey[]", "_apikey%5B%5D", ".apikey", "-apikey", "%5FAPIKEY"] {
+        let target = format!("/v1/account?a=1&{spelling}={secret}&b=2");
+        let response = stack.get(&target, &[("authorization", &bearer)]).await;
+        assert_eq!(response.status, 200, "{spelling}: {response:?}");
+        assert_eq!(response.upstream_path(), "/v1/account?a=1&b=2", "{spelling}");
+        assert!(!response.body.contains(&secret[8..]), "{spelling}: the key reached the upstream");
+        let response = stack.get(&target, &[]).await;
+        assert_http_denied(&response, 401, "KEY_INVALID", "Invalid API key");
+    }
+    // The rest of the query arrives as it was sent, byte for byte.
+    for (sent, forwarded) in [
+        (format!("/v1/account?b=2&siteId=s&a=1&_apikey={secret}"), "/v1/account?b=2&siteId=s&a=1"),
+        (format!("/v1/account?&flag&_apikey={secret}&&x=1&q=a%20b+c%2F"), "/v1/account?&flag&&x=1&q=a%20b+c%2F"),
+        (format!("/v1/account?_apikey={secret}"), "/v1/account"),
+    ] {
+        let response = stack.get(&sent, &[]).await;
+        assert_eq!(response.status, 200, "{sent}: {response:?}");
+        assert_eq!(response.upstream_path(), forwarded);
+    }
+    for header in ["x_api_key", "X_Api_Key"] {
+        let response = stack.get("/v1/account", &[("authorization", &bearer), (header, secret.as_str())]).await;
+        assert_eq!(response.status, 200, "{header}: {response:?}");
+        assert!(!response.body.contains(&secret[8..]), "{header}: the key reached the upstream");
+    }
     // Routes without keygate still never pass forged identity headers on.
     let response = stack.get("/health", &[("x-keygate-tenant-id", "globex"), ("x-keygate-key-id", "key_forged")]).await;
     assert_eq!(response.status, 200);
@@ -215,8 +243,26 @@ async fn a_revoked_key_is_denied_on_the_very_next_request() {
     let auth = format!("Bearer {secret}");
     assert_eq!(stack.get("/v1/account", &[("authorization", &auth)]).await.status, 200);
     crate::keys::revoke(&stack.app, "acme", &key.key_id).await.unwrap();
-    let response = stack.get("/v1/account", &[("authorization", &auth)]).await;
-    assert_http_denied(&response, 401, "KEY_REVOKED", "Invalid API key");
+    let revoked = stack.get("/v1/account", &[("authorization", &auth)]).await;
+    assert_http_denied(&revoked, 401, "KEY_INVALID", "Invalid API key");
+    // Revoked, unknown and mistyped keys get one public answer: nothing tells which keys exist.
+    let unknown =
+        stack.get("/v1/account", &[("authorization", &format!("Bearer {}", well_formed_unknown_key()))]).await;
+    let mistyped =
+        stack.get("/v1/account", &[("authorization", &format!("Bearer {}x", &secret[..secret.len() - 1]))]).await;
+    for other in [&unknown, &mistyped] {
+        assert_eq!((other.status, &other.body), (revoked.status, &revoked.body));
+        let mut headers = other.headers.clone();
+        let mut expected = revoked.headers.clone();
+        for varying in ["date", "x-envoy-upstream-service-time"] {
+            headers.remove(varying);
+            expected.remove(varying);
+        }
+        assert_eq!(headers, expected);
+    }
+    // keygate itself still knows which it was.
+    let check = try_check(&stack.app, &secret, "account:read", "").await.unwrap();
+    assert_eq!(check.reason(), DenyReason::KeyRevoked);
 }
 
 async fn rate_limits_reach_the_client_as_headers_and_429s_and_health_skips_keygate() {
@@ -240,9 +286,18 @@ async fn rate_limits_reach_the_client_as_headers_and_429s_and_health_skips_keyga
     assert_http_denied(&response, 429, "RATE_LIMITED", "Rate limit exceeded");
     assert_eq!(response.headers.get("x-ratelimit-limit").map(String::as_str), Some("1"));
     assert_eq!(response.headers.get("x-ratelimit-remaining").map(String::as_str), Some("0"));
+    // Retry-After counts whole seconds up to the time the request slides out of the window, and
+    // a retry after exactly that long is admitted.
     let retry_after: i64 = response.headers["retry-after"].parse().unwrap();
-    // One request a minute: it must slide out of the window entirely, within two minutes.
-    assert!((1..=120).contains(&retry_after), "{retry_after}");
+    let reset: i64 = response.headers["x-ratelimit-reset"].parse().unwrap();
+    let now = stack.app.clock.now();
+    let exact = (reset * 1_000_000 - now.timestamp_micros()) as f64 / 1e6;
+    assert_eq!(retry_after, exact.ceil() as i64, "{exact} s rounded up");
+    assert!((1..=60).contains(&retry_after), "{retry_after}");
+    stack.app.clock.advance(chrono::Duration::seconds(retry_after - 1));
+    assert_eq!(stack.get("/v1/account", &[("x-api-key", &once)]).await.status, 429, "a second early");
+    stack.app.clock.advance(chrono::Duration::seconds(1));
+    assert_eq!(stack.get("/v1/account", &[("x-api-key", &once)]).await.status, 200, "on time");
 
     let quota = PutTenantRequest { tenant_id: "globex".into(), daily_request_quota: Some(1), ..Default::default() };
     put_tenant_with(&stack.app, quota).await;
@@ -250,7 +305,9 @@ async fn rate_limits_reach_the_client_as_headers_and_429s_and_health_skips_keyga
     assert_eq!(stack.get("/v1/account", &[("x-api-key", &globex)]).await.status, 200);
     let response = stack.get("/v1/account", &[("x-api-key", &globex)]).await;
     assert_http_denied(&response, 429, "QUOTA_EXCEEDED", "Daily request quota exceeded");
-    assert!(response.headers.contains_key("retry-after"));
+    let retry_after: i64 = response.headers["retry-after"].parse().unwrap();
+    stack.app.clock.advance(chrono::Duration::seconds(retry_after));
+    assert_eq!(stack.get("/v1/account", &[("x-api-key", &globex)]).await.status, 200, "the next UTC day");
 }
 
 async fn with_keygate_stopped_envoy_fails_closed() {
@@ -263,6 +320,13 @@ async fn with_keygate_stopped_envoy_fails_closed() {
     let response = get(envoy.address, "/v1/account", &[("authorization", &auth)]).await.unwrap();
     assert_eq!(response.status, 503, "{response:?}");
     assert!(!response.body.contains("x-keygate"), "never reaches the upstream");
+    // The same JSON shape as every other deny, from the example's local reply mapping.
+    assert_eq!(response.headers.get("content-type").map(String::as_str), Some("application/json"));
+    let body = response.json();
+    assert_eq!(body["code"], "AUTHORIZATION_UNAVAILABLE", "{body}");
+    assert_eq!(body["error"], "Authorization service unavailable", "{body}");
+    // Envoy's other local replies keep their own answers.
+    assert_eq!(get(envoy.address, "/v1/unrouted", &[]).await.unwrap().status, 404);
 }
 
 /// Collects everything keygate logs on this thread (tests run on a current-thread runtime, so

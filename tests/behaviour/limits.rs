@@ -16,6 +16,7 @@ crate::trials!(
         a_replica_that_starts_later_knows_the_shared_counts,
         a_rolling_restart_of_two_replicas_keeps_the_limit,
         check_names_the_window_and_subject_of_the_limit_it_reports,
+        a_client_within_its_limit_is_never_denied_and_a_retry_on_time_is_admitted,
     ],
     once: [],
 );
@@ -47,25 +48,21 @@ async fn a_key_over_its_per_minute_limit_is_rate_limited_until_the_window_slides
         assert!(check(&app, &inherited, "events:read", "").await.allowed);
     }
     assert_eq!(check(&app, &inherited, "events:read", "").await.reason(), DenyReason::RateLimited);
-    // The window slides: 30 s into the next minute, half of the 5 still weigh in (2.5), so two
-    // more fit under 5 and a third does not; a fixed window would admit five.
-    use chrono::{DurationRound, Timelike};
+    // The window slides: the five requests count for 60 seconds from the second they were made
+    // in, not until a minute boundary. Half a minute later they all still count...
     use keygate::domain::clock::Clock;
-    let now = app.clock.now();
-    let minute = now.duration_trunc(chrono::Duration::minutes(1)).unwrap();
-    app.clock.advance(minute + chrono::Duration::seconds(90) - now);
-    assert_eq!(app.clock.now().second(), 30);
-    assert!(check(&app, &own, "events:read", "").await.allowed);
-    assert!(check(&app, &own, "events:read", "").await.allowed);
+    let made_at = app.clock.now().timestamp();
+    app.clock.advance(chrono::Duration::seconds(30));
     let denied = check(&app, &own, "events:read", "").await;
     assert_eq!(denied.reason(), DenyReason::RateLimited);
-    // 2 this minute + 5 (1 - e) + 1 <= 5 from e = 0.6, 36 s into the minute: 6 s from now.
-    assert_eq!(
-        denied.rate_limit.unwrap().reset_at.unwrap().seconds,
-        (minute + chrono::Duration::seconds(96)).timestamp()
-    );
-    app.clock.advance(chrono::Duration::minutes(2));
-    assert!(check(&app, &own, "events:read", "").await.allowed);
+    assert_eq!(denied.rate_limit.unwrap().reset_at.unwrap().seconds, made_at + 60, "they slide out 60 s on");
+    // ... and from that second on, the whole limit is there again.
+    let left = chrono::DateTime::from_timestamp(made_at + 60, 0).unwrap() - app.clock.now();
+    app.clock.advance(left);
+    for _ in 0..5 {
+        assert!(check(&app, &own, "events:read", "").await.allowed);
+    }
+    assert_eq!(check(&app, &own, "events:read", "").await.reason(), DenyReason::RateLimited);
 }
 
 async fn a_tenant_over_its_daily_quota_is_denied_until_the_next_day(backend: Backend) {
@@ -213,4 +210,52 @@ async fn check_names_the_window_and_subject_of_the_limit_it_reports(backend: Bac
     let response = check(&app, &per_minute, "events:read", "").await;
     assert_eq!(response.reason(), DenyReason::RateLimited);
     assert_eq!(reported(&response), (2, 0, RateLimitWindow::Minute, RateLimitSubject::Key));
+}
+
+async fn a_client_within_its_limit_is_never_denied_and_a_retry_on_time_is_admitted(backend: Backend) {
+    use keygate::domain::clock::Clock;
+    let Some(app) = spawn_app(backend).await else { return };
+    // Start on a minute boundary, as the reports that found the fault did.
+    let now = app.clock.now();
+    let to_boundary = 60 - now.timestamp().rem_euclid(60);
+    app.clock.advance(
+        chrono::Duration::seconds(to_boundary) - chrono::Duration::nanoseconds(now.timestamp_subsec_nanos().into()),
+    );
+    for (index, limit) in [1u32, 2, 5, 1000].into_iter().enumerate() {
+        let secret = limited_key(&app, &format!("tenant-{index}"), limit, 0).await;
+        let mut allowed_per_minute = vec![0u32; 3];
+        if limit <= 5 {
+            // A client asking once a second gets exactly its limit each minute.
+            for second in 0..180 {
+                if check(&app, &secret, "events:read", "").await.allowed {
+                    allowed_per_minute[second / 60] += 1;
+                }
+                app.clock.advance(chrono::Duration::seconds(1));
+            }
+            assert_eq!(allowed_per_minute, vec![limit; 3], "limit {limit}, one request a second");
+        } else {
+            // A full burst, then another a minute later: both whole.
+            for minute in 0..2 {
+                assert_eq!(allowed_of(&app, &secret, limit as usize).await, limit as usize, "minute {minute}");
+                app.clock.advance(chrono::Duration::seconds(60));
+            }
+        }
+        // Denied, then admitted at exactly the time the deny names.
+        while check(&app, &secret, "events:read", "").await.allowed {}
+        let denied = check(&app, &secret, "events:read", "").await;
+        assert_eq!(denied.reason(), DenyReason::RateLimited);
+        let reset_at = denied.rate_limit.unwrap().reset_at.unwrap();
+        let reset_at = chrono::DateTime::from_timestamp(reset_at.seconds, reset_at.nanos as u32).unwrap();
+        app.clock.advance(reset_at - app.clock.now() - chrono::Duration::microseconds(1));
+        assert!(!check(&app, &secret, "events:read", "").await.allowed, "limit {limit}: a microsecond early");
+        app.clock.advance(chrono::Duration::microseconds(1));
+        assert!(check(&app, &secret, "events:read", "").await.allowed, "limit {limit}: on time at {reset_at}");
+        // Next key starts well clear of this one's window.
+        app.clock.advance(chrono::Duration::seconds(120));
+    }
+    // Limit 1, a request 61 s after the last one.
+    let secret = limited_key(&app, "tenant-61", 1, 0).await;
+    assert!(check(&app, &secret, "events:read", "").await.allowed);
+    app.clock.advance(chrono::Duration::seconds(61));
+    assert!(check(&app, &secret, "events:read", "").await.allowed, "61 s later");
 }
