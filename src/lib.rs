@@ -26,6 +26,10 @@ pub mod proto {
     /// The encoded descriptors of `keygate.v1`, served by reflection.
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("keygate_descriptor");
 
+    /// The encoded descriptors of Envoy's `envoy.service.auth.v3.Authorization` and everything
+    /// it imports, served by reflection (the code itself comes from the envoy-types crate).
+    pub const ENVOY_EXT_AUTHZ_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("envoy_ext_authz_descriptor");
+
     use std::fmt;
 
     // Messages that carry a full key print it redacted, so a `{:?}` in a log never leaks one.

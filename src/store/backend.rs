@@ -125,18 +125,21 @@ impl Backend {
                 (2, "change feed", include_str!("../../migrations/sqlite/0002_change_feed.sql")),
                 (3, "request counts", include_str!("../../migrations/sqlite/0003_request_counts.sql")),
                 (4, "usage and audit", include_str!("../../migrations/sqlite/0004_usage_and_audit.sql")),
+                (5, "site ownership", include_str!("../../migrations/sqlite/0005_site_ownership.sql")),
             ],
             Self::Postgres => &[
                 (1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
                 (2, "change feed", include_str!("../../migrations/postgres/0002_change_feed.sql")),
                 (3, "request counts", include_str!("../../migrations/postgres/0003_request_counts.sql")),
                 (4, "usage and audit", include_str!("../../migrations/postgres/0004_usage_and_audit.sql")),
+                (5, "site ownership", include_str!("../../migrations/postgres/0005_site_ownership.sql")),
             ],
             Self::MySql => &[
                 (1, "init", include_str!("../../migrations/mysql/0001_init.sql")),
                 (2, "change feed", include_str!("../../migrations/mysql/0002_change_feed.sql")),
                 (3, "request counts", include_str!("../../migrations/mysql/0003_request_counts.sql")),
                 (4, "usage and audit", include_str!("../../migrations/mysql/0004_usage_and_audit.sql")),
+                (5, "site ownership", include_str!("../../migrations/mysql/0005_site_ownership.sql")),
             ],
         };
         let migrations = files

@@ -87,7 +87,8 @@ impl Store {
         Ok(result.rows_affected() > 0)
     }
 
-    /// Creates or renames a site; a site id belongs to one tenant for good.
+    /// Creates, renames or re-creates a site; a site id belongs to the tenant that first created
+    /// it for good, deleted or not.
     pub async fn put_site(
         &self,
         tenant_id: &str,
@@ -115,8 +116,13 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
             let updated = self
-                .query("UPDATE sites SET display_name = ?, updated_at = ? WHERE site_id = ? AND tenant_id = ?")
+                .query(
+                    "UPDATE sites SET display_name = ?, updated_at = ?, \
+                     created_at = CASE WHEN deleted_at IS NULL THEN created_at ELSE ? END, deleted_at = NULL \
+                     WHERE site_id = ? AND tenant_id = ?",
+                )
                 .bind(display_name.to_owned())
+                .bind(micros(now))
                 .bind(micros(now))
                 .bind(site_id.to_owned())
                 .bind(tenant_id.to_owned())
@@ -137,7 +143,8 @@ impl Store {
         .await
     }
 
-    /// Deletes a site of the tenant; false when the tenant has no such site.
+    /// Deletes a site of the tenant (it stays reserved to the tenant); false when the tenant has
+    /// no such site.
     pub async fn delete_site(
         &self,
         tenant_id: &str,
@@ -148,7 +155,12 @@ impl Store {
         self.bounded(async {
             let mut tx = self.pool.begin().await?;
             let result = self
-                .query("DELETE FROM sites WHERE site_id = ? AND tenant_id = ?")
+                .query(
+                    "UPDATE sites SET deleted_at = ?, updated_at = ? \
+                     WHERE site_id = ? AND tenant_id = ? AND deleted_at IS NULL",
+                )
+                .bind(micros(now))
+                .bind(micros(now))
                 .bind(site_id.to_owned())
                 .bind(tenant_id.to_owned())
                 .execute(&mut *tx)
@@ -174,7 +186,7 @@ impl Store {
             let rows = self
                 .query(
                     "SELECT tenant_id, site_id, display_name, created_at, updated_at FROM sites \
-                     WHERE tenant_id = ? AND site_id > ? ORDER BY site_id LIMIT ?",
+                     WHERE tenant_id = ? AND site_id > ? AND deleted_at IS NULL ORDER BY site_id LIMIT ?",
                 )
                 .bind(tenant_id.to_owned())
                 .bind(after_site_id.unwrap_or_default().to_owned())
@@ -189,11 +201,12 @@ impl Store {
     /// The tenant that owns a site, if the site exists.
     pub async fn site_owner(&self, site_id: &str) -> StoreResult<Option<String>> {
         self.bounded(async {
-            let owner: Option<(String,)> =
-                sqlx::query_as(self.backend.sql("SELECT tenant_id FROM sites WHERE site_id = ?"))
-                    .bind(site_id.to_owned())
-                    .fetch_optional(&self.pool)
-                    .await?;
+            let owner: Option<(String,)> = sqlx::query_as(
+                self.backend.sql("SELECT tenant_id FROM sites WHERE site_id = ? AND deleted_at IS NULL"),
+            )
+            .bind(site_id.to_owned())
+            .fetch_optional(&self.pool)
+            .await?;
             self.counted();
             Ok(owner.map(|(tenant_id,)| tenant_id))
         })
@@ -208,7 +221,7 @@ impl Store {
             }
             let placeholders = vec!["?"; site_ids.len()].join(", ");
             let mut query = self
-                .query(format!("SELECT site_id FROM sites WHERE tenant_id = ? AND site_id IN ({placeholders})"))
+                .query(format!("SELECT site_id FROM sites WHERE tenant_id = ? AND deleted_at IS NULL AND site_id IN ({placeholders})"))
                 .bind(tenant_id.to_owned());
             for site_id in site_ids {
                 query = query.bind(site_id.clone());

@@ -77,6 +77,23 @@ async fn a_site_belongs_to_exactly_one_tenant(backend: Backend) {
     // The failed claim changed nothing.
     let sites = list_sites(&app, "acme", 10, "").await.0;
     assert_eq!(sites.iter().map(|s| s.display_name.as_str()).collect::<Vec<_>>(), ["Shop"]);
+
+    // For good: once acme deletes it, nobody else can take it, and a key of another tenant is
+    // never allowed on it; acme can create it again.
+    let (_, globex_key) = create_key(&app, key_request("globex", &["events:read"])).await.unwrap();
+    let delete = DeleteSiteRequest { tenant_id: "acme".into(), site_id: "shop.example".into() };
+    app.admin.clone().delete_site(delete).await.unwrap();
+    assert!(list_sites(&app, "acme", 10, "").await.0.is_empty(), "a deleted site is not listed");
+    assert_status(put_site(&app, "globex", "shop.example").await, Code::AlreadyExists, None);
+    assert!(list_sites(&app, "globex", 10, "").await.0.is_empty());
+    assert_eq!(check(&app, &globex_key, "events:read", "shop.example").await.reason(), DenyReason::SiteForbidden);
+    let mut restricted = key_request("globex", &["events:read"]);
+    restricted.site_ids = vec!["shop.example".into()];
+    assert_status(create_key(&app, restricted).await, Code::InvalidArgument, Some("site_ids[0]"));
+    let again = put_site(&app, "acme", "shop.example").await.unwrap();
+    assert_eq!(again.tenant_id, "acme");
+    let (_, acme_key) = create_key(&app, key_request("acme", &["events:read"])).await.unwrap();
+    assert!(check(&app, &acme_key, "events:read", "shop.example").await.allowed);
 }
 
 async fn sites_are_listed_in_pages_and_can_be_deleted(backend: Backend) {
