@@ -349,11 +349,65 @@ impl DatabaseConfig {
             return Err("KEYGATE_DB_QUERY_TIMEOUT_MS must be at least 10".into());
         }
         Ok(Self {
-            url: args.database_url.clone(),
+            url: sqlite_file_url(&args.database_url)?,
             max_connections: args.db_max_connections,
             acquire_timeout: Duration::from_secs(args.db_acquire_timeout_seconds),
             query_timeout: Duration::from_millis(args.db_query_timeout_ms),
         })
+    }
+}
+
+/// A SQLite URL that creates its file when it does not exist (`mode=rwc` unless the URL sets a
+/// mode), checked for a directory that exists; other URLs as they are. Errors say what to do.
+fn sqlite_file_url(url: &DatabaseUrl) -> Result<DatabaseUrl, String> {
+    let text = url.0.as_str();
+    let Some(rest) = text.strip_prefix("sqlite:") else { return Ok(url.clone()) };
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let path = path.strip_prefix("//").unwrap_or(path);
+    if path.is_empty() || path == ":memory:" || query.split('&').any(|pair| pair == "memory=true") {
+        return Ok(url.clone());
+    }
+    let directory = std::path::Path::new(path).parent().filter(|parent| !parent.as_os_str().is_empty());
+    if let Some(directory) = directory
+        && !directory.is_dir()
+    {
+        return Err(format!(
+            "KEYGATE_DATABASE_URL: the directory {} does not exist; keygate creates the SQLite file, not its directory",
+            directory.display()
+        ));
+    }
+    if query.split('&').any(|pair| pair.starts_with("mode=")) {
+        return Ok(url.clone());
+    }
+    let separator = if query.is_empty() { "?" } else { "&" };
+    let with_mode = if text.contains('?') { format!("{text}{separator}mode=rwc") } else { format!("{text}?mode=rwc") };
+    Ok(DatabaseUrl(with_mode))
+}
+
+/// A command-line error, with the `KEYGATE_*` variable that can set the offending flag named
+/// next to it (a value from the environment is reported by clap under the flag's name only).
+pub fn explain_cli_error(error: &clap::Error) -> String {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue};
+    let rendered = error.render().to_string();
+    let Some(ContextValue::String(argument)) = error.get(ContextKind::InvalidArg) else { return rendered };
+    let long = argument.trim_start_matches('-').split([' ', '=']).next().unwrap_or_default();
+    let command = Cli::command();
+    let arguments = command
+        .get_arguments()
+        .chain(command.get_subcommands().flat_map(|subcommand| subcommand.get_arguments()))
+        .collect::<Vec<_>>();
+    let variable = arguments
+        .iter()
+        .find(|candidate| candidate.get_long() == Some(long))
+        .and_then(|candidate| candidate.get_env())
+        .and_then(|env| env.to_str());
+    match variable {
+        Some(variable) => {
+            let (first, rest) = rendered.split_once('\n').unwrap_or((&rendered, ""));
+            format!("{first}\n  (set by the flag --{long} or the variable {variable})\n{rest}")
+        }
+        None => rendered,
     }
 }
 
@@ -541,6 +595,32 @@ mod tests {
         }
         let config = Config::from_args(&cli.serve).unwrap();
         assert!(!format!("{config:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn a_sqlite_url_creates_its_file_in_a_directory_that_exists() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = |text: &str| sqlite_file_url(&DatabaseUrl(text.to_owned())).map(|url| url.0);
+        let file = dir.path().join("new.db").display().to_string();
+        assert_eq!(url(&format!("sqlite://{file}")).unwrap(), format!("sqlite://{file}?mode=rwc"));
+        assert_eq!(
+            url(&format!("sqlite://{file}?cache=shared")).unwrap(),
+            format!("sqlite://{file}?cache=shared&mode=rwc")
+        );
+        assert_eq!(url(&format!("sqlite://{file}?mode=ro")).unwrap(), format!("sqlite://{file}?mode=ro"));
+        assert_eq!(url("sqlite://keygate.db").unwrap(), "sqlite://keygate.db?mode=rwc", "the working directory");
+        let missing = url("sqlite:///no/such/directory/keygate.db").unwrap_err();
+        assert!(missing.contains("KEYGATE_DATABASE_URL") && missing.contains("/no/such/directory"), "{missing}");
+        assert_eq!(url("postgres://db/keygate").unwrap(), "postgres://db/keygate");
+    }
+
+    #[test]
+    fn command_line_errors_name_the_variable_too() {
+        let error = Cli::try_parse_from(["keygate", "--listen", "nowhere"]).unwrap_err();
+        let explained = explain_cli_error(&error);
+        assert!(explained.contains("--listen") && explained.contains("KEYGATE_LISTEN"), "{explained}");
+        let error = Cli::try_parse_from(["keygate", "--cache-ttl-seconds", "-1"]).unwrap_err();
+        assert!(explain_cli_error(&error).contains("KEYGATE_CACHE_TTL_SECONDS"));
     }
 
     #[test]

@@ -1,29 +1,55 @@
-//! `keygate`: parse configuration, set up logging, run until SIGTERM or Ctrl-C.
+//! `keygate`: parse configuration, set up logging, run until SIGTERM or Ctrl-C. Errors are
+//! printed as one plain message (never a backtrace) with exit code 2 for a bad configuration
+//! and 1 for anything that went wrong while running.
 
-use anyhow::anyhow;
+use std::process::ExitCode;
+
 use clap::Parser;
-use keygate::config::{Cli, Command, Config, DatabaseConfig, LogFormat};
+use keygate::config::{self, Cli, Command, Config, DatabaseConfig, LogFormat};
 use keygate::server::{self, App};
 use keygate::telemetry;
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let cli = Cli::parse();
-    match cli.command.unwrap_or(Command::Serve(Box::new(cli.serve))) {
+async fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(error) if !error.use_stderr() => return print(error.render().to_string(), ExitCode::SUCCESS),
+        Err(error) => return fail(config::explain_cli_error(&error), 2),
+    };
+    let result = match cli.command.unwrap_or(Command::Serve(Box::new(cli.serve))) {
         Command::Serve(args) => {
-            let config = Config::from_args(&args).map_err(|error| anyhow!(error))?;
+            let config = match Config::from_args(&args) {
+                Ok(config) => config,
+                Err(error) => return fail(error, 2),
+            };
             let telemetry = telemetry::init(config.log_format);
-            let served = App::bind(config).await?.run(server::shutdown_signal()).await;
+            let served = async { App::bind(config).await?.run(server::shutdown_signal()).await }.await;
             telemetry.shutdown();
             served
         }
-        Command::Migrate(args) => {
-            let _telemetry = telemetry::init(LogFormat::Text);
-            server::migrate(&DatabaseConfig::from_args(&args).map_err(|error| anyhow!(error))?).await
-        }
+        Command::Migrate(args) => match DatabaseConfig::from_args(&args) {
+            Ok(database) => {
+                let _telemetry = telemetry::init(LogFormat::Text);
+                server::migrate(&database).await.map(|applied| println!("{applied}"))
+            }
+            Err(error) => return fail(error, 2),
+        },
         Command::GenToken => {
-            println!("{}", keygate::domain::key::new_admin_token()?);
-            Ok(())
+            keygate::domain::key::new_admin_token().map(|token| println!("{token}")).map_err(Into::into)
         }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => fail(format!("{error:#}"), 1),
     }
+}
+
+fn print(text: String, code: ExitCode) -> ExitCode {
+    print!("{text}");
+    code
+}
+
+fn fail(message: String, code: u8) -> ExitCode {
+    eprintln!("keygate: {}", message.trim_end().trim_start_matches("error: "));
+    ExitCode::from(code)
 }

@@ -19,7 +19,8 @@ const MAX_PENDING: usize = 200_000;
 struct Pending {
     usage: HashMap<UsageKey, i64>,
     last_used: HashMap<String, DateTime<Utc>>,
-    denials: HashMap<DenialKey, i64>,
+    /// Denied Checks per key, reason and minute: how many, and when the first was.
+    denials: HashMap<DenialKey, (i64, DateTime<Utc>)>,
     dropped: u64,
 }
 
@@ -61,7 +62,9 @@ impl UsageRecorder {
                     reason: reason.code(),
                     minute: truncate(now, chrono::Duration::minutes(1)),
                 };
-                *pending.denials.entry(denial).or_default() += 1;
+                let (count, first) = pending.denials.entry(denial).or_insert((0, now));
+                *count += 1;
+                *first = (*first).min(now);
             }
         }
     }
@@ -95,8 +98,10 @@ impl UsageRecorder {
             }
         }
         if results.2.is_err() {
-            for (denial, count) in denials {
-                *pending.denials.entry(denial).or_default() += count;
+            for (denial, (count, first)) in denials {
+                let (pending_count, pending_first) = pending.denials.entry(denial).or_insert((0, first));
+                *pending_count += count;
+                *pending_first = (*pending_first).min(first);
             }
         }
         results.0.and(results.1).and(results.2)

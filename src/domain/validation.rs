@@ -53,21 +53,26 @@ impl Violations {
         self.id(field, value);
     }
 
-    /// A required human-readable name of at most `max` characters, with no control characters.
+    /// A required human-readable name of at most `max` characters, with at least one visible
+    /// character, and no control or bidirectional-control characters.
     pub fn name(&mut self, field: &str, value: &str, max: usize) {
-        if value.trim().is_empty() {
-            self.add(field, "is required");
+        if value.chars().all(|c| c.is_whitespace() || is_invisible(c)) {
+            self.add(field, "is required (and must hold a visible character)");
         } else {
             self.optional_name(field, value, max);
         }
     }
 
-    /// An optional human-readable name: empty is fine.
+    /// An optional human-readable name: empty is fine; otherwise as [`name`](Self::name).
     pub fn optional_name(&mut self, field: &str, value: &str, max: usize) {
         if value.chars().count() > max {
             self.add(field, format!("must be at most {max} characters"));
         } else if value.chars().any(char::is_control) {
             self.add(field, "must not contain control characters");
+        } else if value.chars().any(is_bidi_control) {
+            self.add(field, "must not contain bidirectional control characters");
+        } else if !value.is_empty() && value.chars().all(|c| c.is_whitespace() || is_invisible(c)) {
+            self.add(field, "must hold a visible character");
         }
     }
 
@@ -143,6 +148,38 @@ impl Violations {
     }
 }
 
+/// Characters that reorder how text displays (the "Trojan Source" characters): a name holding
+/// one can show as something it is not.
+fn is_bidi_control(c: char) -> bool {
+    matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Characters that display as nothing: Unicode's default-ignorable code points (zero-width
+/// spaces and joiners, the soft hyphen, variation selectors, fillers, tags, BOM), by their
+/// ranges in Unicode 15.
+fn is_invisible(c: char) -> bool {
+    matches!(
+        c,
+        '\u{00AD}'
+            | '\u{034F}'
+            | '\u{061C}'
+            | '\u{115F}'..='\u{1160}'
+            | '\u{17B4}'..='\u{17B5}'
+            | '\u{180B}'..='\u{180F}'
+            | '\u{200B}'..='\u{200F}'
+            | '\u{202A}'..='\u{202E}'
+            | '\u{2060}'..='\u{206F}'
+            | '\u{3164}'
+            | '\u{FE00}'..='\u{FE0F}'
+            | '\u{FEFF}'
+            | '\u{FFA0}'
+            | '\u{FFF0}'..='\u{FFF8}'
+            | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D173}'..='\u{1D17A}'
+            | '\u{E0000}'..='\u{E0FFF}'
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -158,6 +195,31 @@ mod tests {
             let errors = violations.finish(()).unwrap_err();
             assert_eq!(errors[0].field, "tenant_id", "{bad}");
         }
+    }
+
+    #[test]
+    fn invisible_and_reordering_names_are_refused_like_blank_ones() {
+        for invisible in ["\u{200B}", " \u{200B}\u{FEFF} ", "\u{2060}\u{180E}", "\u{3164}"] {
+            let mut violations = Violations::default();
+            violations.name("name", invisible, MAX_NAME_CHARS);
+            assert!(violations.finish(()).is_err(), "{invisible:?}");
+            let mut violations = Violations::default();
+            violations.optional_name("display_name", invisible, MAX_NAME_CHARS);
+            assert!(violations.finish(()).is_err(), "{invisible:?}");
+        }
+        for reordered in ["admin\u{202E}txt.exe", "a\u{2066}b", "\u{200F}x"] {
+            let mut violations = Violations::default();
+            violations.name("name", reordered, MAX_NAME_CHARS);
+            assert!(violations.finish(()).is_err(), "{reordered:?}");
+        }
+        for fine in ["Café", "Data sync", "数据", "a\u{200D}b"] {
+            let mut violations = Violations::default();
+            violations.name("name", fine, MAX_NAME_CHARS);
+            assert!(violations.finish(()).is_ok(), "{fine:?}");
+        }
+        let mut violations = Violations::default();
+        violations.optional_name("display_name", "", MAX_NAME_CHARS);
+        assert!(violations.finish(()).is_ok(), "an optional name may be empty");
     }
 
     #[test]

@@ -127,7 +127,8 @@ impl TryFrom<proto::CreateKeyRequest> for CreateKey {
                 to_time(&mut violations, "expires_at", at).map_or(Expiry::Never, Expiry::At)
             }
             Some(proto::create_key_request::Expiry::ExpiresIn(duration)) => {
-                match to_duration(&mut violations, "expires_in", duration, 36_500) {
+                // Checked against 100 calendar years by the service; this only keeps it finite.
+                match to_duration(&mut violations, "expires_in", duration, 36_600) {
                     Some(duration) if duration.is_zero() => {
                         violations.add("expires_in", "must be positive");
                         Expiry::Never
@@ -334,7 +335,8 @@ pub fn check_response(outcome: &crate::service::CheckOutcome, scope: &str, site_
     response
 }
 
-/// The longest range GetKeyUsage answers, in days.
+/// How many days after `start_date` GetKeyUsage's `end_date` may be (a leap year and a day:
+/// 367 days in all).
 const MAX_USAGE_DAYS: i64 = 366;
 
 /// Decodes GetKeyUsage's ids and date range.
@@ -353,8 +355,8 @@ pub fn usage_range(request: &proto::GetKeyUsageRequest) -> Result<(NaiveDate, Na
     if let (Some(first), Some(last)) = (first, last) {
         if last < first {
             violations.add("end_date", "must not be before start_date");
-        } else if (last - first).num_days() >= MAX_USAGE_DAYS {
-            violations.add("end_date", format!("must be within {MAX_USAGE_DAYS} days of start_date"));
+        } else if (last - first).num_days() > MAX_USAGE_DAYS {
+            violations.add("end_date", format!("must be at most {MAX_USAGE_DAYS} days after start_date"));
         }
     }
     let range = first.zip(last).unwrap_or_default();

@@ -158,6 +158,14 @@ impl App {
             max_connections = limits.max_connections,
             "keygate listening"
         );
+        if self.config.authorize_tokens.is_empty() && !address.ip().is_loopback() {
+            warn!(
+                grpc = %address,
+                "Authorize and Envoy's ext_authz take calls without a caller token (KEYGATE_AUTHORIZE_TOKENS is empty) \
+                 on a listener that is not loopback-only: anyone who reaches it can test keys. Set caller tokens, \
+                 or keep the port on a private network"
+            );
+        }
         let health_on_shutdown = health.clone();
         let drain_delay = self.config.shutdown_drain_delay;
         let (stop_metrics, metrics_stop) = tokio::sync::watch::channel(false);
@@ -378,10 +386,29 @@ pub async fn shutdown_signal() {
     }
 }
 
-/// Runs migrations once and returns (for `keygate migrate`).
-pub async fn migrate(database: &crate::config::DatabaseConfig) -> anyhow::Result<()> {
+/// Runs migrations once (for `keygate migrate`) and says what it did. Errors say what to check:
+/// keygate creates tables, never the database itself.
+pub async fn migrate(database: &crate::config::DatabaseConfig) -> anyhow::Result<String> {
     let store = Store::connect_lazy(database)?;
-    store.migrate().await?;
+    let target = format!("{} database of KEYGATE_DATABASE_URL", store.backend().name());
+    // One connection first, so that a failure names its cause (a pool only says it timed out).
+    if let Err(cause) = store.connect_once().await {
+        anyhow::bail!(
+            "cannot connect to the {target}: {cause}. Is the server running and the URL right? \
+             On PostgreSQL and MySQL the database must exist: keygate creates its tables, not the database"
+        );
+    }
+    let before = store.migrations_applied().await.unwrap_or(0);
+    let migrated = store.migrate().await;
+    let after = store.migrations_applied().await.unwrap_or(before);
     store.close().await;
-    Ok(())
+    match migrated {
+        Ok(()) if after == before => Ok(format!("the {target} is up to date ({after} migrations applied)")),
+        Ok(()) => Ok(format!("applied {} migrations to the {target} ({after} in all)", after - before)),
+        Err(crate::store::StoreError::Unreachable(cause)) => Err(anyhow::anyhow!(
+            "cannot reach the {target}: {cause}. Is the server running and the URL right? \
+             On PostgreSQL and MySQL the database must exist: keygate creates its tables, not the database"
+        )),
+        Err(error) => Err(anyhow::anyhow!("migrating the {target} failed: {error}")),
+    }
 }

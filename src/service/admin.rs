@@ -15,8 +15,8 @@ use crate::domain::scope::Scope;
 use crate::domain::validation::Violations;
 use crate::store::{InsertKeyOutcome, KeyEnd, KeyFilter, KeyWrite, PutSiteOutcome, RotateOutcome};
 
-/// The longest expiry keygate accepts, so timestamps stay far from overflow.
-const MAX_LIFETIME_DAYS: i64 = 36_500;
+/// The longest expiry keygate accepts, in calendar years, so timestamps stay far from overflow.
+const MAX_LIFETIME_YEARS: u32 = 100;
 
 /// When a new key stops working.
 #[derive(Clone, Copy, Debug)]
@@ -105,7 +105,7 @@ impl KeyService {
             }
             let tenant = this.core.store.put_tenant(&tenant_id, &changes, this.now(), &audit).await?;
             this.core.cache.invalidate_tenant(&tenant_id).await;
-            info!(tenant_id, api_access_enabled = tenant.api_access_enabled, "tenant saved");
+            info!(caller = %actor, tenant_id, api_access_enabled = tenant.api_access_enabled, "tenant saved");
             Ok(tenant)
         })
         .await
@@ -132,7 +132,7 @@ impl KeyService {
             match this.core.store.put_site(&tenant_id, &site_id, display_name, this.now(), &audit).await? {
                 PutSiteOutcome::Saved(site) => {
                     this.core.cache.invalidate_site(&site_id).await;
-                    info!(tenant_id, site_id, "site saved");
+                    info!(caller = %actor, tenant_id, site_id, "site saved");
                     Ok(site)
                 }
                 PutSiteOutcome::TenantMissing => Err(tenant_not_found(&tenant_id)),
@@ -154,7 +154,7 @@ impl KeyService {
             if !deleted {
                 return Err(ServiceError::NotFound(format!("site {site_id} not found")));
             }
-            info!(tenant_id, site_id, "site deleted");
+            info!(caller = %actor, tenant_id, site_id, "site deleted");
             Ok(())
         })
         .await
@@ -227,7 +227,7 @@ impl KeyService {
                 )));
             }
         }
-        info!(tenant_id = %record.tenant_id, key_id = %record.key_id, display_prefix = %record.display_prefix, "key created");
+        info!(caller = %actor, tenant_id = %record.tenant_id, key_id = %record.key_id, display_prefix = %record.display_prefix, "key created");
         Ok((record, secret))
     }
 
@@ -278,7 +278,7 @@ impl KeyService {
                 .detail("fields", patch.fields().join(","));
             let written = this.core.store.update_key(&tenant_id, &key_id, &patch, now, &audit).await?;
             let key = this.written(written, &key_id).await?;
-            info!(tenant_id, key_id, "key updated");
+            info!(caller = %actor, tenant_id, key_id, "key updated");
             Ok(key)
         })
         .await
@@ -313,7 +313,7 @@ impl KeyService {
             let key = this.core.store.revoke_key(&tenant_id, &key_id, this.now(), &audit).await?;
             let key = key.ok_or_else(|| key_not_found(&key_id))?;
             this.core.cache.invalidate_key(&key.key_hash).await;
-            info!(tenant_id, key_id, "key revoked");
+            info!(caller = %actor, tenant_id, key_id, "key revoked");
             Ok(key)
         })
         .await
@@ -377,7 +377,7 @@ impl KeyService {
                 )));
             }
         }
-        info!(tenant_id, key_id = %successor.key_id, previous_key_id = key_id, grace_seconds = grace.num_seconds(), "key rotated");
+        info!(caller = %actor, tenant_id, key_id = %successor.key_id, previous_key_id = key_id, grace_seconds = grace.num_seconds(), "key rotated");
         let previous_key = self.get_key(tenant_id, key_id).await?;
         Ok(Rotation { key: successor, secret, previous_key })
     }
@@ -500,8 +500,8 @@ fn sorted_unique<T: Ord>(mut items: Vec<T>) -> Vec<T> {
 fn future_time(field: &str, at: DateTime<Utc>, now: DateTime<Utc>) -> ServiceResult<DateTime<Utc>> {
     if at <= now {
         Err(ServiceError::invalid(field, "must be in the future"))
-    } else if at > now + Duration::days(MAX_LIFETIME_DAYS) {
-        Err(ServiceError::invalid(field, format!("must be within {MAX_LIFETIME_DAYS} days")))
+    } else if now.checked_add_months(chrono::Months::new(12 * MAX_LIFETIME_YEARS)).is_none_or(|latest| at > latest) {
+        Err(ServiceError::invalid(field, format!("must be within {MAX_LIFETIME_YEARS} years")))
     } else {
         Ok(at)
     }

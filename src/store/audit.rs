@@ -29,6 +29,16 @@ pub struct UsageKey {
     pub outcome: &'static str,
 }
 
+/// The id of the event that aggregates a key's denials for one reason in one minute: the same
+/// on every replica (so they add to one row), and shaped like every other event id: `evt_`, 12
+/// hex digits of the minute's milliseconds, 12 of a hash of the key and reason.
+fn denial_event_id(denial: &DenialKey) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!("{}\0{}", denial.key_id, denial.reason).as_bytes());
+    let hash: String = digest[..6].iter().map(|byte| format!("{byte:02x}")).collect();
+    format!("evt_{:012x}{hash}", denial.minute.timestamp_millis().max(0))
+}
+
 const EVENT_COLUMNS: &str = "event_id, tenant_id, key_id, event_type, actor, details, occurred_at, count";
 
 impl Store {
@@ -56,26 +66,26 @@ impl Store {
         Ok(())
     }
 
-    /// Adds aggregated denied Checks to the audit log, in one transaction.
-    pub async fn add_check_denials(&self, denials: &[(DenialKey, i64)]) -> StoreResult<()> {
+    /// Adds aggregated denied Checks to the audit log, in one transaction: one event per key,
+    /// reason and minute, stamped with the first denial of it that any replica saw.
+    pub async fn add_check_denials(&self, denials: &[(DenialKey, (i64, DateTime<Utc>))]) -> StoreResult<()> {
         let text = |value: &str| Column::Text(Some(value.to_owned()));
         let rows = denials
             .iter()
-            .map(|(denial, count)| {
-                let minute = micros(denial.minute);
+            .map(|(denial, (count, first))| {
                 vec![
-                    text(&format!("deny_{}_{}_{minute}", denial.key_id, denial.reason)),
+                    text(&denial_event_id(denial)),
                     text(&denial.tenant_id),
                     text(&denial.key_id),
                     text(AuditEventType::CheckDenied.as_str()),
                     text(""),
                     text(&to_json(&BTreeMap::from([("reason", denial.reason)]))),
-                    Column::Integer(Some(minute)),
+                    Column::Integer(Some(micros(*first))),
                     Column::Integer(Some(*count)),
                 ]
             })
             .collect();
-        self.add_counts("audit_events", EVENT_COLUMNS, "event_id", rows).await
+        self.add_counts_keeping_earliest("audit_events", EVENT_COLUMNS, "event_id", Some("occurred_at"), rows).await
     }
 
     /// One page of a tenant's audit log, oldest first, after the event `after` (its time and id).

@@ -72,13 +72,28 @@ impl Backend {
     }
 
     /// `INSERT INTO <table> (<columns>) VALUES <rows>` that adds the new `count` to the row
-    /// with the same `<key>` when there is one.
-    pub fn insert_adding_counts(self, table: &str, columns: &str, key: &str, rows: &str) -> String {
+    /// with the same `<key>` when there is one (and keeps the smaller `earliest`, if given).
+    pub fn insert_adding_counts(
+        self,
+        table: &str,
+        columns: &str,
+        key: &str,
+        earliest: Option<&str>,
+        rows: &str,
+    ) -> String {
         let prefix = format!("INSERT INTO {table} ({columns}) VALUES {rows}");
         match self {
-            Self::MySql => format!("{prefix} ON DUPLICATE KEY UPDATE count = count + VALUES(count)"),
+            Self::MySql => {
+                let keep =
+                    earliest.map_or(String::new(), |column| format!(", {column} = LEAST({column}, VALUES({column}))"));
+                format!("{prefix} ON DUPLICATE KEY UPDATE count = count + VALUES(count){keep}")
+            }
             Self::Sqlite | Self::Postgres => {
-                format!("{prefix} ON CONFLICT ({key}) DO UPDATE SET count = {table}.count + excluded.count")
+                let smaller = if self == Self::Sqlite { "MIN" } else { "LEAST" };
+                let keep = earliest.map_or(String::new(), |column| {
+                    format!(", {column} = {smaller}({table}.{column}, excluded.{column})")
+                });
+                format!("{prefix} ON CONFLICT ({key}) DO UPDATE SET count = {table}.count + excluded.count{keep}")
             }
         }
     }

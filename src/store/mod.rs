@@ -171,6 +171,8 @@ pub struct Store {
     backend: Backend,
     /// The most one operation may take; see `KEYGATE_DB_QUERY_TIMEOUT_MS`.
     query_timeout: Duration,
+    /// The URL, for [`connect_once`](Self::connect_once); never printed.
+    url: Arc<str>,
     health: Arc<StoreHealth>,
     queries: Arc<AtomicU64>,
     /// Changes this replica committed, which its follower of the feed can skip.
@@ -203,6 +205,7 @@ impl Store {
             pool,
             backend,
             query_timeout,
+            url: Arc::from(url),
             health: Arc::default(),
             queries: Arc::new(AtomicU64::new(0)),
             own_changes: Arc::default(),
@@ -255,6 +258,25 @@ impl Store {
         let result = self.backend.migrator().run(&self.pool).await.map_err(StoreError::from);
         self.health.observe(started, &result);
         result
+    }
+
+    /// Opens one connection outside the pool, within the acquire timeout, and closes it: the
+    /// error of a failed attempt names its cause (refused, unknown host, no such database).
+    pub async fn connect_once(&self) -> Result<(), String> {
+        use sqlx::Connection;
+        let url = self.url.clone();
+        let attempt = async { sqlx::AnyConnection::connect(&url).await?.close().await };
+        match tokio::time::timeout(self.query_timeout.max(Duration::from_secs(5)), attempt).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(redact_error(&error)),
+            Err(_) => Err("no answer in time".into()),
+        }
+    }
+
+    /// How many migrations the database records as applied (0 before the first).
+    pub async fn migrations_applied(&self) -> StoreResult<i64> {
+        let count: (i64,) = sqlx::query_as("SELECT COUNT(*) FROM _sqlx_migrations").fetch_one(&self.pool).await?;
+        Ok(count.0)
     }
 
     /// Checks that the database answers, within the query timeout, even while the breaker is
@@ -315,6 +337,19 @@ impl Store {
         key: &str,
         rows: Vec<Vec<Column>>,
     ) -> StoreResult<()> {
+        self.add_counts_keeping_earliest(table, columns, key, None, rows).await
+    }
+
+    /// [`add_counts`](Self::add_counts), and where a row exists, `earliest` (a time column)
+    /// keeps the smaller of its value and the new one.
+    pub(super) async fn add_counts_keeping_earliest(
+        &self,
+        table: &str,
+        columns: &str,
+        key: &str,
+        earliest: Option<&str>,
+        rows: Vec<Vec<Column>>,
+    ) -> StoreResult<()> {
         const CHUNK: usize = 100;
         let Some(width) = rows.first().map(Vec::len) else { return Ok(()) };
         let placeholders = format!("({})", vec!["?"; width].join(", "));
@@ -325,8 +360,9 @@ impl Store {
         while rows.peek().is_some() {
             let chunk: Vec<Vec<Column>> = rows.by_ref().take(CHUNK).collect();
             let values = vec![placeholders.as_str(); chunk.len()].join(", ");
-            let mut query =
-                sqlx::query::<Any>(self.backend.sql(self.backend.insert_adding_counts(table, columns, key, &values)));
+            let mut query = sqlx::query::<Any>(
+                self.backend.sql(self.backend.insert_adding_counts(table, columns, key, earliest, &values)),
+            );
             for value in chunk.into_iter().flatten() {
                 query = value.bind_to(query);
             }

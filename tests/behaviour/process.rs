@@ -13,6 +13,9 @@ use crate::support::*;
 crate::trials!(
     every_backend: [],
     once: [
+        start_up_errors_name_the_setting_and_never_print_a_backtrace,
+        a_new_sqlite_file_is_created_and_an_open_authorize_on_a_public_address_is_warned_about,
+        migrate_says_what_it_did_and_what_to_check,
         sigterm_finishes_calls_in_flight_writes_buffers_and_logs_no_secret,
     ],
 );
@@ -143,7 +146,118 @@ async fn sigterm_finishes_calls_in_flight_writes_buffers_and_logs_no_secret() {
     for story in ["key created", "key rotated", "key revoked", "check denied", "shutting down", "keygate stopped"] {
         assert!(logs.contains(story), "the logs never say {story:?}");
     }
+    // Every admin change names its caller.
+    for story in ["tenant saved", "key created", "key rotated", "key revoked"] {
+        let lines: Vec<&str> = logs.lines().filter(|line| line.contains(&format!("\"{story}\""))).collect();
+        assert!(!lines.is_empty(), "{story}");
+        for line in lines {
+            assert!(line.contains("\"caller\":\"ops\""), "{story} without its caller: {line}");
+        }
+    }
     for secret_text in [&secret[8..], &rotated.secret[8..], ADMIN_TOKEN] {
         assert!(!logs.contains(secret_text), "a secret reached the logs");
     }
+}
+
+/// Runs the binary with `env` until it exits (at most 20 s); returns its exit code, stdout and
+/// stderr.
+fn run_binary(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_keygate"));
+    command.args(args).env("KEYGATE_ADMIN_TOKENS", format!("ops={ADMIN_TOKEN}")).env("RUST_BACKTRACE", "1");
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let child = command.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let pid = child.id();
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(20));
+        let _ = Command::new("kill").arg(pid.to_string()).status();
+    });
+    let output = child.wait_with_output().unwrap();
+    drop(killer);
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (output.status.code(), text(&output.stdout), text(&output.stderr))
+}
+
+async fn start_up_errors_name_the_setting_and_never_print_a_backtrace() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("k.db").display());
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_address = taken.local_addr().unwrap().to_string();
+    let free = format!("127.0.0.1:{}", free_port());
+    for (setting, env) in [
+        ("KEYGATE_LISTEN", vec![("KEYGATE_LISTEN", taken_address.as_str()), ("KEYGATE_METRICS_LISTEN", "off")]),
+        (
+            "KEYGATE_METRICS_LISTEN",
+            vec![("KEYGATE_LISTEN", free.as_str()), ("KEYGATE_METRICS_LISTEN", taken_address.as_str())],
+        ),
+    ] {
+        let mut env = env;
+        env.push(("KEYGATE_DATABASE_URL", &database));
+        let (code, _, stderr) = run_binary(&[], &env);
+        assert_eq!(code, Some(1), "{stderr}");
+        assert!(stderr.contains(setting) && stderr.contains(&taken_address), "{setting}: {stderr}");
+        assert!(!stderr.contains("backtrace"), "{stderr}");
+    }
+    let (code, _, stderr) = run_binary(&[], &[("KEYGATE_LISTEN", "nowhere")]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("KEYGATE_LISTEN") && stderr.contains("--listen"), "{stderr}");
+    assert!(!stderr.contains("backtrace"), "{stderr}");
+    let (code, _, stderr) =
+        run_binary(&[], &[("KEYGATE_DB_MAX_CONNECTIONS", "0"), ("KEYGATE_DATABASE_URL", &database)]);
+    assert_eq!(code, Some(2));
+    assert!(stderr.contains("KEYGATE_DB_MAX_CONNECTIONS") && !stderr.contains("backtrace"), "{stderr}");
+}
+
+async fn a_new_sqlite_file_is_created_and_an_open_authorize_on_a_public_address_is_warned_about() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("new.db");
+    let keygate = Binary::start(
+        &[("KEYGATE_DATABASE_URL", &format!("sqlite://{}", file.display())), ("KEYGATE_LOG_FORMAT", "json")],
+        None,
+    )
+    .await;
+    assert!(file.exists(), "the SQLite file was created without ?mode=rwc");
+    drop(keygate);
+    // On 0.0.0.0 without caller tokens, the start-up log says Authorize is open.
+    let log = dir.path().join("log");
+    let address = format!("0.0.0.0:{}", free_port());
+    let child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .env("KEYGATE_LISTEN", &address)
+        .env("KEYGATE_METRICS_LISTEN", "off")
+        .env("KEYGATE_DATABASE_URL", format!("sqlite://{}", file.display()))
+        .env("KEYGATE_ADMIN_TOKENS", format!("ops={ADMIN_TOKEN}"))
+        .stdout(Stdio::from(std::fs::File::create(&log).unwrap()))
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _child = KillOnDrop(child);
+    let started = Instant::now();
+    loop {
+        let logs = std::fs::read_to_string(&log).unwrap_or_default();
+        if logs.contains("keygate listening") {
+            assert!(logs.contains("KEYGATE_AUTHORIZE_TOKENS is empty"), "{logs}");
+            assert!(logs.contains("metrics"), "the start-up line lists every listener: {logs}");
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{logs}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn migrate_says_what_it_did_and_what_to_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let database = format!("sqlite://{}", dir.path().join("k.db").display());
+    let (code, stdout, _) = run_binary(&["migrate", "--database-url", &database], &[]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("applied") && stdout.contains("migrations"), "{stdout}");
+    let (code, stdout, _) = run_binary(&["migrate", "--database-url", &database], &[]);
+    assert_eq!(code, Some(0));
+    assert!(stdout.contains("up to date"), "{stdout}");
+    let refused = format!("postgres://postgres@127.0.0.1:{}/keygate", free_port());
+    let (code, _, stderr) = run_binary(&["migrate", "--database-url", &refused], &[]);
+    assert_eq!(code, Some(1));
+    assert!(stderr.contains("cannot connect") && stderr.contains("refused"), "{stderr}");
+    assert!(stderr.contains("database must exist"), "{stderr}");
+    assert!(!stderr.contains("migration failed"), "{stderr}");
 }

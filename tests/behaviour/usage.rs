@@ -102,7 +102,10 @@ async fn key_usage_counts_checks_per_day_by_outcome(backend: Backend) {
     assert_status(admin.get_key_usage(bad).await, Code::InvalidArgument, Some("start_date"));
     let backwards = usage_request(&key.key_id, second_day, first_day);
     assert_status(admin.get_key_usage(backwards).await, Code::InvalidArgument, Some("end_date"));
-    let too_long = usage_request(&key.key_id, first_day, first_day + chrono::Duration::days(366));
+    // At most 366 days after the start, as documented: 367 days in all.
+    let longest = usage_request(&key.key_id, first_day, first_day + chrono::Duration::days(366));
+    assert_eq!(admin.get_key_usage(longest).await.unwrap().into_inner().days.len(), 367);
+    let too_long = usage_request(&key.key_id, first_day, first_day + chrono::Duration::days(367));
     assert_status(admin.get_key_usage(too_long).await, Code::InvalidArgument, Some("end_date"));
 }
 
@@ -167,9 +170,13 @@ async fn the_audit_log_records_every_change_with_its_actor_and_aggregates_denial
     use AuditEventType::*;
     assert_eq!(
         types,
-        [CheckDenied, CheckDenied, TenantPut, SitePut, KeyCreated, KeyUpdated, KeyRotated, KeyRevoked, SiteDeleted],
-        "denials carry the start of their minute, so they sort first"
+        [TenantPut, SitePut, KeyCreated, KeyUpdated, CheckDenied, CheckDenied, KeyRotated, KeyRevoked, SiteDeleted],
+        "oldest first: denials carry the time of the first denial they count"
     );
+    for event in &events {
+        let hex = event.event_id.strip_prefix("evt_").unwrap_or_default();
+        assert!(hex.len() == 24 && hex.bytes().all(|b| b.is_ascii_hexdigit()), "one id format: {}", event.event_id);
+    }
     for event in events.iter().filter(|event| event.event_type() != CheckDenied) {
         assert_eq!((event.actor.as_str(), event.count), ("tests", 1), "{event:?}");
     }
@@ -178,8 +185,8 @@ async fn the_audit_log_records_every_change_with_its_actor_and_aggregates_denial
     counts.sort();
     assert_eq!(counts, [("SCOPE_MISSING", 5), ("SITE_FORBIDDEN", 1)]);
     assert!(denied.iter().all(|event| event.key_id == key.key_id && event.actor.is_empty()));
-    assert_eq!(events[2].details.get("max_keys").map(String::as_str), Some("20"));
-    assert_eq!(events[5].details.get("fields").map(String::as_str), Some("name"));
+    assert_eq!(events[0].details.get("max_keys").map(String::as_str), Some("20"));
+    assert_eq!(events[3].details.get("fields").map(String::as_str), Some("name"));
     assert_eq!(events[6].details.get("new_key_id"), Some(&rotated.key_id));
     assert!(!format!("{events:?}").contains(&secret[8..]), "no secret in the audit log");
 

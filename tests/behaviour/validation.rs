@@ -15,6 +15,7 @@ crate::trials!(
         key_management_requests_are_validated,
         check_requests_are_validated,
         the_scope_catalogue_rejects_unlisted_scopes,
+        invisible_and_reordering_names_are_refused_like_blank_ones,
     ],
     once: [],
 );
@@ -119,6 +120,23 @@ async fn create_key_requests_are_validated(backend: Backend) {
     let keys =
         app.admin.clone().list_keys(ListKeysRequest { tenant_id: "acme".into(), ..Default::default() }).await.unwrap();
     assert!(keys.into_inner().keys.is_empty(), "no rejected request created a key");
+
+    // "Within 100 years" means calendar years, leap days included.
+    use keygate::domain::clock::Clock;
+    let hundred_years = app.clock.now().checked_add_months(chrono::Months::new(1200)).unwrap();
+    let at = |time: chrono::DateTime<chrono::Utc>| {
+        let expiry = create_key_request::Expiry::ExpiresAt(Timestamp { seconds: time.timestamp(), nanos: 0 });
+        CreateKeyRequest { expiry: Some(expiry), ..base() }
+    };
+    create_key(&app, at(hundred_years - chrono::Duration::seconds(1))).await.unwrap();
+    let beyond = create_key(&app, at(hundred_years + chrono::Duration::days(1))).await;
+    assert_status(beyond, Code::InvalidArgument, Some("expires_at"));
+    let days = |days: i64| CreateKeyRequest {
+        expiry: Some(create_key_request::Expiry::ExpiresIn(Duration { seconds: days * 86_400, nanos: 0 })),
+        ..base()
+    };
+    create_key(&app, days(36_524)).await.unwrap();
+    assert_status(create_key(&app, days(36_530)).await, Code::InvalidArgument, Some("expires_in"));
 }
 
 async fn key_management_requests_are_validated(backend: Backend) {
@@ -225,4 +243,17 @@ async fn the_scope_catalogue_rejects_unlisted_scopes(backend: Backend) {
     };
     assert_status(app.admin.clone().update_key(update).await, Code::InvalidArgument, Some("scopes[2]"));
     assert_eq!(get_key(&app, "acme", &key.key_id).await.scopes, ["goals:read"]);
+}
+
+async fn invisible_and_reordering_names_are_refused_like_blank_ones(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else { return };
+    put_tenant(&app, "acme").await;
+    for name in ["   ", "\u{200B}", "\u{FEFF}\u{200D}", "invoice\u{202E}fdp.exe", "\u{2066}acme\u{2069}"] {
+        let mut request = key_request("acme", &["events:read"]);
+        request.name = name.into();
+        assert_status(create_key(&app, request).await, Code::InvalidArgument, Some("name"));
+        let tenant =
+            PutTenantRequest { tenant_id: "acme".into(), display_name: Some(name.into()), ..Default::default() };
+        assert_status(app.admin.clone().put_tenant(tenant).await, Code::InvalidArgument, Some("display_name"));
+    }
 }
