@@ -19,6 +19,7 @@ mod limits;
 mod observability;
 mod outage;
 mod process;
+mod readme;
 mod replicas;
 mod rotation;
 mod server;
@@ -43,6 +44,7 @@ fn main() -> std::process::ExitCode {
         observability::trials(),
         outage::trials(),
         process::trials(),
+        readme::trials(),
         replicas::trials(),
         rotation::trials(),
         server::trials(),
