@@ -104,7 +104,7 @@ fn holds(json: &serde_json::Value, name: &str, value: &str) -> bool {
             },
             None => text == value,
         },
-        other => other.to_string() == value,
+        other => other.to_string().as_str() == value,
     };
     match json {
         serde_json::Value::Object(fields) => {
