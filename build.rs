@@ -18,8 +18,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .file_descriptor_set_path(out_dir.join("keygate_descriptor.bin"))
         // Messages that carry a full key get a hand-written Debug that redacts it.
-        .skip_debug([".keygate.v1.CheckRequest", ".keygate.v1.CreateKeyResponse", ".keygate.v1.RotateKeyResponse"])
-        .compile_protos(&protos, &["proto", well_known.to_str().ok_or("non-utf8 path")?])?;
+        .skip_debug([
+            ".keygate.v1.CheckRequest",
+            ".keygate.v1.CreateKeyResponse",
+            ".keygate.v1.RotateKeyResponse",
+            ".keygate.v1.ImportedKey",
+        ])
+        // google.rpc.Status is tonic-types' own, so its error-details helpers work on it.
+        .extern_path(".google.rpc", "::tonic_types::pb")
+        .compile_protos(&protos, &["proto", "proto/vendor", well_known.to_str().ok_or("non-utf8 path")?])?;
     // Descriptors only: reflection (grpcurl list/describe) must know every service it serves.
     let status = std::process::Command::new(&protoc)
         .arg("--include_imports")

@@ -330,6 +330,8 @@ impl DecisionCache {
             ChangeTarget::Key(hash) => self.invalidate_key(hash).await,
             ChangeTarget::Tenant(tenant_id) => self.invalidate_tenant(tenant_id).await,
             ChangeTarget::Site(site_id) => self.invalidate_site(site_id).await,
+            // Shapes are not cached entries: the feed's follower reloads them.
+            ChangeTarget::KeyFormat(_) => {}
             ChangeTarget::Unknown(_) => self.invalidate_all(),
         }
     }

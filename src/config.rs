@@ -11,7 +11,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::cache::CacheSettings;
-use crate::domain::key::KeyPrefix;
+use crate::domain::key_format::{DEFAULT_SHAPE, ImportedShape, KeyShapes, Shape};
 use crate::domain::scope::{Scope, ScopePolicy, parse_implications};
 use crate::feed::FeedSettings;
 use crate::gateway::{GatewaySettings, KeySources};
@@ -38,6 +38,8 @@ pub enum Command {
     Migrate(DatabaseArgs),
     /// Print a fresh random admin token, for KEYGATE_ADMIN_TOKENS.
     GenToken,
+    /// Import existing keys (JSON Lines) into a running keygate.
+    Import(Box<crate::cli::import::ImportArgs>),
 }
 
 /// Where the database is and how many connections to hold.
@@ -81,9 +83,23 @@ pub struct ServeArgs {
     /// Caller tokens for Authorize, same format. Empty: Authorize needs no caller token.
     #[arg(long, env = "KEYGATE_AUTHORIZE_TOKENS", hide_env_values = true, default_value = "")]
     pub authorize_tokens: SecretText,
-    /// First segment of every minted key (2 to 16 lowercase letters and digits).
-    #[arg(long, env = "KEYGATE_KEY_PREFIX", default_value = "kg")]
-    pub key_prefix: String,
+    /// The shape of the keys keygate mints, e.g. `tga_{hex:64}` or `et_{env}_{hex:32}`: literal
+    /// text, `{env}` (live or test), and a body of `{hex:N}`, `{alnum:N}` or `{base62:N}` whose
+    /// last characters are a CRC-32. Default `kg_{env}_{hex:64}`.
+    #[arg(long, env = "KEYGATE_KEY_FORMAT")]
+    pub key_format: Option<String>,
+    /// The older way to set the shape: `P` means `P_{env}_{hex:64}` (2 to 16 lowercase letters
+    /// and digits). Cannot be set together with KEYGATE_KEY_FORMAT.
+    #[arg(long, env = "KEYGATE_KEY_PREFIX")]
+    pub key_prefix: Option<String>,
+    /// How many characters of a key `display_prefix` shows (and logs name keys by).
+    #[arg(long, env = "KEYGATE_DISPLAY_PREFIX_CHARS", default_value_t = 12)]
+    pub display_prefix_chars: usize,
+    /// Shapes of keys a deployment brings with it (ImportKeys), accepted by Check without a
+    /// checksum: shapes in the same notation, or anchored regular expressions `^…$`, separated by
+    /// whitespace.
+    #[arg(long, env = "KEYGATE_IMPORTED_KEY_FORMATS", default_value = "")]
+    pub imported_key_formats: String,
     /// Active-key limit of tenants whose max_keys is 0.
     #[arg(long, env = "KEYGATE_DEFAULT_MAX_KEYS", default_value_t = 10)]
     pub default_max_keys: u32,
@@ -357,6 +373,45 @@ impl DatabaseConfig {
     }
 }
 
+/// The shapes of `KEYGATE_KEY_FORMAT` (or the older `KEYGATE_KEY_PREFIX`),
+/// `KEYGATE_DISPLAY_PREFIX_CHARS` and `KEYGATE_IMPORTED_KEY_FORMATS`.
+fn key_shapes(args: &ServeArgs) -> Result<KeyShapes, String> {
+    let notation = match (&args.key_format, &args.key_prefix) {
+        (Some(_), Some(_)) => {
+            return Err("KEYGATE_KEY_FORMAT and KEYGATE_KEY_PREFIX are both set: keep KEYGATE_KEY_FORMAT".into());
+        }
+        (Some(format), None) => format.trim().to_owned(),
+        (None, Some(prefix)) => {
+            let valid = (2..=16).contains(&prefix.len())
+                && prefix.starts_with(|c: char| c.is_ascii_lowercase())
+                && prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+            if !valid {
+                return Err(format!(
+                    "KEYGATE_KEY_PREFIX {prefix:?} must be 2 to 16 characters: a lowercase letter, then lowercase letters or digits"
+                ));
+            }
+            format!("{prefix}_{{env}}_{{hex:64}}")
+        }
+        (None, None) => DEFAULT_SHAPE.to_owned(),
+    };
+    let variable = if args.key_prefix.is_some() { "KEYGATE_KEY_PREFIX" } else { "KEYGATE_KEY_FORMAT" };
+    let minting = Shape::parse(&notation).map_err(|error| format!("{variable}: {error}"))?;
+    minting
+        .check_mintable(args.display_prefix_chars)
+        .map_err(|error| format!("{variable} / KEYGATE_DISPLAY_PREFIX_CHARS: {error}"))?;
+    if args.display_prefix_chars < 4 {
+        return Err("KEYGATE_DISPLAY_PREFIX_CHARS must be at least 4".into());
+    }
+    let imported = args
+        .imported_key_formats
+        .split_whitespace()
+        .map(|notation| {
+            ImportedShape::parse(notation).map_err(|error| format!("KEYGATE_IMPORTED_KEY_FORMATS: {error}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(KeyShapes { minting, earlier: Vec::new(), imported, display_chars: args.display_prefix_chars })
+}
+
 /// A SQLite URL that creates its file when it does not exist (`mode=rwc` unless the URL sets a
 /// mode), checked for a directory that exists; other URLs as they are. Errors say what to do.
 fn sqlite_file_url(url: &DatabaseUrl) -> Result<DatabaseUrl, String> {
@@ -481,7 +536,7 @@ impl Config {
                 .into());
         }
         let authorize_tokens = TokenSet::parse("KEYGATE_AUTHORIZE_TOKENS", args.authorize_tokens.expose())?;
-        let prefix = KeyPrefix::parse(&args.key_prefix).map_err(|error| format!("KEYGATE_KEY_PREFIX: {error}"))?;
+        let shapes = key_shapes(args)?;
         if args.default_max_keys == 0 {
             return Err("KEYGATE_DEFAULT_MAX_KEYS must be at least 1".into());
         }
@@ -504,7 +559,7 @@ impl Config {
             admin_tokens,
             authorize_tokens,
             policy: KeyPolicy {
-                prefix,
+                shapes,
                 default_max_keys: args.default_max_keys,
                 scopes: ScopePolicy::new(&implications, catalogue),
             },
@@ -619,7 +674,7 @@ mod tests {
         let error = Cli::try_parse_from(["keygate", "--listen", "nowhere"]).unwrap_err();
         let explained = explain_cli_error(&error);
         assert!(explained.contains("--listen") && explained.contains("KEYGATE_LISTEN"), "{explained}");
-        let error = Cli::try_parse_from(["keygate", "--cache-ttl-seconds", "-1"]).unwrap_err();
+        let error = Cli::try_parse_from(["keygate", "--cache-ttl-seconds", "soon"]).unwrap_err();
         assert!(explain_cli_error(&error).contains("KEYGATE_CACHE_TTL_SECONDS"));
     }
 

@@ -36,6 +36,8 @@ const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// may have cached entries before the head was read, and a change committed in between would
 /// lie behind the starting point). Called before the server reports SERVING.
 pub async fn start(core: &Core) -> Result<i64, crate::store::StoreError> {
+    // Keys minted with earlier shapes keep passing Check.
+    core.shapes.set_earlier(&core.store.key_formats().await?);
     let head = core.store.feed_head().await?;
     core.cache.invalidate_all();
     Ok(head)
@@ -52,7 +54,13 @@ pub async fn follow(core: Arc<Core>, settings: FeedSettings, mut last_seen: i64)
     loop {
         ticker.tick().await;
         match catch_up(store, cache, core.clock.as_ref(), last_seen).await {
-            Ok(seen) => {
+            Ok((seen, formats_changed)) => {
+                if formats_changed {
+                    match store.key_formats().await {
+                        Ok(formats) => core.shapes.set_earlier(&formats),
+                        Err(error) => warn!(%error, "cannot read the key shapes minted elsewhere; will retry"),
+                    }
+                }
                 if failing {
                     // Changes made during the outage may have been pruned with no newer change
                     // to show the hole: compare with the head.
@@ -90,13 +98,15 @@ pub async fn follow(core: Arc<Core>, settings: FeedSettings, mut last_seen: i64)
     }
 }
 
-/// Applies every change after `last_seen`; returns the newest sequence number applied.
+/// Applies every change after `last_seen`; returns the newest sequence number applied, and
+/// whether a new key shape was announced (the caller reads the shapes again).
 pub async fn catch_up(
     store: &Store,
     cache: &DecisionCache,
     clock: &dyn Clock,
     mut last_seen: i64,
-) -> Result<i64, crate::store::StoreError> {
+) -> Result<(i64, bool), crate::store::StoreError> {
+    let mut formats_changed = false;
     loop {
         let changes = store.changes_after(last_seen, BATCH).await?;
         if changes.first().is_some_and(|first| first.seq != last_seen + 1) {
@@ -110,6 +120,7 @@ pub async fn catch_up(
         for change in &changes {
             // This replica's own changes were applied when they were made: no lag to measure.
             if !store.take_own_change(change.seq) {
+                formats_changed |= matches!(change.target, crate::store::ChangeTarget::KeyFormat(_));
                 cache.apply(&change.target).await;
                 // Measured on the clock that stamped the change.
                 let lag = clock.now() - change.created_at;
@@ -120,7 +131,7 @@ pub async fn catch_up(
             last_seen = change.seq;
         }
         if (changes.len() as i64) < BATCH {
-            return Ok(last_seen);
+            return Ok((last_seen, formats_changed));
         }
     }
 }
@@ -187,7 +198,7 @@ mod tests {
             .await
             .unwrap();
 
-        let seen = catch_up(&store, &cache, &SystemClock, last_seen).await.unwrap();
+        let (seen, _) = catch_up(&store, &cache, &SystemClock, last_seen).await.unwrap();
         assert_eq!(seen, store.feed_head().await.unwrap());
         let tenant = cache.tenant("acme").await.unwrap().unwrap();
         assert!(!tenant.api_access_enabled, "the cached tenant was dropped and read again");
@@ -201,8 +212,8 @@ mod tests {
         for tenant in ["a", "b", "c"] {
             store.put_tenant(tenant, &TenantChanges::default(), Utc::now(), &audit(tenant)).await.unwrap();
         }
-        let seen = catch_up(&store, &cache, &SystemClock, start).await.unwrap();
+        let (seen, _) = catch_up(&store, &cache, &SystemClock, start).await.unwrap();
         assert_eq!(seen, start + 3);
-        assert_eq!(catch_up(&store, &cache, &SystemClock, seen).await.unwrap(), seen, "nothing new");
+        assert_eq!(catch_up(&store, &cache, &SystemClock, seen).await.unwrap().0, seen, "nothing new");
     }
 }

@@ -5,6 +5,7 @@
 //! wires it together; `main.rs` only parses configuration and runs it.
 
 pub mod cache;
+pub mod cli;
 pub mod config;
 pub mod domain;
 pub mod feed;
@@ -46,6 +47,22 @@ pub mod proto {
     impl fmt::Debug for CreateKeyResponse {
         fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
             f.debug_struct("CreateKeyResponse").field("key", &self.key).field("secret", &"[redacted]").finish()
+        }
+    }
+
+    impl fmt::Debug for ImportedKey {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            let credential = match &self.credential {
+                Some(imported_key::Credential::Secret(_)) => "secret: [redacted]",
+                Some(imported_key::Credential::SecretSha256(_)) => "secret_sha256: [given]",
+                None => "none",
+            };
+            f.debug_struct("ImportedKey")
+                .field("credential", &credential)
+                .field("display_prefix", &self.display_prefix)
+                .field("name", &self.name)
+                .field("scopes", &self.scopes)
+                .finish_non_exhaustive()
         }
     }
 

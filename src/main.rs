@@ -37,6 +37,12 @@ async fn main() -> ExitCode {
         Command::GenToken => {
             keygate::domain::key::new_admin_token().map(|token| println!("{token}")).map_err(Into::into)
         }
+        Command::Import(args) => {
+            return match keygate::cli::import::run(*args).await {
+                Ok(exit) => ExitCode::from(exit as u8),
+                Err(failure) => fail(failure.message, failure.exit as u8),
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

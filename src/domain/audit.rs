@@ -17,10 +17,12 @@ pub enum AuditEventType {
     KeyRotated,
     /// Denied Checks of one key for one reason within one minute.
     CheckDenied,
+    /// A key taken over by ImportKeys.
+    KeyImported,
 }
 
 impl AuditEventType {
-    pub const ALL: [Self; 8] = [
+    pub const ALL: [Self; 9] = [
         Self::TenantPut,
         Self::SitePut,
         Self::SiteDeleted,
@@ -29,6 +31,7 @@ impl AuditEventType {
         Self::KeyRevoked,
         Self::KeyRotated,
         Self::CheckDenied,
+        Self::KeyImported,
     ];
 
     /// The name stored in the database.
@@ -42,6 +45,7 @@ impl AuditEventType {
             Self::KeyRevoked => "KEY_REVOKED",
             Self::KeyRotated => "KEY_ROTATED",
             Self::CheckDenied => "CHECK_DENIED",
+            Self::KeyImported => "KEY_IMPORTED",
         }
     }
 

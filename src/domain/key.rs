@@ -1,9 +1,5 @@
-//! The API key itself: its format, generation, parsing and hash.
-//!
-//! A key reads `{prefix}_{environment}_{body}`: `body` is 64 lowercase hex characters, 56 from
-//! the OS CSPRNG followed by the CRC-32 (IEEE) of every character before it. The checksum lets
-//! keygate reject typos and random strings without touching the cache or the database, and lets
-//! secret scanners recognise keygate keys.
+//! The API key itself: minting, checking, hashing, and the ids keygate gives keys and tokens.
+//! What keys look like is the business of [`key_format`](super::key_format).
 
 use std::fmt;
 
@@ -11,43 +7,8 @@ use rand::TryRng;
 use rand::rngs::SysRng;
 use sha2::{Digest, Sha256};
 
-/// How many characters of a key are shown to humans.
-pub const DISPLAY_PREFIX_LEN: usize = 12;
-/// The longest key Check accepts, in bytes.
-pub const MAX_KEY_BYTES: usize = 512;
-const RANDOM_HEX_LEN: usize = 56;
-const CHECKSUM_HEX_LEN: usize = 8;
-const BODY_LEN: usize = RANDOM_HEX_LEN + CHECKSUM_HEX_LEN;
-
-/// The deployment-wide first segment of every key (`kg` by default).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeyPrefix(String);
-
-impl KeyPrefix {
-    /// Accepts 2 to 16 characters: a lowercase letter, then lowercase letters and digits.
-    pub fn parse(value: &str) -> Result<Self, String> {
-        let mut chars = value.chars();
-        let starts_with_letter = chars.next().is_some_and(|c| c.is_ascii_lowercase());
-        let rest_ok = chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-        if (2..=16).contains(&value.len()) && starts_with_letter && rest_ok {
-            Ok(Self(value.to_owned()))
-        } else {
-            Err(format!(
-                "key prefix {value:?} must be 2 to 16 characters: a lowercase letter, then lowercase letters or digits"
-            ))
-        }
-    }
-
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl Default for KeyPrefix {
-    fn default() -> Self {
-        Self("kg".to_owned())
-    }
-}
+pub use super::key_format::MAX_KEY_BYTES;
+use super::key_format::{KeyShapes, Shape, ShapeError};
 
 /// Whether a key is for production or for tests; part of the key string.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -76,59 +37,33 @@ impl Environment {
 /// Why a presented key is not even a well-formed keygate key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum KeyFormatError {
-    /// The key is empty.
     Missing,
-    /// Wrong prefix, environment, length, alphabet or checksum.
+    /// No accepted shape fits: wrong prefix, environment, length, alphabet or checksum.
     Malformed,
 }
 
-/// A full API key. Exists only between minting and the CreateKey/RotateKey response, and while
-/// a Check request is decided; `Debug` never prints it.
+/// A full API key. Exists only between minting and the CreateKey/RotateKey response, in an
+/// ImportKeys request, and while a Check request is decided; `Debug` never prints it.
 pub struct ApiKeySecret(String);
 
 impl ApiKeySecret {
-    /// Mints a fresh key from the OS CSPRNG.
-    pub fn generate(prefix: &KeyPrefix, environment: Environment) -> Result<Self, rand::rngs::SysError> {
-        let mut random = [0u8; RANDOM_HEX_LEN / 2];
-        SysRng.try_fill_bytes(&mut random)?;
-        let mut key = format!("{}_{}_", prefix.as_str(), environment.as_str());
-        key.push_str(&hex(&random));
-        let checksum = crc32fast::hash(key.as_bytes());
-        key.push_str(&format!("{checksum:08x}"));
-        Ok(Self(key))
+    /// Mints a fresh key of `shape` from the OS CSPRNG.
+    pub fn generate(shape: &Shape, environment: Environment) -> Result<Self, rand::rngs::SysError> {
+        shape.mint(environment).map(Self)
     }
 
-    /// Checks the format and checksum of a presented key, with no I/O.
-    pub fn parse(prefix: &KeyPrefix, value: &str) -> Result<Self, KeyFormatError> {
-        if value.is_empty() {
-            return Err(KeyFormatError::Missing);
+    /// Checks that a presented string has an accepted shape (and checksum), with no I/O.
+    pub fn parse(shapes: &KeyShapes, value: &str) -> Result<Self, KeyFormatError> {
+        match shapes.check(value) {
+            Ok(()) => Ok(Self(value.to_owned())),
+            Err(ShapeError::Missing) => Err(KeyFormatError::Missing),
+            Err(ShapeError::Malformed) => Err(KeyFormatError::Malformed),
         }
-        let rest = value
-            .strip_prefix(prefix.as_str())
-            .and_then(|rest| rest.strip_prefix('_'))
-            .ok_or(KeyFormatError::Malformed)?;
-        let (environment, body) = rest.split_once('_').ok_or(KeyFormatError::Malformed)?;
-        Environment::parse(environment).ok_or(KeyFormatError::Malformed)?;
-        let is_lower_hex = |b: &u8| b.is_ascii_digit() || (b'a'..=b'f').contains(b);
-        if body.len() != BODY_LEN || !body.bytes().all(|b| is_lower_hex(&b)) {
-            return Err(KeyFormatError::Malformed);
-        }
-        let (checked, checksum) = value.split_at(value.len() - CHECKSUM_HEX_LEN);
-        if format!("{:08x}", crc32fast::hash(checked.as_bytes())) != checksum {
-            return Err(KeyFormatError::Malformed);
-        }
-        Ok(Self(value.to_owned()))
     }
 
-    /// The key's environment, as written in it.
-    pub fn environment(&self) -> Environment {
-        let environment = self.0.split('_').nth(1).and_then(Environment::parse);
-        environment.unwrap_or(Environment::Live)
-    }
-
-    /// The first characters of the key, safe to show and log.
-    pub fn display_prefix(&self) -> String {
-        self.0.chars().take(DISPLAY_PREFIX_LEN).collect()
+    /// The first `chars` characters of the key, safe to show and log.
+    pub fn display_prefix(&self, chars: usize) -> String {
+        self.0.chars().take(chars).collect()
     }
 
     /// The SHA-256 of the key: the only form keygate stores.
@@ -144,7 +79,7 @@ impl ApiKeySecret {
 
 impl fmt::Debug for ApiKeySecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "ApiKeySecret({}…)", self.display_prefix())
+        write!(f, "ApiKeySecret({}…)", self.display_prefix(4))
     }
 }
 
@@ -156,6 +91,44 @@ impl KeyHash {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// A SHA-256 given by someone else (ImportKeys' `secret_sha256`): 64 hex digits, or 32 bytes
+    /// in base64 (standard or URL-safe, padded or not). `None` for anything else.
+    pub fn from_given(text: &str) -> Option<Self> {
+        let text = text.trim();
+        if text.len() == 64 && text.bytes().all(|byte| byte.is_ascii_hexdigit()) {
+            return Some(Self(text.to_ascii_lowercase()));
+        }
+        let bytes = base64_decode(text.trim_end_matches('='))?;
+        (bytes.len() == 32).then(|| Self(hex(&bytes)))
+    }
+}
+
+/// Decodes unpadded base64, standard (`+/`) or URL-safe (`-_`) alphabet.
+fn base64_decode(text: &str) -> Option<Vec<u8>> {
+    let value = |byte: u8| -> Option<u32> {
+        Some(match byte {
+            b'A'..=b'Z' => byte - b'A',
+            b'a'..=b'z' => byte - b'a' + 26,
+            b'0'..=b'9' => byte - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            _ => return None,
+        } as u32)
+    };
+    if text.len() % 4 == 1 {
+        return None;
+    }
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    for chunk in text.as_bytes().chunks(4) {
+        let mut accumulated = 0u32;
+        for (index, byte) in chunk.iter().enumerate() {
+            accumulated |= value(*byte)? << (18 - 6 * index);
+        }
+        let bytes = accumulated.to_be_bytes();
+        out.extend_from_slice(&bytes[1..chunk.len()]);
+    }
+    Some(out)
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -185,89 +158,49 @@ pub fn new_admin_token() -> Result<String, rand::rngs::SysError> {
 mod tests {
     use super::*;
 
-    fn prefix() -> KeyPrefix {
-        KeyPrefix::default()
-    }
-
     #[test]
-    fn generated_keys_have_the_documented_shape_and_parse_back() {
-        let key = ApiKeySecret::generate(&prefix(), Environment::Test).unwrap().expose();
-        assert_eq!(key.len(), "kg_test_".len() + 64);
-        assert!(key.starts_with("kg_test_"));
-        let parsed = ApiKeySecret::parse(&prefix(), &key).unwrap();
-        assert_eq!(parsed.environment(), Environment::Test);
-        assert_eq!(parsed.display_prefix(), &key[..12]);
-    }
-
-    #[test]
-    fn checksum_is_zlib_crc32_of_everything_before_it() {
-        let key = ApiKeySecret::generate(&prefix(), Environment::Live).unwrap().expose();
-        let (head, tail) = key.split_at(key.len() - 8);
-        // zlib.crc32(b"123456789") == 0xcbf43926: crc32fast is the same IEEE CRC.
-        assert_eq!(crc32fast::hash(b"123456789"), 0xcbf4_3926);
-        assert_eq!(tail, format!("{:08x}", crc32fast::hash(head.as_bytes())));
-    }
-
-    #[test]
-    fn two_generated_keys_differ() {
-        let a = ApiKeySecret::generate(&prefix(), Environment::Live).unwrap().expose();
-        let b = ApiKeySecret::generate(&prefix(), Environment::Live).unwrap().expose();
-        assert_ne!(a, b);
-    }
-
-    #[test]
-    fn a_typo_or_a_foreign_key_is_malformed() {
-        let key = ApiKeySecret::generate(&prefix(), Environment::Live).unwrap().expose();
-        let mut typo = key.clone().into_bytes();
-        typo[20] = if typo[20] == b'a' { b'b' } else { b'a' };
-        let typo = String::from_utf8(typo).unwrap();
-        let upper = key.to_uppercase();
-        let other_prefix = key.replacen("kg_", "et_", 1);
-        let other_env = key.replacen("_live_", "_prod_", 1);
-        for bad in [
-            typo.as_str(),
-            &upper,
-            &other_prefix,
-            &other_env,
-            &key[..key.len() - 1],
-            "kg_live_",
-            "Bearer x",
-            "kg_live__",
-        ] {
-            assert_eq!(ApiKeySecret::parse(&prefix(), bad).unwrap_err(), KeyFormatError::Malformed, "{bad}");
-        }
-        assert_eq!(ApiKeySecret::parse(&prefix(), "").unwrap_err(), KeyFormatError::Missing);
+    fn generated_keys_parse_back_and_hash_to_their_sha256() {
+        let shapes = KeyShapes::default();
+        let key = ApiKeySecret::generate(&shapes.minting, Environment::Test).unwrap();
+        let text = key.0.clone();
+        assert_eq!(text.len(), "kg_test_".len() + 64);
+        assert!(text.starts_with("kg_test_"));
+        let parsed = ApiKeySecret::parse(&shapes, &text).unwrap();
+        assert_eq!(parsed.display_prefix(12), &text[..12]);
+        assert_eq!(parsed.hash().as_str(), hex(&Sha256::digest(text.as_bytes())));
+        assert_eq!(ApiKeySecret::parse(&shapes, "").unwrap_err(), KeyFormatError::Missing);
+        assert_eq!(ApiKeySecret::parse(&shapes, "kg_live_nope").unwrap_err(), KeyFormatError::Malformed);
     }
 
     #[test]
     fn non_ascii_input_is_malformed_not_a_panic() {
-        let weird = format!("kg_live_{}", "é".repeat(32));
-        assert_eq!(ApiKeySecret::parse(&prefix(), &weird).unwrap_err(), KeyFormatError::Malformed);
-        assert_eq!(ApiKeySecret::parse(&prefix(), "kg_live_ééééééé").unwrap_err(), KeyFormatError::Malformed);
-    }
-
-    #[test]
-    fn a_custom_prefix_mints_and_accepts_only_its_own_keys() {
-        let et = KeyPrefix::parse("et").unwrap();
-        let key = ApiKeySecret::generate(&et, Environment::Live).unwrap().expose();
-        assert!(key.starts_with("et_live_"));
-        assert!(ApiKeySecret::parse(&et, &key).is_ok());
-        assert_eq!(ApiKeySecret::parse(&prefix(), &key).unwrap_err(), KeyFormatError::Malformed);
-    }
-
-    #[test]
-    fn prefixes_are_validated() {
-        for bad in ["", "k", "KG", "k_g", "1kg", "averyveryverylongprefix"] {
-            assert!(KeyPrefix::parse(bad).is_err(), "{bad}");
+        let shapes = KeyShapes::default();
+        for weird in [format!("kg_live_{}", "é".repeat(32)), "kg_live_ééééééé".into(), "ké".repeat(40)] {
+            assert_eq!(ApiKeySecret::parse(&shapes, &weird).unwrap_err(), KeyFormatError::Malformed);
         }
-        assert!(KeyPrefix::parse("et").is_ok());
     }
 
     #[test]
     fn debug_never_prints_the_key() {
-        let secret = ApiKeySecret::generate(&prefix(), Environment::Live).unwrap();
+        let secret = ApiKeySecret::generate(&KeyShapes::default().minting, Environment::Live).unwrap();
         let key_text = secret.0.clone();
-        assert!(!format!("{secret:?}").contains(&key_text));
+        assert!(!format!("{secret:?}").contains(&key_text[8..]));
+    }
+
+    #[test]
+    fn given_hashes_are_read_as_hex_or_base64() {
+        let digest = Sha256::digest(b"tga_0123");
+        let expected = hex(&digest);
+        assert_eq!(KeyHash::from_given(&expected).unwrap().as_str(), expected);
+        assert_eq!(KeyHash::from_given(&expected.to_uppercase()).unwrap().as_str(), expected);
+        // Python: base64.b64encode(hashlib.sha256(b"tga_0123").digest()), and its URL-safe form.
+        let standard = "ZmZarh1o+cRvgwONkROBM0ecq1bTBaKbEYneMK1Uwrg=";
+        assert_eq!(KeyHash::from_given(standard).unwrap().as_str(), expected);
+        assert_eq!(KeyHash::from_given(&standard.replace('+', "-")).unwrap().as_str(), expected);
+        assert_eq!(KeyHash::from_given(standard.trim_end_matches('=')).unwrap().as_str(), expected);
+        for bad in ["", "abc", &"g".repeat(64), "AAAA", &"A".repeat(45)] {
+            assert!(KeyHash::from_given(bad).is_none(), "{bad}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@ pub mod audit;
 pub mod clock;
 pub mod decision;
 pub mod key;
+pub mod key_format;
 pub mod model;
 pub mod scope;
 pub mod validation;

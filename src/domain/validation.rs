@@ -8,6 +8,8 @@ use super::scope::{MAX_SCOPES_PER_KEY, Scope};
 pub const MAX_ID_LEN: usize = 64;
 pub const MAX_NAME_CHARS: usize = 100;
 pub const MAX_DISPLAY_NAME_CHARS: usize = 200;
+/// The longest `display_prefix` an imported key may bring.
+pub const MAX_DISPLAY_PREFIX_CHARS: usize = 32;
 pub const MAX_METADATA_ENTRIES: usize = 16;
 pub const MAX_METADATA_KEY_CHARS: usize = 64;
 pub const MAX_METADATA_VALUE_CHARS: usize = 512;

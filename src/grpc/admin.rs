@@ -130,6 +130,23 @@ impl KeyAdmin for KeyAdminApi {
         }))
     }
 
+    #[instrument(name = "KeyAdmin.ImportKeys", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
+    async fn import_keys(&self, request: Request<ImportKeysRequest>) -> Result<Response<ImportKeysResponse>, Status> {
+        let actor = caller(&request).to_owned();
+        let request = convert::import_keys(request.into_inner())?;
+        let results = self.keys.import_keys(&actor, request).await?;
+        let results = results
+            .into_iter()
+            .map(|result| ImportKeyResult {
+                result: Some(match result {
+                    Ok(key) => import_key_result::Result::Key(self.key(&key)),
+                    Err(error) => import_key_result::Result::Error(convert::import_error(error)),
+                }),
+            })
+            .collect();
+        Ok(Response::new(ImportKeysResponse { results }))
+    }
+
     #[instrument(name = "KeyAdmin.GetKeyUsage", skip_all, fields(caller = caller(&request), tenant_id = ?Untrusted(&request.get_ref().tenant_id)))]
     async fn get_key_usage(
         &self,

@@ -386,6 +386,7 @@ fn audit_type(kind: AuditEventType) -> proto::AuditEventType {
         AuditEventType::KeyRevoked => proto::AuditEventType::KeyRevoked,
         AuditEventType::KeyRotated => proto::AuditEventType::KeyRotated,
         AuditEventType::CheckDenied => proto::AuditEventType::CheckDenied,
+        AuditEventType::KeyImported => proto::AuditEventType::KeyImported,
     }
 }
 
@@ -427,4 +428,114 @@ pub fn audit_event(event: &AuditEvent) -> proto::AuditEvent {
         details: event.details.clone().into_iter().collect(),
         count: event.count,
     }
+}
+
+/// Decodes ImportKeys: the call's own fields must be right (else INVALID_ARGUMENT for the
+/// whole call); each key is decoded on its own, its errors naming fields within the key.
+pub fn import_keys(request: proto::ImportKeysRequest) -> Result<crate::service::ImportKeys, ServiceError> {
+    use crate::service::{Credential, ImportKey, MAX_IMPORT_KEYS};
+    let mut violations = Violations::default();
+    violations.id("tenant_id", &request.tenant_id);
+    if request.keys.is_empty() || request.keys.len() > MAX_IMPORT_KEYS {
+        violations.add("keys", format!("must hold 1 to {MAX_IMPORT_KEYS} keys"));
+    }
+    violations.finish(())?;
+    let keys = request
+        .keys
+        .into_iter()
+        .map(|key| {
+            let mut violations = Violations::default();
+            let credential = match key.credential {
+                Some(proto::imported_key::Credential::Secret(secret)) if !secret.is_empty() => {
+                    if secret.len() > crate::domain::key::MAX_KEY_BYTES {
+                        violations
+                            .add("secret", format!("must be at most {} bytes", crate::domain::key::MAX_KEY_BYTES));
+                    }
+                    Some(Credential::Secret(secret))
+                }
+                Some(proto::imported_key::Credential::SecretSha256(hash)) => {
+                    let parsed = crate::domain::key::KeyHash::from_given(&hash);
+                    if parsed.is_none() {
+                        violations.add("secret_sha256", "must be a SHA-256: 64 hex digits, or 32 bytes in base64");
+                    }
+                    parsed.map(Credential::Sha256)
+                }
+                _ => {
+                    violations.add("secret", "give the key as secret or its SHA-256 as secret_sha256");
+                    None
+                }
+            };
+            violations.optional_name(
+                "display_prefix",
+                &key.display_prefix,
+                crate::domain::validation::MAX_DISPLAY_PREFIX_CHARS,
+            );
+            violations.name("name", &key.name, MAX_NAME_CHARS);
+            let scopes = violations.scopes("scopes", &key.scopes);
+            let site_ids = violations.site_ids("site_ids", &key.site_ids);
+            let environment = match proto::KeyEnvironment::try_from(key.environment) {
+                Ok(proto::KeyEnvironment::Unspecified) => None,
+                Ok(proto::KeyEnvironment::Live) => Some(Environment::Live),
+                Ok(proto::KeyEnvironment::Test) => Some(Environment::Test),
+                Err(_) => {
+                    violations.add("environment", "must be KEY_ENVIRONMENT_LIVE or KEY_ENVIRONMENT_TEST");
+                    None
+                }
+            };
+            let metadata = metadata(&mut violations, "metadata", key.metadata);
+            let mut time = |field: &str, value: &Option<prost_types::Timestamp>| {
+                value.as_ref().and_then(|value| to_time(&mut violations, field, value))
+            };
+            let (created_at, expires_at, last_used_at) = (
+                time("created_at", &key.created_at),
+                time("expires_at", &key.expires_at),
+                time("last_used_at", &key.last_used_at),
+            );
+            violations.finish(())?;
+            Ok(ImportKey {
+                credential: credential.ok_or_else(|| ServiceError::invalid("secret", "is required"))?,
+                display_prefix: key.display_prefix,
+                name: key.name,
+                scopes,
+                site_ids,
+                environment,
+                metadata,
+                rate_limit_per_minute: key.rate_limit_per_minute,
+                created_at,
+                expires_at,
+                last_used_at,
+            })
+        })
+        .collect();
+    Ok(crate::service::ImportKeys { tenant_id: request.tenant_id, keys, validate_only: request.validate_only })
+}
+
+/// The `google.rpc.Status` of one key ImportKeys did not import: INVALID_ARGUMENT with a
+/// BadRequest naming the field, or ALREADY_EXISTS with an ErrorInfo whose `reason` a script can
+/// act on: `KEY_ALREADY_IMPORTED` (the tenant has it: a retry), `KEY_TAKEN` (another tenant has
+/// it), `KEY_REPEATED` (earlier in the same request).
+pub fn import_error(error: crate::service::ImportError) -> tonic_types::pb::Status {
+    use crate::service::ImportError;
+    use prost::Message;
+    use tonic_types::{ErrorDetails, StatusExt};
+    let (message, reason) = match error {
+        ImportError::Invalid(error) => {
+            let status = tonic::Status::from(error);
+            return tonic_types::pb::Status::decode(status.details()).unwrap_or_else(|_| tonic_types::pb::Status {
+                code: status.code() as i32,
+                message: status.message().to_owned(),
+                details: Vec::new(),
+            });
+        }
+        ImportError::AlreadyInTenant => ("the tenant has this key already".to_owned(), "KEY_ALREADY_IMPORTED"),
+        ImportError::Taken => {
+            ("this key cannot be imported: a key with this secret exists already".to_owned(), "KEY_TAKEN")
+        }
+        ImportError::Repeated { first } => {
+            (format!("this key is keys[{first}] of this request already"), "KEY_REPEATED")
+        }
+    };
+    let details = ErrorDetails::with_error_info(reason, "keygate", std::collections::HashMap::new());
+    let status = tonic::Status::with_error_details(tonic::Code::AlreadyExists, message, details);
+    tonic_types::pb::Status::decode(status.details()).unwrap_or_default()
 }

@@ -31,7 +31,7 @@ use crate::limits::{LimitSettings, Limiter};
 use crate::proto::FILE_DESCRIPTOR_SET;
 use crate::proto::authorize_server::AuthorizeServer;
 use crate::proto::key_admin_server::KeyAdminServer;
-use crate::service::{Authorizer, Core, KeyService, LookupLimit, StoreSource};
+use crate::service::{Authorizer, Core, KeyService, LookupLimit, ShapesCell, StoreSource};
 use crate::store::Store;
 use crate::usage::UsageRecorder;
 use envoy_types::ext_authz::v3::pb::AuthorizationServer;
@@ -78,6 +78,7 @@ impl App {
             lookups,
             limiter: Limiter::new(config.limits.sync_interval),
             usage: UsageRecorder::default(),
+            shapes: ShapesCell::new(config.policy.shapes.clone()),
         });
         Ok(Self { listener, metrics_listener, config, core })
     }

@@ -78,7 +78,7 @@ pub struct Rotation {
 /// Check on this server sees it.
 #[derive(Clone)]
 pub struct KeyService {
-    core: Arc<Core>,
+    pub(super) core: Arc<Core>,
 }
 
 impl KeyService {
@@ -86,7 +86,7 @@ impl KeyService {
         Self { core }
     }
 
-    fn now(&self) -> DateTime<Utc> {
+    pub(super) fn now(&self) -> DateTime<Utc> {
         self.core.clock.now()
     }
 
@@ -191,7 +191,8 @@ impl KeyService {
                 Some(future_time("expires_in", at, now)?)
             }
         };
-        let secret = ApiKeySecret::generate(&self.core.policy.prefix, request.environment)
+        let shapes = self.core.shapes.current();
+        let secret = ApiKeySecret::generate(&shapes.minting, request.environment)
             .map_err(|error| ServiceError::Internal(format!("no randomness from the OS: {error}")))?;
         let record = KeyRecord {
             key_id: new_key_id(now.timestamp_millis())
@@ -199,7 +200,7 @@ impl KeyService {
             tenant_id: request.tenant_id,
             key_hash: secret.hash().as_str().to_owned(),
             name: request.name,
-            display_prefix: secret.display_prefix(),
+            display_prefix: secret.display_prefix(shapes.display_chars),
             scopes,
             site_ids,
             environment: request.environment,
@@ -217,7 +218,7 @@ impl KeyService {
             .detail("name", &record.name)
             .detail("display_prefix", &record.display_prefix)
             .detail("scopes", record.scopes.iter().map(Scope::as_str).collect::<Vec<_>>().join(","));
-        match self.core.store.insert_key(&record, limit, now, &audit).await? {
+        match self.core.store.insert_key(&record, shapes.minting.notation(), limit, now, &audit).await? {
             InsertKeyOutcome::Inserted => {}
             InsertKeyOutcome::TenantMissing => return Err(tenant_not_found(&record.tenant_id)),
             InsertKeyOutcome::LimitReached { limit } => {
@@ -337,13 +338,14 @@ impl KeyService {
         if old.state(now) != KeyState::Active {
             return Err(ServiceError::FailedPrecondition(format!("key {key_id} is not active and cannot be rotated")));
         }
-        let secret = ApiKeySecret::generate(&self.core.policy.prefix, old.environment)
+        let shapes = self.core.shapes.current();
+        let secret = ApiKeySecret::generate(&shapes.minting, old.environment)
             .map_err(|error| ServiceError::Internal(format!("no randomness from the OS: {error}")))?;
         let successor = KeyRecord {
             key_id: new_key_id(now.timestamp_millis())
                 .map_err(|error| ServiceError::Internal(format!("no randomness from the OS: {error}")))?,
             key_hash: secret.hash().as_str().to_owned(),
-            display_prefix: secret.display_prefix(),
+            display_prefix: secret.display_prefix(shapes.display_chars),
             created_at: now,
             revoked_at: None,
             last_used_at: None,
@@ -362,7 +364,8 @@ impl KeyService {
             .detail("grace_seconds", grace.num_seconds());
         let tenant = self.get_tenant(tenant_id).await?;
         let limit = self.effective_max_keys(&tenant);
-        let outcome = self.core.store.rotate_key(&old, end, &successor, limit, &audit).await?;
+        let outcome =
+            self.core.store.rotate_key(&old, end, &successor, shapes.minting.notation(), limit, &audit).await?;
         // Whatever happened, the old key's cached state may be out of date now.
         self.core.cache.invalidate_key(&old.key_hash).await;
         match outcome {
@@ -491,13 +494,13 @@ async fn to_completion<T: Send + 'static>(
     tokio::spawn(change).await.map_err(|error| ServiceError::Internal(format!("admin task failed: {error}")))?
 }
 
-fn sorted_unique<T: Ord>(mut items: Vec<T>) -> Vec<T> {
+pub(super) fn sorted_unique<T: Ord>(mut items: Vec<T>) -> Vec<T> {
     items.sort();
     items.dedup();
     items
 }
 
-fn future_time(field: &str, at: DateTime<Utc>, now: DateTime<Utc>) -> ServiceResult<DateTime<Utc>> {
+pub(super) fn future_time(field: &str, at: DateTime<Utc>, now: DateTime<Utc>) -> ServiceResult<DateTime<Utc>> {
     if at <= now {
         Err(ServiceError::invalid(field, "must be in the future"))
     } else if now.checked_add_months(chrono::Months::new(12 * MAX_LIFETIME_YEARS)).is_none_or(|latest| at > latest) {

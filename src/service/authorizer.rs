@@ -53,7 +53,8 @@ impl Authorizer {
 
     async fn decide(&self, request: &CheckRequest) -> ServiceResult<CheckOutcome> {
         let denied = |reason| CheckOutcome { decision: Err(reason), key: None, rate_limit: None };
-        let secret = match ApiKeySecret::parse(&self.core.policy.prefix, &request.key) {
+        let shapes = self.core.shapes.current();
+        let secret = match ApiKeySecret::parse(&shapes, &request.key) {
             Ok(secret) => secret,
             Err(KeyFormatError::Missing) => return Ok(denied(DenyReason::KeyMissing)),
             Err(KeyFormatError::Malformed) => {
@@ -64,7 +65,7 @@ impl Authorizer {
         let core = &self.core;
         let hash = secret.hash();
         let Some(key) = core.cache.key(hash.as_str()).await? else {
-            info!(reason = "KEY_UNKNOWN", display_prefix = %secret.display_prefix(), "check denied");
+            info!(reason = "KEY_UNKNOWN", display_prefix = %secret.display_prefix(shapes.display_chars), "check denied");
             return Ok(denied(DenyReason::KeyUnknown));
         };
         let Some(tenant) = core.cache.tenant(&key.tenant_id).await? else {

@@ -3,6 +3,7 @@
 
 mod admin;
 mod authorizer;
+mod import;
 mod page_token;
 
 use std::sync::Arc;
@@ -10,11 +11,12 @@ use std::sync::Arc;
 pub use crate::limits::{RateLimitState, RateLimitSubject, RateLimitWindow};
 pub use admin::{CreateKey, DailyUsage, Expiry, KeyService, ListKeys, Page, Rotation};
 pub use authorizer::{Authorizer, CheckOutcome, CheckRequest};
+pub use import::{Credential, ImportError, ImportKey, ImportKeys, MAX_IMPORT_KEYS};
 pub use page_token::{ListCall, PageToken};
 
 use crate::cache::{DecisionCache, Load};
 use crate::domain::clock::Clock;
-use crate::domain::key::KeyPrefix;
+use crate::domain::key_format::KeyShapes;
 use crate::domain::model::{KeyRecord, Tenant};
 use crate::domain::scope::ScopePolicy;
 use crate::domain::validation::FieldViolation;
@@ -25,7 +27,9 @@ use crate::usage::UsageRecorder;
 /// Rules for minting and checking keys, from configuration.
 #[derive(Clone, Debug)]
 pub struct KeyPolicy {
-    pub prefix: KeyPrefix,
+    /// The shapes keygate mints and accepts as configured (the shapes it minted before are
+    /// added from the database: [`Core::shapes`]).
+    pub shapes: KeyShapes,
     /// The active-key limit of tenants whose max_keys is 0.
     pub default_max_keys: u32,
     pub scopes: ScopePolicy,
@@ -33,7 +37,7 @@ pub struct KeyPolicy {
 
 impl Default for KeyPolicy {
     fn default() -> Self {
-        Self { prefix: KeyPrefix::default(), default_max_keys: 10, scopes: ScopePolicy::default() }
+        Self { shapes: KeyShapes::default(), default_max_keys: 10, scopes: ScopePolicy::default() }
     }
 }
 
@@ -50,6 +54,34 @@ pub struct Core {
     pub limiter: Limiter,
     /// Last use, usage and denied Checks, written in batches.
     pub usage: UsageRecorder,
+    /// The key shapes Check accepts: the configured ones and those minted earlier.
+    pub shapes: ShapesCell,
+}
+
+/// The key shapes in effect, replaced whole when the shapes minted earlier are (re)read.
+#[derive(Debug)]
+pub struct ShapesCell(std::sync::RwLock<Arc<KeyShapes>>);
+
+impl ShapesCell {
+    pub fn new(shapes: KeyShapes) -> Self {
+        Self(std::sync::RwLock::new(Arc::new(shapes)))
+    }
+
+    /// The shapes now.
+    pub fn current(&self) -> Arc<KeyShapes> {
+        self.0.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    /// Adds the shapes keys were minted with before (from the database) to those accepted.
+    pub fn set_earlier(&self, notations: &[String]) {
+        let mut shapes = (*self.current()).clone();
+        shapes.earlier = notations
+            .iter()
+            .filter(|notation| notation.as_str() != shapes.minting.notation())
+            .filter_map(|notation| crate::domain::key_format::Shape::parse(notation).ok())
+            .collect();
+        *self.0.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Arc::new(shapes);
+    }
 }
 
 /// A bound on concurrent store lookups of the Check path.

@@ -49,20 +49,36 @@ impl Store {
         entry: &AuditEntry,
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
-        let event_id = new_key_id(now.timestamp_millis())
-            .map_err(|error| StoreError::Unavailable(format!("no randomness from the OS: {error}")))?
-            .replacen("key_", "evt_", 1);
-        self.query(format!("INSERT INTO audit_events ({EVENT_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"))
-            .bind(event_id)
-            .bind(entry.tenant_id.clone())
-            .bind(entry.key_id.clone().unwrap_or_default())
-            .bind(entry.event_type.as_str())
-            .bind(entry.actor.clone())
-            .bind(to_json(&entry.details))
-            .bind(micros(now))
-            .bind(1_i64)
-            .execute(&mut **tx)
-            .await?;
+        self.record_many_in(tx, std::iter::once(entry), now).await
+    }
+
+    /// Records admin changes inside their transaction, a hundred to a statement.
+    pub(super) async fn record_many_in<'a>(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        entries: impl Iterator<Item = &'a AuditEntry>,
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let entries: Vec<&AuditEntry> = entries.collect();
+        for chunk in entries.chunks(100) {
+            let rows = vec!["(?, ?, ?, ?, ?, ?, ?, ?)"; chunk.len()].join(", ");
+            let mut query = self.query(format!("INSERT INTO audit_events ({EVENT_COLUMNS}) VALUES {rows}"));
+            for entry in chunk {
+                let event_id = new_key_id(now.timestamp_millis())
+                    .map_err(|error| StoreError::Unavailable(format!("no randomness from the OS: {error}")))?
+                    .replacen("key_", "evt_", 1);
+                query = query
+                    .bind(event_id)
+                    .bind(entry.tenant_id.clone())
+                    .bind(entry.key_id.clone().unwrap_or_default())
+                    .bind(entry.event_type.as_str())
+                    .bind(entry.actor.clone())
+                    .bind(to_json(&entry.details))
+                    .bind(micros(now))
+                    .bind(1_i64);
+            }
+            query.execute(&mut **tx).await?;
+        }
         Ok(())
     }
 

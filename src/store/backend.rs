@@ -71,6 +71,19 @@ impl Backend {
         }
     }
 
+    /// `INSERT INTO <table_and_columns> VALUES <rows>` that skips every row whose
+    /// `unique_column` (a unique key) exists already.
+    pub fn insert_rows_if_absent(self, table_and_columns: &str, rows: &str, unique_column: &str) -> String {
+        match self {
+            Self::MySql => format!(
+                "INSERT INTO {table_and_columns} VALUES {rows} ON DUPLICATE KEY UPDATE {unique_column} = {unique_column}"
+            ),
+            Self::Sqlite | Self::Postgres => {
+                format!("INSERT INTO {table_and_columns} VALUES {rows} ON CONFLICT ({unique_column}) DO NOTHING")
+            }
+        }
+    }
+
     /// `INSERT INTO <table> (<columns>) VALUES <rows>` that adds the new `count` to the row
     /// with the same `<key>` when there is one (and keeps the smaller `earliest`, if given).
     pub fn insert_adding_counts(
@@ -141,6 +154,7 @@ impl Backend {
                 (3, "request counts", include_str!("../../migrations/sqlite/0003_request_counts.sql")),
                 (4, "usage and audit", include_str!("../../migrations/sqlite/0004_usage_and_audit.sql")),
                 (5, "site ownership", include_str!("../../migrations/sqlite/0005_site_ownership.sql")),
+                (6, "key formats", include_str!("../../migrations/sqlite/0006_key_formats.sql")),
             ],
             Self::Postgres => &[
                 (1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
@@ -148,6 +162,7 @@ impl Backend {
                 (3, "request counts", include_str!("../../migrations/postgres/0003_request_counts.sql")),
                 (4, "usage and audit", include_str!("../../migrations/postgres/0004_usage_and_audit.sql")),
                 (5, "site ownership", include_str!("../../migrations/postgres/0005_site_ownership.sql")),
+                (6, "key formats", include_str!("../../migrations/postgres/0006_key_formats.sql")),
             ],
             Self::MySql => &[
                 (1, "init", include_str!("../../migrations/mysql/0001_init.sql")),
@@ -155,6 +170,7 @@ impl Backend {
                 (3, "request counts", include_str!("../../migrations/mysql/0003_request_counts.sql")),
                 (4, "usage and audit", include_str!("../../migrations/mysql/0004_usage_and_audit.sql")),
                 (5, "site ownership", include_str!("../../migrations/mysql/0005_site_ownership.sql")),
+                (6, "key formats", include_str!("../../migrations/mysql/0006_key_formats.sql")),
             ],
         };
         let migrations = files

@@ -13,6 +13,8 @@ pub enum ChangeTarget {
     Key(String),
     Tenant(String),
     Site(String),
+    /// A key shape was minted with for the first time: every replica reads the shapes again.
+    KeyFormat(String),
     /// A kind this version does not know (written by a newer replica): the whole cache must go.
     Unknown(String),
 }
@@ -23,6 +25,7 @@ impl ChangeTarget {
             Self::Key(hash) => ("key", hash),
             Self::Tenant(tenant_id) => ("tenant", tenant_id),
             Self::Site(site_id) => ("site", site_id),
+            Self::KeyFormat(notation) => ("key_format", notation),
             Self::Unknown(kind) => ("unknown", kind),
         }
     }
@@ -43,34 +46,54 @@ impl Store {
     /// change is remembered as this replica's own: its cache was updated already.
     pub(super) async fn commit_with_change(
         &self,
-        mut tx: Transaction<'static, Any>,
+        tx: Transaction<'static, Any>,
         target: &ChangeTarget,
         now: DateTime<Utc>,
     ) -> StoreResult<()> {
-        let seq = self.publish(&mut tx, target, now).await?;
+        self.commit_with_changes(tx, std::slice::from_ref(target), now).await
+    }
+
+    /// [`commit_with_change`](Self::commit_with_change) for any number of changes (none: a
+    /// plain commit).
+    pub(super) async fn commit_with_changes(
+        &self,
+        mut tx: Transaction<'static, Any>,
+        targets: &[ChangeTarget],
+        now: DateTime<Utc>,
+    ) -> StoreResult<()> {
+        let sequence = self.publish(&mut tx, targets, now).await?;
         tx.commit().await?;
-        self.own_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(seq);
+        self.own_changes.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).extend(sequence);
         Ok(())
     }
 
+    /// Appends `targets` to the feed with consecutive sequence numbers; returns them.
     async fn publish(
         &self,
         tx: &mut Transaction<'static, Any>,
-        target: &ChangeTarget,
+        targets: &[ChangeTarget],
         now: DateTime<Utc>,
-    ) -> StoreResult<i64> {
-        self.query("UPDATE change_feed_head SET seq = seq + 1 WHERE id = 1").execute(&mut **tx).await?;
-        let seq: i64 =
+    ) -> StoreResult<Vec<i64>> {
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let count = targets.len() as i64;
+        self.query("UPDATE change_feed_head SET seq = seq + ? WHERE id = 1").bind(count).execute(&mut **tx).await?;
+        let last: i64 =
             self.query("SELECT seq FROM change_feed_head WHERE id = 1").fetch_one(&mut **tx).await?.try_get(0)?;
-        let (kind, id) = target.parts();
-        self.query("INSERT INTO change_feed (seq, kind, entity_id, created_at) VALUES (?, ?, ?, ?)")
-            .bind(seq)
-            .bind(kind)
-            .bind(id.to_owned())
-            .bind(micros(now))
-            .execute(&mut **tx)
-            .await?;
-        Ok(seq)
+        let sequence: Vec<i64> = (last - count + 1..=last).collect();
+        let numbered: Vec<(i64, &ChangeTarget)> = sequence.iter().copied().zip(targets).collect();
+        for chunk in numbered.chunks(200) {
+            let rows = vec!["(?, ?, ?, ?)"; chunk.len()].join(", ");
+            let mut query =
+                self.query(format!("INSERT INTO change_feed (seq, kind, entity_id, created_at) VALUES {rows}"));
+            for (seq, target) in chunk {
+                let (kind, id) = target.parts();
+                query = query.bind(*seq).bind(kind).bind(id.to_owned()).bind(micros(now));
+            }
+            query.execute(&mut **tx).await?;
+        }
+        Ok(sequence)
     }
 
     /// Whether this replica made change `seq` itself (and already applied it to its cache).
@@ -111,6 +134,7 @@ impl Store {
                         "key" => ChangeTarget::Key(id),
                         "tenant" => ChangeTarget::Tenant(id),
                         "site" => ChangeTarget::Site(id),
+                        "key_format" => ChangeTarget::KeyFormat(id),
                         other => ChangeTarget::Unknown(other.to_owned()),
                     };
                     let micros: i64 = row.try_get("created_at")?;
@@ -131,6 +155,34 @@ impl Store {
                 .execute(&self.pool)
                 .await?;
             Ok(result.rows_affected())
+        })
+        .await
+    }
+}
+
+impl Store {
+    /// Records, inside a transaction that mints a key, that keys are minted with the shape
+    /// `notation`; true the first time (the caller then announces it on the change feed, so
+    /// every replica accepts keys of that shape from then on).
+    pub(super) async fn record_key_format_in(
+        &self,
+        tx: &mut Transaction<'static, Any>,
+        notation: &str,
+        now: DateTime<Utc>,
+    ) -> StoreResult<bool> {
+        let insert = self.backend.insert_if_absent("key_formats (notation, first_minted_at)", "?, ?", "notation");
+        let inserted = self.query(insert).bind(notation.to_owned()).bind(micros(now)).execute(&mut **tx).await?;
+        Ok(inserted.rows_affected() == 1)
+    }
+
+    /// Every key shape keys were ever minted with. Not counted in
+    /// [`query_count`](Store::query_count): it is the feed's work, not an API call's.
+    pub async fn key_formats(&self) -> StoreResult<Vec<String>> {
+        self.bounded(async {
+            let rows = sqlx::query::<Any>("SELECT notation FROM key_formats ORDER BY first_minted_at")
+                .fetch_all(&self.pool)
+                .await?;
+            rows.iter().map(|row| row.try_get::<String, _>(0).map_err(StoreError::from)).collect()
         })
         .await
     }

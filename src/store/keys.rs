@@ -17,6 +17,7 @@ impl Store {
     pub async fn insert_key(
         &self,
         key: &KeyRecord,
+        format: &str,
         max_active_keys: u32,
         now: DateTime<Utc>,
         audit: &AuditEntry,
@@ -40,7 +41,11 @@ impl Store {
             }
             self.insert_key_in(&mut tx, key).await?;
             self.record_in(&mut tx, audit, now).await?;
-            tx.commit().await?;
+            let mut changes = Vec::new();
+            if self.record_key_format_in(&mut tx, format, now).await? {
+                changes.push(ChangeTarget::KeyFormat(format.to_owned()));
+            }
+            self.commit_with_changes(tx, &changes, now).await?;
             Ok(InsertKeyOutcome::Inserted)
         })
         .await
@@ -295,6 +300,7 @@ impl Store {
         old: &KeyRecord,
         end: KeyEnd,
         successor: &KeyRecord,
+        format: &str,
         max_active_keys: u32,
         audit: &AuditEntry,
     ) -> StoreResult<RotateOutcome> {
@@ -332,7 +338,11 @@ impl Store {
             }
             self.insert_key_in(&mut tx, successor).await?;
             self.record_in(&mut tx, audit, successor.created_at).await?;
-            self.commit_with_change(tx, &ChangeTarget::Key(old.key_hash.clone()), successor.created_at).await?;
+            let mut changes = vec![ChangeTarget::Key(old.key_hash.clone())];
+            if self.record_key_format_in(&mut tx, format, successor.created_at).await? {
+                changes.push(ChangeTarget::KeyFormat(format.to_owned()));
+            }
+            self.commit_with_changes(tx, &changes, successor.created_at).await?;
             Ok(RotateOutcome::Rotated)
         })
         .await

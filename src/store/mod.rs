@@ -10,6 +10,7 @@ mod backend;
 mod counts;
 mod feed;
 mod health;
+mod import;
 mod keys;
 mod rows;
 mod tenants;
@@ -27,6 +28,7 @@ pub use backend::Backend;
 pub use counts::CountKey;
 pub use feed::{Change, ChangeTarget};
 pub use health::{StoreHealth, TRIP_AFTER};
+pub use import::ImportOutcome;
 
 use crate::domain::model::{KeyRecord, KeyState, Site};
 

@@ -13,6 +13,7 @@ mod caching;
 mod checks;
 mod gateway;
 mod hostile;
+mod import;
 mod isolation;
 mod keys;
 mod limits;
@@ -38,6 +39,7 @@ fn main() -> std::process::ExitCode {
         checks::trials(),
         gateway::trials(),
         hostile::trials(),
+        import::trials(),
         isolation::trials(),
         keys::trials(),
         limits::trials(),

@@ -147,12 +147,17 @@ impl TestApp {
 
     /// Stops the server gracefully (it writes what it buffered) and starts a new one on the same
     /// database, with the same clock and flags: a restart, or one step of a rolling update.
-    pub async fn restart(mut self) -> TestApp {
+    pub async fn restart(self) -> TestApp {
+        let flags = self.flags.clone();
+        self.restart_with(&flags.iter().map(String::as_str).collect::<Vec<_>>()).await
+    }
+
+    /// [`restart`](Self::restart) with other flags: a new version of the configuration.
+    pub async fn restart_with(mut self, flags: &[&str]) -> TestApp {
         let database = self._database.take();
-        let (url, flags, clock) = (self.database_url.clone(), self.flags.clone(), self.clock.clone());
+        let (url, clock) = (self.database_url.clone(), self.clock.clone());
         self.stop().await;
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let mut app = start(&url, &flags, clock).await;
+        let mut app = start(&url, flags, clock).await;
         app._database = database;
         app
     }

@@ -1,0 +1,260 @@
+//! `keygate import --tenant ID FILE`: existing keys, one JSON object a line, into a running
+//! keygate through ImportKeys, in batches.
+//!
+//! A line holds `secret` (the key) or `secret_sha256` (its SHA-256, hex or base64, with
+//! `display_prefix`), and `name`, `scopes`, and optionally `site_ids`, `environment` (`live` or
+//! `test`), `metadata`, `rate_limit_per_minute`, `created_at`, `expires_at`, `last_used_at`
+//! (RFC 3339). Nothing of a secret is ever printed.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use clap::Args;
+use prost_types::Timestamp;
+use serde::Deserialize;
+use tonic_types::StatusExt;
+
+use super::{ConnectArgs, Exit, Failure, describe_status};
+use crate::proto::key_admin_client::KeyAdminClient;
+use crate::proto::{ImportKeysRequest, ImportedKey, KeyEnvironment, import_key_result, imported_key};
+
+/// Flags of `keygate import`.
+#[derive(Clone, Debug, Args)]
+#[command(after_help = "Example:\n  export KEYGATE_ADDR=http://keygate:50051 KEYGATE_ADMIN_TOKEN=...\n  \
+    keygate import --tenant acme keys.jsonl\n  \
+    echo '{\"secret_sha256\": \"9f86d0…\", \"display_prefix\": \"tga_4f2a\", \"name\": \"CI\", \"scopes\": [\"events:read\"]}' \
+    | keygate import --tenant acme -")]
+pub struct ImportArgs {
+    /// The tenant the keys belong to.
+    #[arg(long)]
+    pub tenant: String,
+    /// JSON Lines, one key a line; `-` reads standard input.
+    pub file: PathBuf,
+    /// Check every line and report what would happen, writing nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Keys per ImportKeys call (1 to 1000).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub batch_size: u16,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+/// One line of the input.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Line {
+    secret: Option<String>,
+    secret_sha256: Option<String>,
+    #[serde(default)]
+    display_prefix: String,
+    name: String,
+    scopes: Vec<String>,
+    #[serde(default)]
+    site_ids: Vec<String>,
+    environment: Option<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    rate_limit_per_minute: u32,
+    created_at: Option<String>,
+    expires_at: Option<String>,
+    last_used_at: Option<String>,
+}
+
+/// A serde error without any string it quotes (a misplaced secret would be one).
+fn without_quoted_values(error: &serde_json::Error) -> String {
+    let text = error.to_string();
+    let mut out = String::with_capacity(text.len());
+    let mut in_quote = false;
+    for character in text.chars() {
+        match (character, in_quote) {
+            ('"', false) => {
+                in_quote = true;
+                out.push_str("\"…");
+            }
+            ('"', true) => {
+                in_quote = false;
+                out.push('"');
+            }
+            (_, true) => {}
+            (character, false) => out.push(character),
+        }
+    }
+    out
+}
+
+fn timestamp(field: &str, value: Option<String>) -> Result<Option<Timestamp>, String> {
+    value
+        .map(|text| {
+            DateTime::parse_from_rfc3339(&text)
+                .map(|time| {
+                    let time = time.with_timezone(&Utc);
+                    Timestamp { seconds: time.timestamp(), nanos: time.timestamp_subsec_nanos() as i32 }
+                })
+                .map_err(|_| format!("{field}: not an RFC 3339 time"))
+        })
+        .transpose()
+}
+
+impl Line {
+    fn into_key(self) -> Result<ImportedKey, String> {
+        let credential = match (self.secret, self.secret_sha256) {
+            (Some(secret), None) => imported_key::Credential::Secret(secret),
+            (None, Some(hash)) => imported_key::Credential::SecretSha256(hash),
+            _ => return Err("give exactly one of secret and secret_sha256".into()),
+        };
+        let environment = match self.environment.as_deref() {
+            None => KeyEnvironment::Unspecified,
+            Some("live") => KeyEnvironment::Live,
+            Some("test") => KeyEnvironment::Test,
+            Some(_) => return Err("environment: live or test".into()),
+        };
+        Ok(ImportedKey {
+            credential: Some(credential),
+            display_prefix: self.display_prefix,
+            name: self.name,
+            scopes: self.scopes,
+            site_ids: self.site_ids,
+            environment: environment.into(),
+            metadata: self.metadata.into_iter().collect(),
+            rate_limit_per_minute: self.rate_limit_per_minute,
+            created_at: timestamp("created_at", self.created_at)?,
+            expires_at: timestamp("expires_at", self.expires_at)?,
+            last_used_at: timestamp("last_used_at", self.last_used_at)?,
+        })
+    }
+}
+
+/// What happened to the lines, for the summary.
+#[derive(Debug, Default)]
+pub struct Summary {
+    pub imported: usize,
+    /// The tenant had them already (a retry).
+    pub already_there: usize,
+    /// Line numbers and why.
+    pub rejected: Vec<(usize, String)>,
+}
+
+/// Runs `keygate import`; prints a summary to standard output, progress to a terminal's
+/// standard error.
+pub async fn run(args: ImportArgs) -> Result<Exit, Failure> {
+    let lines = read_lines(&args.file)?;
+    let mut summary = Summary::default();
+    let mut keys: Vec<(usize, ImportedKey)> = Vec::new();
+    for (number, line) in lines {
+        match serde_json::from_str::<Line>(&line)
+            .map_err(|error| without_quoted_values(&error))
+            .and_then(Line::into_key)
+        {
+            Ok(key) => keys.push((number, key)),
+            Err(why) => summary.rejected.push((number, why)),
+        }
+    }
+    let channel = args.connect.channel()?;
+    let bearer = args.connect.bearer()?;
+    let mut client = KeyAdminClient::new(channel).max_decoding_message_size(64 << 20);
+    let progress = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(keys.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} keys, {per_sec}, {eta} left")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    for batch in keys.chunks(usize::from(args.batch_size)) {
+        let mut request = tonic::Request::new(ImportKeysRequest {
+            tenant_id: args.tenant.clone(),
+            keys: batch.iter().map(|(_, key)| key.clone()).collect(),
+            validate_only: args.dry_run,
+        });
+        request.metadata_mut().insert("authorization", bearer.clone());
+        let response = client.import_keys(request).await.map_err(|status| {
+            let mut failure = Failure::from_status(&status);
+            failure.message = format!("ImportKeys failed: {}", failure.message);
+            failure
+        })?;
+        for ((number, _), result) in batch.iter().zip(response.into_inner().results) {
+            match result.result {
+                Some(import_key_result::Result::Key(_)) => summary.imported += 1,
+                Some(import_key_result::Result::Error(error)) => {
+                    let status = tonic::Status::with_details(
+                        tonic::Code::from_i32(error.code),
+                        error.message.clone(),
+                        prost::Message::encode_to_vec(&error).into(),
+                    );
+                    let retry = status
+                        .get_error_details()
+                        .error_info()
+                        .is_some_and(|info| info.reason == "KEY_ALREADY_IMPORTED");
+                    if retry {
+                        summary.already_there += 1;
+                    } else {
+                        summary.rejected.push((*number, describe_status(&status)));
+                    }
+                }
+                None => summary.rejected.push((*number, "no result from the server".into())),
+            }
+        }
+        if let Some(bar) = &progress {
+            bar.inc(batch.len() as u64);
+        }
+    }
+    if let Some(bar) = progress {
+        bar.finish_and_clear();
+    }
+    print_summary(&summary, args.dry_run);
+    Ok(if summary.rejected.is_empty() { Exit::Ok } else { Exit::Rejected })
+}
+
+/// The non-empty lines of a file (or standard input), numbered from 1.
+fn read_lines(file: &PathBuf) -> Result<Vec<(usize, String)>, Failure> {
+    let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
+        Box::new(std::io::stdin().lock())
+    } else {
+        let opened = std::fs::File::open(file)
+            .map_err(|error| Failure::usage(format!("cannot read {}: {error}", file.display())))?;
+        Box::new(std::io::BufReader::new(opened))
+    };
+    let mut lines = Vec::new();
+    for (index, line) in reader.lines().enumerate() {
+        let line = line.map_err(|error| Failure::usage(format!("cannot read {}: {error}", file.display())))?;
+        if !line.trim().is_empty() {
+            lines.push((index + 1, line));
+        }
+    }
+    Ok(lines)
+}
+
+fn print_summary(summary: &Summary, dry_run: bool) {
+    let mut out = std::io::stdout().lock();
+    let verb = if dry_run { "would import" } else { "imported" };
+    let _ = writeln!(
+        out,
+        "{verb} {} keys, {} already there, {} rejected{}",
+        summary.imported,
+        summary.already_there,
+        summary.rejected.len(),
+        if summary.rejected.is_empty() { "" } else { ":" }
+    );
+    for (number, why) in &summary.rejected {
+        let _ = writeln!(out, "  line {number}: {why}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_errors_never_quote_a_value() {
+        let Err(error) = serde_json::from_str::<Line>(r#"{"name": "x", "scopes": "kg_live_secretsecret"}"#) else {
+            panic!("a string is no list of scopes");
+        };
+        let shown = without_quoted_values(&error);
+        assert!(!shown.contains("secretsecret"), "{shown}");
+        assert!(shown.contains("line 1"), "{shown}");
+    }
+}
