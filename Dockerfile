@@ -6,6 +6,7 @@ COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
 COPY migrations migrations
 COPY src src
+COPY vendor vendor
 RUN cargo build --release --locked --bin keygate
 
 FROM gcr.io/distroless/cc-debian12:nonroot

@@ -132,6 +132,10 @@ impl Backend {
                 format!("SET statement_timeout = {milliseconds}"),
                 format!("SET lock_timeout = {milliseconds}"),
                 format!("SET idle_in_transaction_session_timeout = {}", milliseconds * 2),
+                // sqlx keeps statements prepared for the connection's life. A generic plan made
+                // while a table was small scans it whole once it is large (an IN list over
+                // 20 000 imported keys took 19 ms a statement): plan with the real values.
+                "SET plan_cache_mode = force_custom_plan".into(),
             ],
             Self::MySql => {
                 let version: String = sqlx::query_scalar("SELECT VERSION()").fetch_one(&mut *connection).await?;
