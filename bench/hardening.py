@@ -4,11 +4,15 @@
 
     python3 bench/hardening.py flood   --binary target/release/keygate
     python3 bench/hardening.py resets  --binary target/release/keygate
+    python3 bench/hardening.py buffers --binary target/release/keygate [--message-bytes N]
     python3 bench/hardening.py outage  --binary target/release/keygate [--hung] \
         --postgres postgres://postgres@127.0.0.1:5432/postgres
 
 flood   one HTTP/2 connection opens 100 000 Check streams as fast as it can write them;
         prints resident memory before, at its peak, and 5 s after the connection closed.
+buffers N connections (--connections, 6) each open 128 Check streams whose message declares
+        --message-bytes (default 128 KiB - 64) and send all of it but the last byte, as fast as
+        flow control lets them; prints resident memory before and at its peak within 15 s.
 resets  one connection makes keygate reset streams (WINDOW_UPDATE of 0 on an open stream,
         a protocol error) until it is closed; prints how many resets it took.
 outage  keygate on PostgreSQL through a TCP proxy, cache TTL 2 s, stale window 60 s; a key is
@@ -32,6 +36,7 @@ import time
 import h2.config
 import h2.connection
 import h2.events
+import h2.exceptions
 
 TOKEN = "bench-admin-token-0123456789abcdef"
 
@@ -414,15 +419,74 @@ def outage(args):
         subprocess.run(["psql", url, "-qc", "DROP DATABASE IF EXISTS %s WITH (FORCE)" % name])
 
 
+def buffers(args):
+    directory = tempfile.mkdtemp()
+    process, port = start(args.binary, "sqlite://%s/keygate.db?mode=rwc" % directory)
+    try:
+        before = rss_mib(process.pid)
+        peak = before
+        connections = []
+        for _ in range(args.connections):
+            sock = socket.create_connection(("127.0.0.1", port))
+            sock.setblocking(False)
+            connection = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+            connection.initiate_connection()
+            streams = {}
+            for _ in range(128):
+                stream = connection.get_next_available_stream_id()
+                connection.send_headers(stream, [(":method", "POST"), (":scheme", "http"),
+                                                 (":path", "/keygate.v1.Authorize/Check"),
+                                                 (":authority", "keygate"), ("content-type", "application/grpc"),
+                                                 ("te", "trailers")])
+                streams[stream] = b"\x00" + struct.pack(">I", args.message_bytes) + b"\x07" * (args.message_bytes - 1)
+            connections.append((sock, connection, streams))
+        sent = 0
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            for sock, connection, streams in connections:
+                for stream, rest in list(streams.items()):
+                    window = min(connection.local_flow_control_window(stream), connection.max_outbound_frame_size)
+                    if window > 0 and rest:
+                        chunk = rest[:window]
+                        try:
+                            connection.send_data(stream, chunk)
+                        except h2.exceptions.StreamClosedError:
+                            del streams[stream]
+                            continue
+                        streams[stream] = rest[len(chunk):]
+                        sent += len(chunk)
+                try:
+                    data = connection.data_to_send()
+                    if data:
+                        sock.sendall(data)
+                    incoming = sock.recv(1 << 20)
+                    if incoming:
+                        connection.receive_data(incoming)
+                except BlockingIOError:
+                    pass
+                except (OSError, h2.exceptions.ProtocolError):
+                    pass
+            peak = max(peak, rss_mib(process.pid))
+            time.sleep(0.005)
+        print("%d connections x 128 streams, messages of %d bytes: %.1f MB sent; resident memory %.1f MiB before, "
+              "%.1f MiB peak" % (args.connections, args.message_bytes, sent / 1e6, before, peak))
+        for sock, _, _ in connections:
+            sock.close()
+    finally:
+        process.kill()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("measurement", choices=["flood", "resets", "outage"])
+    parser.add_argument("measurement", choices=["flood", "buffers", "resets", "outage"])
     parser.add_argument("--binary", default="target/release/keygate")
     parser.add_argument("--streams", type=int, default=100_000)
     parser.add_argument("--postgres", default="postgres://postgres@127.0.0.1:5432/postgres")
     parser.add_argument("--hung", action="store_true")
+    parser.add_argument("--connections", type=int, default=6)
+    parser.add_argument("--message-bytes", type=int, default=128 * 1024 - 64)
     args = parser.parse_args()
-    {"flood": flood, "resets": resets, "outage": outage}[args.measurement](args)
+    {"flood": flood, "buffers": buffers, "resets": resets, "outage": outage}[args.measurement](args)
 
 
 if __name__ == "__main__":

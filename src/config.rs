@@ -185,6 +185,10 @@ pub struct ConnectionArgs {
     /// start when the open-file limit cannot hold them next to the database pool.
     #[arg(long, env = "KEYGATE_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: u32,
+    /// Most connections from one client address (an IPv6 client: its /64) at once; more are
+    /// closed as they arrive. 0: a quarter of KEYGATE_MAX_CONNECTIONS.
+    #[arg(long, env = "KEYGATE_MAX_CONNECTIONS_PER_CLIENT", default_value_t = 0)]
+    pub max_connections_per_client: u32,
     /// Most calls in flight on one connection, advertised as HTTP/2
     /// SETTINGS_MAX_CONCURRENT_STREAMS; further streams are refused.
     #[arg(long, env = "KEYGATE_MAX_CONCURRENT_STREAMS", default_value_t = 128)]
@@ -192,19 +196,32 @@ pub struct ConnectionArgs {
     /// Largest request header list in bytes (HTTP/2 SETTINGS_MAX_HEADER_LIST_SIZE).
     #[arg(long, env = "KEYGATE_MAX_HEADER_LIST_BYTES", default_value_t = 16_384)]
     pub max_header_list_bytes: u32,
-    /// Largest request message in bytes; a larger one is RESOURCE_EXHAUSTED.
+    /// Largest request message of KeyAdmin in bytes; a larger one is RESOURCE_EXHAUSTED.
     #[arg(long, env = "KEYGATE_MAX_MESSAGE_BYTES", default_value_t = 4_194_304)]
     pub max_message_bytes: u32,
+    /// Largest Authorize or Envoy Check request in bytes (Envoy's CheckRequest carries the
+    /// request's headers, and its body when `with_request_body` is set); a larger one is
+    /// RESOURCE_EXHAUSTED. KEYGATE_MAX_MESSAGE_BYTES applies when it is smaller.
+    #[arg(long, env = "KEYGATE_MAX_CHECK_MESSAGE_BYTES", default_value_t = 131_072)]
+    pub max_check_message_bytes: u32,
     /// Seconds between the HTTP/2 PINGs keygate sends on each connection; 0 sends none.
     #[arg(long, env = "KEYGATE_HTTP2_KEEPALIVE_INTERVAL_SECONDS", default_value_t = 30)]
     pub http2_keepalive_interval_seconds: u64,
     /// Seconds a PING may go unanswered before keygate closes the connection.
     #[arg(long, env = "KEYGATE_HTTP2_KEEPALIVE_TIMEOUT_SECONDS", default_value_t = 10)]
     pub http2_keepalive_timeout_seconds: u64,
-    /// Seconds a connection may have no call in flight before keygate closes it (GOAWAY); also
-    /// the longest a TLS handshake may take.
+    /// Seconds a connection may have no call in flight before keygate closes it (GOAWAY).
     #[arg(long, env = "KEYGATE_CONNECTION_IDLE_TIMEOUT_SECONDS", default_value_t = 300)]
     pub connection_idle_timeout_seconds: u64,
+    /// Seconds a new connection has to finish its TLS handshake and begin its first call;
+    /// then it is closed.
+    #[arg(long, env = "KEYGATE_HANDSHAKE_TIMEOUT_SECONDS", default_value_t = 10)]
+    pub handshake_timeout_seconds: u64,
+    /// Seconds after which a connection is asked to close (GOAWAY), however busy, so that no
+    /// connection, not even one holding a Health.Watch stream, keeps its slot for good and
+    /// clients spread over new replicas; 0 never (as grpc-go's MaxConnectionAge).
+    #[arg(long, env = "KEYGATE_MAX_CONNECTION_AGE_SECONDS", default_value_t = 3600)]
+    pub max_connection_age_seconds: u64,
     /// Seconds a call may take to answer before it is DEADLINE_EXCEEDED; a client's shorter
     /// grpc-timeout wins.
     #[arg(long, env = "KEYGATE_REQUEST_TIMEOUT_SECONDS", default_value_t = 30)]
@@ -222,16 +239,27 @@ impl ConnectionArgs {
         at_least("KEYGATE_MAX_MESSAGE_BYTES", self.max_message_bytes.into(), 1024)?;
         at_least("KEYGATE_HTTP2_KEEPALIVE_TIMEOUT_SECONDS", self.http2_keepalive_timeout_seconds, 1)?;
         at_least("KEYGATE_CONNECTION_IDLE_TIMEOUT_SECONDS", self.connection_idle_timeout_seconds, 1)?;
+        at_least("KEYGATE_HANDSHAKE_TIMEOUT_SECONDS", self.handshake_timeout_seconds, 1)?;
+        at_least("KEYGATE_MAX_CHECK_MESSAGE_BYTES", self.max_check_message_bytes.into(), 1024)?;
+        let per_client = match self.max_connections_per_client {
+            0 => (self.max_connections / 4).max(1),
+            configured => configured.min(self.max_connections),
+        };
         at_least("KEYGATE_REQUEST_TIMEOUT_SECONDS", self.request_timeout_seconds, 1)?;
         Ok(ConnectionLimits {
             max_connections: self.max_connections as usize,
+            max_connections_per_client: per_client as usize,
             max_concurrent_streams: self.max_concurrent_streams,
             max_header_list_bytes: self.max_header_list_bytes,
             max_message_bytes: self.max_message_bytes as usize,
+            max_check_message_bytes: self.max_check_message_bytes.min(self.max_message_bytes) as usize,
             keepalive_interval: (self.http2_keepalive_interval_seconds > 0)
                 .then(|| Duration::from_secs(self.http2_keepalive_interval_seconds)),
             keepalive_timeout: Duration::from_secs(self.http2_keepalive_timeout_seconds),
             idle_timeout: Duration::from_secs(self.connection_idle_timeout_seconds),
+            handshake_timeout: Duration::from_secs(self.handshake_timeout_seconds),
+            max_age: (self.max_connection_age_seconds > 0)
+                .then(|| Duration::from_secs(self.max_connection_age_seconds)),
             request_timeout: Duration::from_secs(self.request_timeout_seconds),
         })
     }

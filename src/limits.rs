@@ -194,6 +194,9 @@ struct SubjectCounts {
 #[derive(Debug)]
 pub struct Limiter {
     subjects: Mutex<HashMap<String, SubjectCounts>>,
+    /// Subjects whose shared counts are being read ([`unprimed`](Self::unprimed) hands each
+    /// out once until [`prime`](Self::prime) or [`priming_failed`](Self::priming_failed)).
+    priming: Mutex<std::collections::HashSet<String>>,
     /// How far back a sync reads shared counts: the buckets other replicas can still be adding
     /// to (their counts arrive within a couple of sync intervals).
     read_back: Duration,
@@ -216,7 +219,11 @@ fn time(micros: i64) -> DateTime<Utc> {
 impl Limiter {
     /// A limiter that shares its counts every `sync_interval`.
     pub fn new(sync_interval: Duration) -> Self {
-        Self { subjects: Mutex::default(), read_back: sync_interval * 4 + Duration::from_secs(1) }
+        Self {
+            subjects: Mutex::default(),
+            priming: Mutex::default(),
+            read_back: sync_interval * 4 + Duration::from_secs(1),
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SubjectCounts>> {
@@ -224,14 +231,16 @@ impl Limiter {
     }
 
     /// The subjects of a decision for `key` at `now` whose shared counts this replica has not
-    /// read yet, each with the oldest bucket the decision needs; `None` when it knows them
-    /// all. Read them with [`Store::request_counts_since`] and hand them to
-    /// [`prime`](Self::prime).
+    /// read yet (and is not reading already), each with the oldest bucket the decision needs;
+    /// `None` when there are none. Read them with [`Store::request_counts_since`] and hand them
+    /// to [`prime`](Self::prime), or to [`priming_failed`](Self::priming_failed).
     pub fn unprimed(&self, key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) -> Option<Vec<(String, i64)>> {
         let subjects = self.lock();
+        let mut priming = self.priming.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let needed: Vec<(String, i64)> = limits_of(key, tenant)
             .into_iter()
             .filter(|applied| !subjects.get(&applied.subject).is_some_and(|counts| counts.primed))
+            .filter(|applied| priming.insert(applied.subject.clone()))
             .map(|applied| {
                 let since = applied.span.oldest_counted(micros(now));
                 (applied.subject, since)
@@ -246,6 +255,7 @@ impl Limiter {
         let spans: HashMap<String, Span> =
             limits_of(key, tenant).into_iter().map(|applied| (applied.subject, applied.span)).collect();
         let mut subjects = self.lock();
+        self.priming_failed(needed);
         for (subject, _) in needed {
             let Some(span) = spans.get(subject) else { continue };
             subjects
@@ -258,6 +268,14 @@ impl Limiter {
                 let counter = counts.buckets.entry(bucket.window_start).or_default();
                 counter.shared = counter.shared.max(total);
             }
+        }
+    }
+
+    /// Gives `needed` back, unread: the next decision that needs them asks again.
+    pub fn priming_failed(&self, needed: &[(String, i64)]) {
+        let mut priming = self.priming.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (subject, _) in needed {
+            priming.remove(subject);
         }
     }
 

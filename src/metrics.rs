@@ -4,12 +4,18 @@
 //! Metrics go through the `metrics` facade to one process-wide Prometheus recorder.
 
 use std::future::Future;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
-use tracing::debug;
+use tokio::sync::Semaphore;
+use tracing::{debug, warn};
+
+use crate::telemetry::Throttle;
 
 /// Seconds: from 50 µs (a cached Check) to 10 s (a stuck database).
 const LATENCY_BUCKETS: [f64; 14] =
@@ -50,45 +56,107 @@ fn describe() {
     );
 }
 
-/// Serves `GET /metrics` in Prometheus text format until `shutdown` completes. `before_render`
-/// refreshes gauges that are read rather than counted.
+/// Scrapes served at once; more wait in the listen backlog.
+pub const MAX_SCRAPE_CONNECTIONS: usize = 16;
+/// The longest a scrape connection may stay open, request and response included, in seconds.
+const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `GET /metrics` in Prometheus text format (HTTP/1.1, one request a connection) until
+/// `shutdown` completes. `before_render` refreshes gauges that are read rather than counted.
+/// At most [`MAX_SCRAPE_CONNECTIONS`] connections are served at once, each for at most ten
+/// seconds, and running out of file descriptors makes the accept loop back off instead of spin:
+/// the metrics port cannot take resources from the gRPC one.
 pub async fn serve<F, Refresh>(listener: TcpListener, before_render: F, shutdown: impl Future<Output = ()>)
 where
     F: Fn() -> Refresh + Send + Sync + 'static,
-    Refresh: Future<Output = ()> + Send,
+    Refresh: Future<Output = ()> + Send + 'static,
 {
-    let before_render = std::sync::Arc::new(before_render);
+    static ACCEPT_FAILED: Throttle = Throttle::every(Duration::from_secs(10));
+    let before_render = Arc::new(before_render);
+    let slots = Arc::new(Semaphore::new(MAX_SCRAPE_CONNECTIONS));
+    let mut backoff = Duration::ZERO;
     tokio::pin!(shutdown);
     loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => match slot {
+                Ok(slot) => slot,
+                Err(_) => return,
+            },
+            () = &mut shutdown => return,
+        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = &mut shutdown => return,
         };
-        let Ok((mut stream, _)) = accepted else { continue };
+        let stream = match accepted {
+            Ok((stream, _)) => {
+                backoff = Duration::ZERO;
+                stream
+            }
+            Err(error) if crate::server::is_per_connection(&error) => continue,
+            Err(error) => {
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                if let Some(suppressed) = ACCEPT_FAILED.allow() {
+                    warn!(%error, retry_in_ms = backoff.as_millis() as u64, suppressed, "cannot accept metrics scrapes");
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(backoff) => continue,
+                    () = &mut shutdown => return,
+                }
+            }
+        };
         let before_render = before_render.clone();
+        let scrape = hyper::service::service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let before_render = before_render.clone();
+            async move { Ok::<_, std::convert::Infallible>(respond(&request, &*before_render).await) }
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(SCRAPE_TIMEOUT)
+            .keep_alive(false)
+            .serve_connection(TokioIo::new(stream), scrape);
         tokio::spawn(async move {
-            let mut request = [0u8; 2048];
-            let read = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut request)).await;
-            let Ok(Ok(read)) = read else { return };
-            let head = String::from_utf8_lossy(&request[..read]);
-            let target = head.split_whitespace().nth(1).unwrap_or_default();
-            let response = if head.starts_with("GET ") && (target == "/metrics" || target.starts_with("/metrics?")) {
-                before_render().await;
-                let handle = handle();
-                handle.run_upkeep();
-                let body = handle.render();
-                format!(
-                    "HTTP/1.1 200 OK\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                )
-            } else {
-                "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned()
-            };
-            if let Err(error) = stream.write_all(response.as_bytes()).await {
-                debug!(%error, "metrics scrape failed");
+            let _slot = slot;
+            match tokio::time::timeout(SCRAPE_TIMEOUT, connection).await {
+                Ok(Err(error)) => debug!(%error, "metrics scrape failed"),
+                Err(_) => debug!("metrics scrape timed out"),
+                Ok(Ok(())) => {}
             }
         });
     }
+}
+
+/// The response to one request of the metrics port: the metrics for `GET /metrics`, 404 for
+/// any other path, 405 for any other method.
+async fn respond<F, Refresh>(
+    request: &http::Request<hyper::body::Incoming>,
+    before_render: &F,
+) -> http::Response<Full<Bytes>>
+where
+    F: Fn() -> Refresh,
+    Refresh: Future<Output = ()>,
+{
+    let status = |status: http::StatusCode| {
+        let mut response = http::Response::new(Full::new(Bytes::new()));
+        *response.status_mut() = status;
+        response
+    };
+    if request.uri().path() != "/metrics" {
+        return status(http::StatusCode::NOT_FOUND);
+    }
+    if request.method() != http::Method::GET && request.method() != http::Method::HEAD {
+        let mut response = status(http::StatusCode::METHOD_NOT_ALLOWED);
+        response.headers_mut().insert(http::header::ALLOW, http::HeaderValue::from_static("GET, HEAD"));
+        return response;
+    }
+    before_render().await;
+    let handle = handle();
+    handle.run_upkeep();
+    let mut response = http::Response::new(Full::new(Bytes::from(handle.render())));
+    response
+        .headers_mut()
+        .insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("text/plain; version=0.0.4"));
+    response
 }
 
 /// The name of a gRPC status code as a metric label (`Ok`, `InvalidArgument`, ...).

@@ -108,6 +108,18 @@ pub fn request_span<B>(request: &http::Request<B>, labels: crate::grpc::CallLabe
     span
 }
 
+/// Text a client chose, fit for a log line: at most 64 characters of it, with control,
+/// quote and non-ASCII characters escaped as Rust escapes them, so that it can neither flood a
+/// line nor forge one.
+pub fn client_text(text: &str) -> String {
+    const MAX_CHARS: usize = 64;
+    let mut shown: String = text.chars().take(MAX_CHARS).flat_map(char::escape_default).collect();
+    if text.chars().nth(MAX_CHARS).is_some() {
+        shown.push('…');
+    }
+    shown
+}
+
 /// Lets a recurring log line through at most once per interval, and counts the ones it held
 /// back, so that a flood of bad calls or an outage cannot flood the log.
 ///
@@ -158,7 +170,15 @@ impl Throttle {
 
 #[cfg(test)]
 mod tests {
-    use super::Throttle;
+    use super::{Throttle, client_text};
+
+    #[test]
+    fn client_text_is_short_and_on_one_line() {
+        assert_eq!(client_text("checkout"), "checkout");
+        assert_eq!(client_text("a\nERROR forged line"), "a\\nERROR forged line");
+        let long = client_text(&"x".repeat(1 << 20));
+        assert_eq!(long.chars().count(), 65);
+    }
 
     #[test]
     fn a_throttle_lets_one_line_through_per_interval_and_counts_the_rest() {

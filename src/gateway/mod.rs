@@ -18,7 +18,8 @@ pub use response::{GatewayDeny, KEY_ID_HEADER, SCOPES_HEADER, SITE_HEADER, TENAN
 
 use crate::domain::clock::Clock;
 use crate::domain::scope::Scope;
-use crate::service::{self, Authorizer, ServiceResult};
+use crate::service::{self, Authorizer, DENIALS, ServiceResult};
+use crate::telemetry::{Throttle, client_text};
 
 /// Gateway settings.
 #[derive(Clone, Debug)]
@@ -42,6 +43,9 @@ pub struct Gateway {
     clock: std::sync::Arc<dyn Clock>,
 }
 
+/// A route without a valid scope is the operator's mistake, but every request on it repeats it.
+static MISCONFIGURED: Throttle = Throttle::every(std::time::Duration::from_secs(1));
+
 impl Gateway {
     pub fn new(authorizer: Authorizer, settings: GatewaySettings, clock: std::sync::Arc<dyn Clock>) -> Self {
         Self { authorizer, settings, clock }
@@ -58,10 +62,12 @@ impl Gateway {
             attributes.and_then(|attributes| attributes.request.as_ref()).and_then(|request| request.http.as_ref());
         let headers = http.map(headers_of).unwrap_or_default();
         let target = http.map_or("", |http| http.path.as_str());
-        let route = context.get("route").map_or("unnamed", String::as_str);
+        let route = || context.get("route").map_or_else(|| "unnamed".to_owned(), |route| client_text(route));
 
         let Some(scope) = context.get("scope").and_then(|scope| Scope::parse(scope).ok()) else {
-            error!(route, "ext_authz route has no valid `scope` context extension: denying");
+            if let Some(suppressed) = MISCONFIGURED.allow() {
+                error!(route = route(), suppressed, "ext_authz route has no valid `scope` context extension: denying");
+            }
             return Ok(response::gateway_denied(GatewayDeny::RouteMisconfigured));
         };
         let credentials = extract_key(&self.settings.key_sources, &headers, target);
@@ -76,7 +82,9 @@ impl Gateway {
             false => match extract_site(&SiteSource::from_context(context), &headers, target) {
                 Ok(site_id) => site_id,
                 Err(problem) => {
-                    info!(route, ?problem, "gateway request names no valid site: denying");
+                    if let Some(suppressed) = DENIALS.allow() {
+                        info!(route = route(), ?problem, suppressed, "gateway request names no valid site: denying");
+                    }
                     return Ok(response::gateway_denied(GatewayDeny::SiteMissing));
                 }
             },

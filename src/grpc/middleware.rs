@@ -10,13 +10,18 @@
 //!   with INTERNAL and an oversized one with OUT_OF_RANGE; both are the client's doing, so they
 //!   become INVALID_ARGUMENT and RESOURCE_EXHAUSTED, as the gRPC status-code guide says.
 //! - **Bounded messages.** `grpc-message` is cut to [`MAX_MESSAGE_CHARS`] characters and an
-//!   oversized `grpc-status-details-bin` is dropped, so no client input comes back whole.
+//!   oversized `grpc-status-details-bin` is dropped, so no client input comes back whole: in a
+//!   trailers-only response and in the trailers of a streamed one alike.
+//! - **Reflection requests checked.** tonic's reflection service ends its stream with OK when
+//!   a request is not a valid message; keygate checks each one as it passes and answers
+//!   INVALID_ARGUMENT instead.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -25,6 +30,8 @@ use percent_encoding::{AsciiSet, CONTROLS, percent_decode_str, utf8_percent_enco
 use prost::Message;
 use tonic::Code;
 use tracing::Instrument;
+
+use super::framing::{Framing, Piece};
 
 /// The longest `grpc-message` keygate sends, in characters.
 pub const MAX_MESSAGE_CHARS: usize = 512;
@@ -117,7 +124,7 @@ type Response = http::Response<tonic::body::Body>;
 
 impl<S, RequestBody> tower_service::Service<http::Request<RequestBody>> for Call<S>
 where
-    S: tower_service::Service<http::Request<RequestBody>, Response = Response, Error = Infallible>,
+    S: tower_service::Service<http::Request<CheckedBody<RequestBody>>, Response = Response, Error = Infallible>,
     S::Future: Send + 'static,
 {
     type Response = Response;
@@ -133,6 +140,9 @@ where
         let span = crate::telemetry::request_span(&request, labels);
         let deadline = client_timeout(request.headers()).map_or(self.request_timeout, |t| t.min(self.request_timeout));
         let started = Instant::now();
+        let invalid = Arc::new(AtomicU8::new(FINE));
+        let validate = (labels.service.starts_with("grpc.reflection.")).then_some(is_reflection_request as Validator);
+        let request = request.map(|body| CheckedBody::new(body, validate, invalid.clone()));
         let call = span.in_scope(|| self.inner.call(request));
         Box::pin(
             async move {
@@ -146,7 +156,7 @@ where
                 };
                 let code = settle_status(response.headers_mut());
                 crate::metrics::record_call(labels, code, started.elapsed());
-                Ok(response)
+                Ok(response.map(|body| tonic::body::Body::new(SettledBody { inner: body, invalid })))
             }
             .instrument(span),
         )
@@ -173,6 +183,18 @@ fn client_timeout(headers: &HeaderMap) -> Option<Duration> {
     })
 }
 
+/// The starts of tonic's INTERNAL messages for requests that are the client's fault: a message
+/// that is not valid protobuf (or UTF-8), a body with no message at all (END_STREAM on the
+/// headers, or only empty DATA frames), a message cut off before its declared length, and a
+/// compression flag that is neither 0 nor 1. (A compressed message without `grpc-encoding`
+/// stays INTERNAL: the gRPC protocol says so.)
+const CLIENT_DECODE_FAULTS: [&str; 4] = [
+    "failed to decode Protobuf message",
+    "Missing request message",
+    "Unexpected EOF decoding stream",
+    "protocol error: received message with invalid compression flag",
+];
+
 /// Characters `grpc-message` percent-encodes besides non-ASCII (the gRPC protocol's rule).
 const MESSAGE_ESCAPES: &AsciiSet = &CONTROLS.add(b'%');
 
@@ -189,10 +211,7 @@ fn settle_status(headers: &mut HeaderMap) -> Code {
         .map(|value| percent_decode_str(value).decode_utf8_lossy().into_owned())
         .unwrap_or_default();
     let reclassified = match code {
-        Code::Internal
-            if message.starts_with("failed to decode Protobuf message")
-                || message.starts_with("protocol error: received message with invalid compression flag") =>
-        {
+        Code::Internal if CLIENT_DECODE_FAULTS.iter().any(|fault| message.starts_with(fault)) => {
             Some(Code::InvalidArgument)
         }
         Code::OutOfRange if message.starts_with("Error, decoded message length too large") => {
@@ -205,8 +224,7 @@ fn settle_status(headers: &mut HeaderMap) -> Code {
         headers.insert("grpc-status", HeaderValue::from(code as i32));
     }
     if message.chars().nth(MAX_MESSAGE_CHARS).is_some() {
-        let mut cut: String = message.chars().take(MAX_MESSAGE_CHARS).collect();
-        cut.push('…');
+        let cut = super::status::bounded(&message, MAX_MESSAGE_CHARS);
         if let Ok(value) = HeaderValue::from_str(&utf8_percent_encode(&cut, MESSAGE_ESCAPES).to_string()) {
             headers.insert("grpc-message", value);
         }
@@ -215,6 +233,144 @@ fn settle_status(headers: &mut HeaderMap) -> Code {
         headers.remove("grpc-status-details-bin");
     }
     code
+}
+
+/// Whether a request message (its payload) is valid for the method.
+type Validator = fn(&[u8]) -> bool;
+
+/// What a [`CheckedBody`] found: nothing wrong, a message that is not valid (or compressed), a
+/// message larger than [`MAX_SMALL_MESSAGE_BYTES`](crate::server::MAX_SMALL_MESSAGE_BYTES).
+const FINE: u8 = 0;
+const INVALID: u8 = 1;
+const TOO_LARGE: u8 = 2;
+
+/// A ServerReflectionRequest, v1 or v1alpha (the same message).
+fn is_reflection_request(payload: &[u8]) -> bool {
+    tonic_reflection::pb::v1::ServerReflectionRequest::decode(payload).is_ok()
+}
+
+pin_project_lite::pin_project! {
+    /// A request body whose messages are checked with `validate`, if set, as they pass; what
+    /// is wrong with them goes to `invalid` (`INVALID` or `TOO_LARGE`).
+    pub struct CheckedBody<B> {
+        #[pin]
+        inner: B,
+        validate: Option<Validator>,
+        invalid: Arc<AtomicU8>,
+        framing: Framing,
+        message: Vec<u8>,
+    }
+}
+
+impl<B> CheckedBody<B> {
+    fn new(inner: B, validate: Option<Validator>, invalid: Arc<AtomicU8>) -> Self {
+        Self { inner, validate, invalid, framing: Framing::default(), message: Vec::new() }
+    }
+}
+
+impl<B: http_body::Body<Data = bytes::Bytes>> http_body::Body for CheckedBody<B> {
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(context));
+        if let (Some(validate), Some(Ok(frame))) = (this.validate, &frame)
+            && let Some(data) = frame.data_ref()
+        {
+            let (framing, message, invalid) = (this.framing, this.message, &**this.invalid);
+            let mut pieces = Vec::new();
+            framing.split(data, |piece| pieces.push(piece));
+            const LIMIT: usize = crate::server::MAX_SMALL_MESSAGE_BYTES + 5;
+            for piece in pieces {
+                match piece {
+                    Piece::Bytes(bytes) if message.len() < LIMIT => {
+                        message.extend_from_slice(bytes);
+                        // tonic stops reading a message whose prefix declares too much.
+                        if message.len() >= 5
+                            && u32::from_be_bytes([message[1], message[2], message[3], message[4]]) as usize > LIMIT - 5
+                        {
+                            invalid.store(TOO_LARGE, Ordering::Release);
+                        }
+                    }
+                    Piece::Bytes(_) => {}
+                    Piece::End => {
+                        let compressed = message.first().is_some_and(|flag| *flag != 0);
+                        if message.len() <= LIMIT && (compressed || !validate(message.get(5..).unwrap_or_default())) {
+                            let _ = invalid.compare_exchange(FINE, INVALID, Ordering::AcqRel, Ordering::Acquire);
+                        }
+                        message.clear();
+                    }
+                }
+            }
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body whose trailers are settled as a trailers-only response's headers are.
+    struct SettledBody<B> {
+        #[pin]
+        inner: B,
+        invalid: Arc<AtomicU8>,
+    }
+}
+
+impl<B: http_body::Body<Data = bytes::Bytes>> http_body::Body for SettledBody<B> {
+    type Data = bytes::Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let frame = std::task::ready!(this.inner.poll_frame(context));
+        Poll::Ready(frame.map(|frame| {
+            frame.map(|frame| match frame.into_trailers() {
+                Ok(mut trailers) => {
+                    let code = settle_status(&mut trailers);
+                    let found = this.invalid.load(Ordering::Acquire);
+                    if code == Code::Ok && found != FINE {
+                        let status = match found {
+                            TOO_LARGE => tonic::Status::resource_exhausted("a request message is larger than 16 KiB"),
+                            _ => tonic::Status::invalid_argument(
+                                "a request message is not a valid message of the method (or is compressed)",
+                            ),
+                        };
+                        trailers.insert("grpc-status", HeaderValue::from(status.code() as i32));
+                        if let Ok(message) =
+                            HeaderValue::from_str(&utf8_percent_encode(status.message(), MESSAGE_ESCAPES).to_string())
+                        {
+                            trailers.insert("grpc-message", message);
+                        }
+                    }
+                    http_body::Frame::trailers(trailers)
+                }
+                Err(frame) => frame,
+            })
+        }))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 #[cfg(test)]
@@ -266,6 +422,10 @@ mod tests {
         assert_eq!(settle(Code::Internal, "internal error").0, Code::Internal, "keygate's own INTERNAL stays");
         let (code, message) = settle(Code::InvalidArgument, &format!("field: {}", "é".repeat(3_000_000)));
         assert_eq!(code, Code::InvalidArgument);
-        assert_eq!(message.chars().count(), MAX_MESSAGE_CHARS + 1);
+        assert_eq!(message.chars().count(), MAX_MESSAGE_CHARS, "with the ellipsis");
+        assert!(message.ends_with('…'));
+        for fault in ["Missing request message.", "Unexpected EOF decoding stream."] {
+            assert_eq!(settle(Code::Internal, fault).0, Code::InvalidArgument, "{fault}");
+        }
     }
 }

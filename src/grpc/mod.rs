@@ -5,6 +5,7 @@ mod auth;
 mod authorize;
 mod convert;
 mod envoy;
+pub(crate) mod framing;
 mod middleware;
 mod status;
 

@@ -16,13 +16,14 @@ const MAX_VIOLATIONS: usize = 20;
 const MAX_FIELD_CHARS: usize = 96;
 const MAX_DESCRIPTION_CHARS: usize = 200;
 
-/// `text` cut to `max` characters, with an ellipsis when something was cut.
+/// `text` in at most `max` characters (at least 1): cut, with an ellipsis as the last, when it
+/// is longer.
 pub(crate) fn bounded(text: &str, max: usize) -> String {
-    let mut chars = text.chars();
-    let mut cut: String = chars.by_ref().take(max).collect();
-    if chars.next().is_some() {
-        cut.push('…');
+    if text.chars().nth(max).is_none() {
+        return text.to_owned();
     }
+    let mut cut: String = text.chars().take(max.saturating_sub(1)).collect();
+    cut.push('…');
     cut
 }
 
@@ -98,11 +99,11 @@ mod tests {
             .map(|index| Violation { field: format!("metadata[{huge}{index}]"), description: huge.clone() })
             .collect();
         let status = Status::from(ServiceError::InvalidArgument(violations));
-        assert!(status.message().chars().count() <= crate::grpc::MAX_MESSAGE_CHARS + 1);
+        assert!(status.message().chars().count() <= crate::grpc::MAX_MESSAGE_CHARS);
         let details = status.get_error_details();
         let listed = &details.bad_request().unwrap().field_violations;
         assert_eq!(listed.len(), MAX_VIOLATIONS + 1);
-        assert!(listed.iter().all(|violation| violation.field.chars().count() <= MAX_FIELD_CHARS + 1));
+        assert!(listed.iter().all(|violation| violation.field.chars().count() <= MAX_FIELD_CHARS));
         assert!(Status::from(ServiceError::NotFound(huge)).message().len() < 1000);
     }
 }

@@ -2,15 +2,19 @@
 //!
 //! keygate runs its own accept loop over hyper's HTTP/2 server so that every limit a hostile
 //! client could push against is set here, in one place: how many connections are served at
-//! once, how many calls one connection may have in flight, how large headers may be, how long
-//! a connection may sit idle, how quickly it must answer keep-alive pings, and how many stream
-//! resets it may cause before it is closed. Running out of file descriptors makes the accept
-//! loop back off instead of spinning, and the server recovers by itself when connections close.
+//! once and how many from one client address, how soon a new connection must begin its first
+//! call, how many calls one connection may have in flight, how large headers may be, how many
+//! request bytes it may hold ([`budget`](super::budget)), how long a connection may sit idle or
+//! live at all, how quickly it must answer keep-alive pings, and how many stream resets it may
+//! cause before it is closed. Running out of file descriptors makes the accept loop back off
+//! instead of spinning, and the server recovers by itself when connections close.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -24,6 +28,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tracing::{debug, warn};
 
+use super::budget::{BudgetedBody, CONNECTION_BUDGET_BYTES, CallCharge, ConnectionBudget};
 use crate::telemetry::Throttle;
 
 /// Client streams a connection may reset before keygate answers GOAWAY (the HTTP/2 "rapid
@@ -43,25 +48,37 @@ pub const CONNECTION_WINDOW_BYTES: u32 = 1024 * 1024;
 /// File descriptors kept free for everything that is not a client connection (database
 /// connections are added to this), when the open-file limit caps the connections.
 const RESERVED_DESCRIPTORS: u64 = 64;
+/// How long a connection closed for being idle has to go after its GOAWAY, unless a call
+/// arrived in the meantime: enough for the GOAWAY to be written.
+const IDLE_CLOSE_GRACE: Duration = Duration::from_secs(1);
+/// Health and reflection requests are a service or file name: their largest message, in bytes.
+pub const MAX_SMALL_MESSAGE_BYTES: usize = 16 * 1024;
 
 /// The limits of the gRPC listener; see the README's configuration table.
 #[derive(Clone, Debug)]
 pub struct ConnectionLimits {
     /// Most client connections served at once; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Most connections from one client address (IPv6: its /64) at once; more are closed.
+    pub max_connections_per_client: usize,
     /// Most calls in flight on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
     pub max_concurrent_streams: u32,
     /// Largest request header list, in bytes (SETTINGS_MAX_HEADER_LIST_SIZE).
     pub max_header_list_bytes: u32,
-    /// Largest request message, in bytes (larger ones are RESOURCE_EXHAUSTED).
+    /// Largest KeyAdmin request message, in bytes (larger ones are RESOURCE_EXHAUSTED).
     pub max_message_bytes: usize,
+    /// Largest Authorize or Envoy Check request message, in bytes.
+    pub max_check_message_bytes: usize,
     /// How often keygate pings a connection; `None`: never.
     pub keepalive_interval: Option<Duration>,
     /// How long a ping may go unanswered before the connection is closed.
     pub keepalive_timeout: Duration,
-    /// How long a connection may have no call in flight before keygate closes it with GOAWAY;
-    /// also the longest a TLS handshake may take.
+    /// How long a connection may have no call in flight before keygate closes it with GOAWAY.
     pub idle_timeout: Duration,
+    /// How long a new connection has to finish its TLS handshake and begin its first call.
+    pub handshake_timeout: Duration,
+    /// When a connection is asked to close however busy it is; `None`: never.
+    pub max_age: Option<Duration>,
     /// The longest a call may take to produce its response (a shorter client deadline wins).
     pub request_timeout: Duration,
 }
@@ -70,12 +87,16 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
             max_connections: 1024,
+            max_connections_per_client: 256,
             max_concurrent_streams: 128,
             max_header_list_bytes: 16 * 1024,
             max_message_bytes: 4 * 1024 * 1024,
+            max_check_message_bytes: 128 * 1024,
             keepalive_interval: Some(Duration::from_secs(30)),
             keepalive_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(300),
+            handshake_timeout: Duration::from_secs(10),
+            max_age: Some(Duration::from_secs(3600)),
             request_timeout: Duration::from_secs(30),
         }
     }
@@ -97,6 +118,7 @@ impl ConnectionLimits {
                 "KEYGATE_MAX_CONNECTIONS is above what the open-file limit allows: serving fewer connections"
             );
             self.max_connections = fits;
+            self.max_connections_per_client = self.max_connections_per_client.min(fits);
         }
         Some(limit)
     }
@@ -129,8 +151,11 @@ pub async fn serve<S, B>(
     limits: &ConnectionLimits,
     shutdown: impl Future<Output = ()>,
 ) where
-    S: tower_service::Service<http::Request<Incoming>, Response = http::Response<B>, Error = std::convert::Infallible>
-        + Clone
+    S: tower_service::Service<
+            http::Request<BudgetedBody<Incoming>>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
         + Send
         + 'static,
     S::Future: Send + 'static,
@@ -138,6 +163,8 @@ pub async fn serve<S, B>(
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     static ACCEPT_FAILED: Throttle = Throttle::every(Duration::from_secs(10));
+    static CLIENT_REFUSED: Throttle = Throttle::every(Duration::from_secs(10));
+    let clients = Arc::new(Clients::default());
     let builder = limits.http2();
     let slots = u32::try_from(limits.max_connections.clamp(1, Semaphore::MAX_PERMITS)).unwrap_or(u32::MAX);
     let permits = Arc::new(Semaphore::new(slots as usize));
@@ -159,10 +186,10 @@ pub async fn serve<S, B>(
             () = &mut shutdown => break,
             accepted = listener.accept() => accepted,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => {
+        let (stream, peer) = match accepted {
+            Ok(accepted) => {
                 backoff = Duration::ZERO;
-                stream
+                accepted
             }
             Err(error) if is_per_connection(&error) => {
                 debug!(%error, "a connection failed while it was accepted");
@@ -181,14 +208,27 @@ pub async fn serve<S, B>(
                 }
             }
         };
+        let Some(client_slot) = Clients::admit(&clients, peer, limits.max_connections_per_client) else {
+            if let Some(suppressed) = CLIENT_REFUSED.allow() {
+                warn!(
+                    client = %client_of(peer),
+                    limit = limits.max_connections_per_client,
+                    suppressed,
+                    "closed a connection: its client has KEYGATE_MAX_CONNECTIONS_PER_CLIENT open already"
+                );
+            }
+            continue;
+        };
         let _ = stream.set_nodelay(true);
         let connection = Connection {
             builder: builder.clone(),
             service: service.clone(),
             idle_timeout: limits.idle_timeout,
+            first_call_by: tokio::time::Instant::now() + limits.handshake_timeout,
+            max_age: limits.max_age,
             close_grace: limits.request_timeout,
             stopping: stopping.clone(),
-            _slot: permit,
+            _slots: (client_slot, permit),
         };
         match tls.clone() {
             None => {
@@ -196,7 +236,7 @@ pub async fn serve<S, B>(
             }
             Some(acceptor) => {
                 tokio::spawn(async move {
-                    match tokio::time::timeout(connection.idle_timeout, acceptor.accept(stream)).await {
+                    match tokio::time::timeout_at(connection.first_call_by, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) => connection.serve(stream).await,
                         Ok(Err(error)) => debug!(%error, "TLS handshake failed"),
                         Err(_) => debug!("TLS handshake timed out"),
@@ -211,8 +251,56 @@ pub async fn serve<S, B>(
     let _ = permits.acquire_many(slots).await;
 }
 
+/// The address a client is counted by: its IP, or for IPv6 its /64 (one host's share of a
+/// network, which it can fill with addresses at will).
+fn client_of(peer: SocketAddr) -> IpAddr {
+    match peer.ip() {
+        IpAddr::V6(address) => match address.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6((u128::from(address) & !((1u128 << 64) - 1)).into()),
+        },
+        v4 => v4,
+    }
+}
+
+/// Open connections by client address.
+#[derive(Debug, Default)]
+struct Clients(Mutex<HashMap<IpAddr, usize>>);
+
+impl Clients {
+    /// A slot for one more connection of `peer`'s client, unless it has `limit` already.
+    fn admit(clients: &Arc<Self>, peer: SocketAddr, limit: usize) -> Option<ClientSlot> {
+        let client = client_of(peer);
+        let mut open = clients.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = open.entry(client).or_default();
+        if *count >= limit {
+            return None;
+        }
+        *count += 1;
+        Some(ClientSlot { clients: clients.clone(), client })
+    }
+}
+
+/// One connection counted for its client, until it closes.
+struct ClientSlot {
+    clients: Arc<Clients>,
+    client: IpAddr,
+}
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        let mut open = self.clients.0.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = open.get_mut(&self.client) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.client);
+            }
+        }
+    }
+}
+
 /// Accept errors that concern one connection only: the next accept may well succeed.
-fn is_per_connection(error: &std::io::Error) -> bool {
+pub(crate) fn is_per_connection(error: &std::io::Error) -> bool {
     use std::io::ErrorKind::{ConnectionAborted, ConnectionRefused, ConnectionReset, Interrupted};
     matches!(error.kind(), ConnectionAborted | ConnectionRefused | ConnectionReset | Interrupted)
 }
@@ -222,13 +310,17 @@ struct Connection<S> {
     builder: http2::Builder<TokioExecutor>,
     service: S,
     idle_timeout: Duration,
+    /// When the connection must have begun its first call (TLS handshake included).
+    first_call_by: tokio::time::Instant,
+    max_age: Option<Duration>,
     /// How long a connection asked to close (GOAWAY) may take to finish before it is dropped:
     /// long enough for any call (the request timeout), and no longer, so that a client that
     /// never answers the GOAWAY's ping cannot keep its connection.
     close_grace: Duration,
     stopping: watch::Receiver<bool>,
-    /// Released when the connection closes.
-    _slot: tokio::sync::OwnedSemaphorePermit,
+    /// Released when the connection closes: the client's count first, so that the accept
+    /// loop, woken by the server-wide slot, never sees the client's old count.
+    _slots: (ClientSlot, tokio::sync::OwnedSemaphorePermit),
 }
 
 impl<S> Connection<S> {
@@ -236,7 +328,7 @@ impl<S> Connection<S> {
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
         S: tower_service::Service<
-                http::Request<Incoming>,
+                http::Request<BudgetedBody<Incoming>>,
                 Response = http::Response<B>,
                 Error = std::convert::Infallible,
             > + Clone
@@ -247,38 +339,59 @@ impl<S> Connection<S> {
         B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let activity = Arc::new(Activity::default());
-        let service = TowerToHyperService::new(Tracked { inner: self.service, activity: activity.clone() });
+        let budget = ConnectionBudget::new(CONNECTION_BUDGET_BYTES);
+        let service = TowerToHyperService::new(Tracked { inner: self.service, activity: activity.clone(), budget });
         let connection = self.builder.serve_connection(TokioIo::new(io), service);
         tokio::pin!(connection);
         let idle = activity.idle(self.idle_timeout);
         tokio::pin!(idle);
+        let first_call = tokio::time::sleep_until(self.first_call_by);
+        tokio::pin!(first_call);
+        let aged = tokio::time::sleep(self.max_age.unwrap_or(Duration::MAX).min(Duration::from_secs(u32::MAX.into())));
+        tokio::pin!(aged);
         let closed = tokio::time::sleep(Duration::MAX);
         tokio::pin!(closed);
-        let mut closing = false;
+        let mut closing: Option<tokio::time::Instant> = None;
         loop {
-            tokio::select! {
+            let goaway = tokio::select! {
                 result = connection.as_mut() => {
                     if let Err(error) = result {
                         debug!(%error, "connection closed with an error");
                     }
                     return;
                 }
-                _ = self.stopping.wait_for(|stopping| *stopping), if !closing => {
-                    closing = true;
-                    connection.as_mut().graceful_shutdown();
-                    closed.as_mut().reset(tokio::time::Instant::now() + self.close_grace);
+                () = &mut first_call, if activity.begun() == 0 => {
+                    // The condition was checked when this select began: check it again.
+                    if activity.begun() > 0 {
+                        continue;
+                    }
+                    debug!("dropping a connection that began no call in time");
+                    return;
                 }
-                () = &mut idle, if !closing => {
-                    closing = true;
+                _ = self.stopping.wait_for(|stopping| *stopping), if closing.is_none() => self.close_grace,
+                () = &mut aged, if closing.is_none() => {
+                    debug!("asking a connection to close: it reached KEYGATE_MAX_CONNECTION_AGE_SECONDS");
+                    self.close_grace
+                }
+                () = &mut idle, if closing.is_none() => {
                     debug!(idle_seconds = self.idle_timeout.as_secs(), "closing an idle connection");
-                    connection.as_mut().graceful_shutdown();
-                    closed.as_mut().reset(tokio::time::Instant::now() + self.close_grace);
+                    IDLE_CLOSE_GRACE
                 }
-                () = &mut closed, if closing => {
+                () = &mut closed, if closing.is_some() => {
+                    // A call that arrived as the GOAWAY left gets the full grace.
+                    let since = closing.unwrap_or_else(tokio::time::Instant::now);
+                    if activity.in_flight() > 0 && since + self.close_grace > tokio::time::Instant::now() {
+                        closed.as_mut().reset(since + self.close_grace);
+                        continue;
+                    }
                     debug!("dropping a connection that did not close after GOAWAY");
                     return;
                 }
-            }
+            };
+            let now = tokio::time::Instant::now();
+            closing = Some(now);
+            connection.as_mut().graceful_shutdown();
+            closed.as_mut().reset(now + goaway);
         }
     }
 }
@@ -291,6 +404,14 @@ struct Activity {
 }
 
 impl Activity {
+    fn begun(&self) -> u64 {
+        self.begun.load(Ordering::Relaxed)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Acquire)
+    }
+
     fn begin(self: &Arc<Self>) -> CallGuard {
         self.begun.fetch_add(1, Ordering::Relaxed);
         self.in_flight.fetch_add(1, Ordering::AcqRel);
@@ -331,16 +452,18 @@ impl Drop for CallGuard {
     }
 }
 
-/// Counts a connection's calls for its idle timeout.
+/// Counts a connection's calls for its idle timeout, and their request bytes against its
+/// budget.
 #[derive(Clone)]
 struct Tracked<S> {
     inner: S,
     activity: Arc<Activity>,
+    budget: Arc<ConnectionBudget>,
 }
 
-impl<S, Request, B> tower_service::Service<Request> for Tracked<S>
+impl<S, RequestBody, B> tower_service::Service<http::Request<RequestBody>> for Tracked<S>
 where
-    S: tower_service::Service<Request, Response = http::Response<B>>,
+    S: tower_service::Service<http::Request<BudgetedBody<RequestBody>>, Response = http::Response<B>>,
 {
     type Response = http::Response<TrackedBody<B>>;
     type Error = S::Error;
@@ -350,18 +473,22 @@ where
         self.inner.poll_ready(context)
     }
 
-    fn call(&mut self, request: Request) -> Self::Future {
+    fn call(&mut self, request: http::Request<RequestBody>) -> Self::Future {
         let guard = self.activity.begin();
-        TrackedFuture { inner: self.inner.call(request), guard: Some(guard) }
+        let charge = CallCharge::new(self.budget.clone());
+        let request = request.map(|body| BudgetedBody::new(body, charge.clone()));
+        TrackedFuture { inner: self.inner.call(request), guard: Some(guard), charge: Some(charge) }
     }
 }
 
 pin_project_lite::pin_project! {
-    /// A call's response future, holding its place among the calls in flight.
+    /// A call's response future, holding its place among the calls in flight, and its request
+    /// bytes until it has answered (the handler has the decoded request until then).
     struct TrackedFuture<F> {
         #[pin]
         inner: F,
         guard: Option<CallGuard>,
+        charge: Option<Arc<CallCharge>>,
     }
 }
 
@@ -374,6 +501,7 @@ where
     fn poll(self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.project();
         let response = std::task::ready!(this.inner.poll(context))?;
+        this.charge.take();
         let guard = this.guard.take();
         Poll::Ready(Ok(response.map(|body| TrackedBody { inner: body, _guard: guard })))
     }

@@ -111,11 +111,16 @@ impl Health {
 pub async fn follow_store(store: Store, health: Health, servable_for: Duration) {
     let mut ticker = tokio::time::interval(FOLLOW_EVERY);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut probe: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         ticker.tick().await;
-        if store.health().unreachable_for().is_some() {
-            // The probe: an answer closes the breaker.
-            let _ = store.ping().await;
+        // The probe, one at a time and never awaited here: against a hung database it waits
+        // for the query timeout, and health must not wait with it. An answer closes the breaker.
+        if store.health().unreachable_for().is_some() && probe.as_ref().is_none_or(|probe| probe.is_finished()) {
+            let store = store.clone();
+            probe = Some(tokio::spawn(async move {
+                let _ = store.ping().await;
+            }));
         }
         let state = match store.health().unreachable_for() {
             None => State::Ready,

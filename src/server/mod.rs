@@ -2,7 +2,9 @@
 //! reflection under the limits of [`connections`], and connects and migrates the store in the
 //! background while health says NOT_SERVING.
 
+mod budget;
 mod connections;
+pub(crate) use connections::is_per_connection;
 mod health;
 
 use std::future::Future;
@@ -15,9 +17,10 @@ use tokio::net::TcpListener;
 use tonic::service::interceptor::InterceptedService;
 use tracing::{info, warn};
 
+pub use budget::CONNECTION_BUDGET_BYTES;
 pub use connections::{
     CONNECTION_WINDOW_BYTES, ConnectionLimits, MAX_FRAME_BYTES, MAX_LOCAL_ERROR_RESETS, MAX_PENDING_ACCEPT_RESETS,
-    STREAM_WINDOW_BYTES,
+    MAX_SMALL_MESSAGE_BYTES, STREAM_WINDOW_BYTES,
 };
 pub use health::{LIVENESS_SERVICE, SERVICE_NAMES};
 
@@ -120,7 +123,7 @@ impl App {
             tokio::spawn(flush_usage(self.core.clone(), self.config.limits.usage_flush_interval, writers_stop));
 
         let limits = self.config.connections.clone();
-        let max_message = limits.max_message_bytes;
+        let (max_message, max_check) = (limits.max_message_bytes, limits.max_check_message_bytes);
         let admin = InterceptedService::new(
             KeyAdminServer::new(KeyAdminApi::new(KeyService::new(self.core.clone()), self.core.clock.clone()))
                 .max_decoding_message_size(max_message),
@@ -129,17 +132,17 @@ impl App {
         let authorizer = Authorizer::new(self.core.clone());
         let gateway = Gateway::new(authorizer.clone(), self.config.gateway.clone(), self.core.clock.clone());
         let authorize = InterceptedService::new(
-            AuthorizeServer::new(AuthorizeApi::new(authorizer)).max_decoding_message_size(max_message),
+            AuthorizeServer::new(AuthorizeApi::new(authorizer)).max_decoding_message_size(max_check),
             BearerAuth::when_configured(self.config.authorize_tokens.clone(), "Authorize"),
         );
         let envoy = InterceptedService::new(
-            AuthorizationServer::new(EnvoyAuthorizationApi::new(gateway)).max_decoding_message_size(max_message),
+            AuthorizationServer::new(EnvoyAuthorizationApi::new(gateway)).max_decoding_message_size(max_check),
             BearerAuth::when_configured(self.config.authorize_tokens.clone(), "envoy ext_authz"),
         );
         let routes = tonic::service::Routes::builder()
-            .add_service(health_service.max_decoding_message_size(max_message))
-            .add_service(reflection().build_v1()?.max_decoding_message_size(max_message))
-            .add_service(reflection().build_v1alpha()?.max_decoding_message_size(max_message))
+            .add_service(health_service.max_decoding_message_size(MAX_SMALL_MESSAGE_BYTES))
+            .add_service(reflection().build_v1()?.max_decoding_message_size(MAX_SMALL_MESSAGE_BYTES))
+            .add_service(reflection().build_v1alpha()?.max_decoding_message_size(MAX_SMALL_MESSAGE_BYTES))
             .add_service(admin)
             .add_service(authorize)
             .add_service(envoy)

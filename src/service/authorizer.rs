@@ -11,6 +11,14 @@ use crate::domain::key::{ApiKeySecret, KeyFormatError};
 use crate::domain::model::{KeyRecord, Tenant};
 use crate::domain::scope::Scope;
 use crate::limits::{LimitDecision, RateLimitState};
+use crate::telemetry::{Throttle, client_text};
+
+/// The longest a Check waits for the shared request counts of a key new to this replica.
+pub const PRIMING_WAIT: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Denied Checks are logged (at info) at most ten times a second, with the count held back:
+/// a client can repeat a denied call as fast as it likes. Metrics and the audit log count them all.
+pub static DENIALS: Throttle = Throttle::every(std::time::Duration::from_millis(100));
 
 /// A validated Check: the raw key (checked here, never logged), the scope and the site.
 pub struct CheckRequest {
@@ -65,7 +73,10 @@ impl Authorizer {
         let core = &self.core;
         let hash = secret.hash();
         let Some(key) = core.cache.key(hash.as_str()).await? else {
-            info!(reason = "KEY_UNKNOWN", display_prefix = %secret.display_prefix(shapes.display_chars), "check denied");
+            if let Some(suppressed) = DENIALS.allow() {
+                let display_prefix = client_text(&secret.display_prefix(shapes.display_chars));
+                info!(reason = "KEY_UNKNOWN", display_prefix, suppressed, "check denied");
+            }
             return Ok(denied(DenyReason::KeyUnknown));
         };
         let Some(tenant) = core.cache.tenant(&key.tenant_id).await? else {
@@ -99,25 +110,35 @@ impl Authorizer {
         match decision {
             Ok(()) => debug!(tenant_id = %key.tenant_id, key_id = %key.key_id, scope = %request.scope, "check allowed"),
             // The site id is left out: behind Envoy it is a request header value.
-            Err(reason) => info!(
-                tenant_id = %key.tenant_id, key_id = %key.key_id, reason = reason.code(), scope = %request.scope,
-                "check denied"
-            ),
+            Err(reason) => {
+                if let Some(suppressed) = DENIALS.allow() {
+                    info!(
+                        tenant_id = %key.tenant_id, key_id = %key.key_id, reason = reason.code(), scope = %request.scope,
+                        suppressed, "check denied"
+                    );
+                }
+            }
         }
         Ok(CheckOutcome { decision, key: Some(key), rate_limit })
     }
 
     /// Reads the shared request counts of a key or tenant this replica has not counted for yet,
-    /// so that a start, a rollout or a new replica never begins a window at zero. When the
-    /// store cannot answer, the decision goes on with this replica's own counts.
+    /// so that a start, a rollout or a new replica never begins a window at zero. The read runs
+    /// on its own and the Check waits for it at most [`PRIMING_WAIT`]: when the store is slow or
+    /// cannot answer, the decision goes on with this replica's own counts (and later Checks get
+    /// the shared ones once the read lands), so no Check of a cached key waits on the store.
     async fn prime_limits(&self, key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) {
-        let core = &self.core;
-        let Some(needed) = core.limiter.unprimed(key, tenant, now) else { return };
-        match core.lookups.run(core.store.request_counts_since(&needed)).await {
-            Ok(totals) => core.limiter.prime(key, tenant, &needed, totals),
-            Err(error) => {
-                debug!(%error, "deciding on this replica's own request counts: the shared ones are unreadable")
+        let Some(needed) = self.core.limiter.unprimed(key, tenant, now) else { return };
+        let (core, key, tenant) = (self.core.clone(), key.clone(), tenant.clone());
+        let priming = tokio::spawn(async move {
+            match core.lookups.run(core.store.request_counts_since(&needed)).await {
+                Ok(totals) => core.limiter.prime(&key, &tenant, &needed, totals),
+                Err(error) => {
+                    core.limiter.priming_failed(&needed);
+                    debug!(%error, "deciding on this replica's own request counts: the shared ones are unreadable");
+                }
             }
-        }
+        });
+        let _ = tokio::time::timeout(PRIMING_WAIT, priming).await;
     }
 }

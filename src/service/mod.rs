@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 pub use crate::limits::{RateLimitState, RateLimitSubject, RateLimitWindow};
 pub use admin::{CreateKey, DailyUsage, Expiry, KeyService, ListKeys, Page, Rotation};
-pub use authorizer::{Authorizer, CheckOutcome, CheckRequest};
+pub use authorizer::{Authorizer, CheckOutcome, CheckRequest, DENIALS};
 pub use import::{Credential, ImportError, ImportKey, ImportKeys, MAX_IMPORT_KEYS};
 pub use page_token::{ListCall, PageToken};
 
@@ -113,19 +113,27 @@ impl LookupLimit {
         self.in_flight.load(std::sync::atomic::Ordering::Acquire)
     }
 
-    /// Runs `lookup` when a slot is free; UNAVAILABLE when none frees up in time. A lookup
-    /// whose caller goes away (a cancelled Check) gives its slot back all the same.
+    /// Runs `lookup` when a slot is free. Waiting for the slot and the lookup share one
+    /// deadline, `wait` (the query timeout): UNAVAILABLE when it passes, so a Check of an
+    /// uncached key never waits longer than that for the store. A lookup whose caller goes away
+    /// (a cancelled Check) gives its slot back all the same.
     pub async fn run<T>(
         &self,
         lookup: impl std::future::Future<Output = Result<T, StoreError>>,
     ) -> Result<T, StoreError> {
-        let _permit = tokio::time::timeout(self.wait, self.permits.acquire())
+        let deadline = tokio::time::Instant::now() + self.wait;
+        let _permit = tokio::time::timeout_at(deadline, self.permits.acquire())
             .await
             .map_err(|_| StoreError::Unavailable("too many key lookups in flight".into()))?
             .map_err(|_| StoreError::Unavailable("lookups closed".into()))?;
         let _running = Running::start(self);
         let started = std::time::Instant::now();
-        let result = lookup.await;
+        let result = tokio::time::timeout_at(deadline, lookup).await.unwrap_or_else(|_| {
+            Err(StoreError::Unreachable(format!(
+                "no answer within KEYGATE_DB_QUERY_TIMEOUT_MS ({} ms), waiting for a lookup slot included",
+                self.wait.as_millis()
+            )))
+        });
         metrics::histogram!("keygate_store_lookup_duration_seconds").record(started.elapsed().as_secs_f64());
         result
     }

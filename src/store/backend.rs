@@ -144,7 +144,21 @@ impl Backend {
                 } else {
                     format!("SET SESSION max_execution_time = {milliseconds}")
                 };
-                vec![format!("SET SESSION innodb_lock_wait_timeout = {}", milliseconds.div_ceil(1000)), statement_limit]
+                // A transaction whose client vanished (a black-holed network: no FIN, no RST)
+                // would keep its row locks until wait_timeout, 8 hours by default. MariaDB ends
+                // idle transactions on their own; MySQL only idle connections (the pool then
+                // reconnects the ones idle that long, which its test-before-acquire notices).
+                let idle_limit = (milliseconds * 2).div_ceil(1000);
+                let idle_transactions = if version.contains("MariaDB") {
+                    format!("SET SESSION idle_transaction_timeout = {idle_limit}")
+                } else {
+                    format!("SET SESSION wait_timeout = {}", idle_limit.max(60))
+                };
+                vec![
+                    format!("SET SESSION innodb_lock_wait_timeout = {}", milliseconds.div_ceil(1000)),
+                    statement_limit,
+                    idle_transactions,
+                ]
             }
         })
     }

@@ -201,6 +201,22 @@ impl Store {
                     Ok(())
                 })
             })
+            // sqlx pings every connection given back to the pool (flushing the rollback of a
+            // transaction dropped halfway), with no timeout: on a black-holed network that ping
+            // holds the pool slot for the kernel's TCP timeout (~15 minutes). This one, first,
+            // has the query timeout, and an error makes sqlx drop the connection without I/O.
+            .after_release(move |connection, _| {
+                Box::pin(async move {
+                    use sqlx::Connection;
+                    match tokio::time::timeout(query_timeout, connection.ping()).await {
+                        Ok(answered) => answered.map(|()| true),
+                        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "a connection given back to the pool did not answer",
+                        ))),
+                    }
+                })
+            })
             .connect_lazy(url)
             .map_err(|error| StoreError::Config(format!("invalid database URL: {}", redact_error(&error))))?;
         Ok(Self {
@@ -231,7 +247,7 @@ impl Store {
 
     /// [`bounded`](Self::bounded) without the breaker: for probes.
     async fn timed<T>(&self, operation: impl std::future::Future<Output = StoreResult<T>>) -> StoreResult<T> {
-        let started = self.health.started();
+        let operation_health = self.health.begin();
         let result = match tokio::time::timeout(self.query_timeout, operation).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::Unreachable(format!(
@@ -239,7 +255,7 @@ impl Store {
                 self.query_timeout.as_millis()
             ))),
         };
-        self.health.observe(started, &result);
+        operation_health.observe(&result);
         result
     }
 
@@ -256,10 +272,7 @@ impl Store {
     /// bounded by the query timeout: a migration may take long on a large table.
     pub async fn migrate(&self) -> StoreResult<()> {
         self.counted();
-        let started = self.health.started();
-        let result = self.backend.migrator().run(&self.pool).await.map_err(StoreError::from);
-        self.health.observe(started, &result);
-        result
+        self.backend.migrator().run(&self.pool).await.map_err(StoreError::from)
     }
 
     /// Opens one connection outside the pool, within the acquire timeout, and closes it: the

@@ -19,8 +19,104 @@ crate::trials!(
         forged_and_foreign_page_tokens_are_invalid_argument,
         an_unknown_site_is_reported_at_the_index_the_client_sent,
     ],
-    once: [a_read_only_or_full_sqlite_file_is_unavailable],
+    once: [
+        a_read_only_or_full_sqlite_file_is_unavailable,
+        missing_and_cut_off_messages_are_invalid_argument_on_every_service,
+        reflection_answers_bad_requests_with_a_status_and_a_short_message,
+    ],
 );
+
+/// One gRPC call over a raw HTTP/2 stream: `body` as sent (framing and all, `None`: no body,
+/// END_STREAM on the headers); returns grpc-status and grpc-message, from the headers of a
+/// trailers-only response or from the trailers.
+async fn raw_stream(app: &TestApp, path: &str, body: Option<&[u8]>, admin: bool) -> (String, String) {
+    let tcp = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let mut request = http::Request::post(format!("http://keygate{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if admin {
+        request = request.header("authorization", format!("Bearer {ADMIN_TOKEN}"));
+    }
+    let (response, mut stream) = client.send_request(request.body(()).unwrap(), body.is_none()).unwrap();
+    if let Some(body) = body {
+        stream.send_data(Bytes::copy_from_slice(body), true).unwrap();
+    }
+    let response = tokio::time::timeout(std::time::Duration::from_secs(10), response).await.unwrap().unwrap();
+    let read = |headers: &http::HeaderMap, name: &str| {
+        headers.get(name).map(|value| {
+            let text = value.to_str().unwrap_or_default();
+            percent_encoding::percent_decode_str(text).decode_utf8_lossy().into_owned()
+        })
+    };
+    if let Some(status) = read(response.headers(), "grpc-status") {
+        return (status, read(response.headers(), "grpc-message").unwrap_or_default());
+    }
+    let mut body = response.into_body();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    let trailers = body.trailers().await.unwrap().unwrap_or_default();
+    (read(&trailers, "grpc-status").unwrap_or_default(), read(&trailers, "grpc-message").unwrap_or_default())
+}
+
+/// A request with no message at all (END_STREAM on its headers, or an empty body) and one whose
+/// message is cut off before its declared length are the client's mistakes: INVALID_ARGUMENT on
+/// every service, not INTERNAL (which would page whoever watches keygate's error rate).
+async fn missing_and_cut_off_messages_are_invalid_argument_on_every_service() {
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    let paths = [
+        ("/keygate.v1.Authorize/Check", false),
+        ("/keygate.v1.KeyAdmin/GetTenant", true),
+        ("/envoy.service.auth.v3.Authorization/Check", false),
+        ("/grpc.health.v1.Health/Check", false),
+    ];
+    for (path, admin) in paths {
+        for (what, body) in [
+            ("no body", None),
+            ("an empty body", Some(&[][..])),
+            ("a message cut off", Some(&[0, 0, 0, 0, 100, 10, 0][..])),
+            ("half a length prefix", Some(&[0, 0, 0][..])),
+        ] {
+            let (status, message) = raw_stream(&app, path, body, admin).await;
+            assert_eq!(status, "3", "{path} with {what}: {message}");
+        }
+    }
+}
+
+async fn reflection_answers_bad_requests_with_a_status_and_a_short_message() {
+    let app = spawn_app(Backend::Sqlite).await.unwrap();
+    let framed = |message: &[u8]| {
+        let mut framed = vec![0u8];
+        framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+        framed.extend_from_slice(message);
+        framed
+    };
+    for version in ["v1", "v1alpha"] {
+        let path = format!("/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo");
+        // Not protobuf; then invalid UTF-8 in `host`.
+        for garbage in [&[0xff, 0xff, 0xff][..], &[0x0a, 0x02, 0xc3, 0x28][..]] {
+            let (status, message) = raw_stream(&app, &path, Some(&framed(garbage)), false).await;
+            assert_eq!(status, "3", "{version}: {garbage:?} is answered INVALID_ARGUMENT: {message}");
+        }
+        // file_by_filename (field 3) of 15 000 characters: NOT_FOUND, with a short message.
+        let long_name = length_delimited(3, "x".repeat(15_000).as_bytes());
+        let (status, message) = raw_stream(&app, &path, Some(&framed(&long_name)), false).await;
+        assert_eq!(status, "5", "{version}: {message}");
+        assert!(message.chars().count() <= 512, "{version}: a message of {} characters", message.chars().count());
+        // A symbol over 16 KiB: RESOURCE_EXHAUSTED.
+        let huge_symbol = length_delimited(4, "y".repeat(20_000).as_bytes());
+        let (status, message) = raw_stream(&app, &path, Some(&framed(&huge_symbol)), false).await;
+        assert_eq!(status, "8", "{version}: {message}");
+        // And a good request still works.
+        let list = length_delimited(7, b"*");
+        let (status, message) = raw_stream(&app, &path, Some(&framed(&list)), false).await;
+        assert_eq!(status, "0", "{version}: {message}");
+    }
+}
 
 /// A codec that sends and receives raw message bytes.
 #[derive(Clone, Copy, Debug, Default)]
@@ -108,7 +204,7 @@ fn length_delimited(number: u8, bytes: &[u8]) -> Vec<u8> {
 #[track_caller]
 fn assert_short(status: &tonic::Status, code: Code, what: &str) {
     assert_eq!(status.code(), code, "{what}: {status:?}");
-    assert!(status.message().chars().count() <= 513, "{what}: a message of {} characters", status.message().len());
+    assert!(status.message().chars().count() <= 512, "{what}: a message of {} characters", status.message().len());
     assert!(status.details().len() <= 16 * 1024, "{what}: {} bytes of details", status.details().len());
 }
 
@@ -145,6 +241,9 @@ async fn huge_and_nul_fields_are_invalid_argument_with_a_short_message(backend: 
     for value in [huge.as_str(), "acme\0", "\0"] {
         let v = || value.to_owned();
         let what = |rpc: &str| format!("{rpc} with a {}-byte field", value.len());
+        // Check requests are small: over KEYGATE_MAX_CHECK_MESSAGE_BYTES (128 KiB), the message
+        // is refused before it is read.
+        let check_code = if value.len() > 128 * 1024 { Code::ResourceExhausted } else { Code::InvalidArgument };
         let mut admin = app.admin.clone();
         let mut authorize = app.authorize.clone();
         for (field, tenant_id, key_id) in [("tenant_id", v(), key_id.clone()), ("key_id", "acme".to_owned(), v())] {
@@ -229,14 +328,14 @@ async fn huge_and_nul_fields_are_invalid_argument_with_a_short_message(backend: 
             let response = authorize.check(short_key).await.unwrap().into_inner();
             assert_eq!(response.reason(), DenyReason::KeyMalformed);
         } else {
-            assert_short(&authorize.check(short_key).await.unwrap_err(), Code::InvalidArgument, &what("Check"));
+            assert_short(&authorize.check(short_key).await.unwrap_err(), check_code, &what("Check"));
         }
         let checks = [
             CheckRequest { key: String::new(), scope: v(), site_id: String::new() },
             CheckRequest { key: String::new(), scope: "events:read".into(), site_id: v() },
         ];
         for request in checks {
-            assert_short(&authorize.check(request).await.unwrap_err(), Code::InvalidArgument, &what("Check"));
+            assert_short(&authorize.check(request).await.unwrap_err(), check_code, &what("Check"));
         }
     }
 }

@@ -5,7 +5,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use keygate::proto::*;
@@ -26,6 +26,10 @@ crate::trials!(
         postgres_hang_serves_cached_keys_at_once_fails_closed_and_recovers,
         mysql_cut_serves_cached_keys_at_once_fails_closed_and_recovers,
         mysql_hang_serves_cached_keys_at_once_fails_closed_and_recovers,
+        postgres_hang_is_noticed_in_seconds_and_never_stalls_a_cached_key,
+        mysql_hang_is_noticed_in_seconds_and_never_stalls_a_cached_key,
+        postgres_transactions_cut_off_halfway_release_their_locks,
+        mysql_transactions_cut_off_halfway_release_their_locks,
     ],
 );
 
@@ -43,12 +47,27 @@ const FORWARD: u8 = 0;
 const CUT: u8 = 1;
 const HANG: u8 = 2;
 
-/// Copies bytes from `from` to `to`; while the proxy hangs, what was read is held back.
-async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mode: Arc<AtomicU8>) {
+/// Whether connection `id` is hung: all are in HANG mode, and those opened before
+/// `hung_below` always (a network that black-holes the connections it had).
+#[derive(Clone)]
+struct Hung {
+    mode: Arc<AtomicU8>,
+    hung_below: Arc<AtomicU64>,
+    id: u64,
+}
+
+impl Hung {
+    fn now(&self) -> bool {
+        self.mode.load(Ordering::SeqCst) == HANG || self.id < self.hung_below.load(Ordering::SeqCst)
+    }
+}
+
+/// Copies bytes from `from` to `to`; while the connection hangs, what was read is held back.
+async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, hung: Hung) {
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
         let Ok(read) = from.read(&mut buffer).await else { return };
-        while mode.load(Ordering::SeqCst) == HANG {
+        while hung.now() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         if read == 0 || to.write_all(&buffer[..read]).await.is_err() {
@@ -61,6 +80,8 @@ async fn pipe(mut from: OwnedReadHalf, mut to: OwnedWriteHalf, mode: Arc<AtomicU
 struct Proxy {
     address: SocketAddr,
     mode: Arc<AtomicU8>,
+    next_id: Arc<AtomicU64>,
+    hung_below: Arc<AtomicU64>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
 }
 
@@ -69,30 +90,38 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
         let mode = Arc::new(AtomicU8::new(FORWARD));
+        let (next_id, hung_below) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
-        let (current, tracked) = (mode.clone(), connections.clone());
+        let (current, tracked, ids, below) = (mode.clone(), connections.clone(), next_id.clone(), hung_below.clone());
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 if current.load(Ordering::SeqCst) == CUT {
                     drop(client);
                     continue;
                 }
-                let (target, mode) = (target.clone(), current.clone());
+                let target = target.clone();
+                let hung =
+                    Hung { mode: current.clone(), hung_below: below.clone(), id: ids.fetch_add(1, Ordering::SeqCst) };
                 tracked.lock().await.push(tokio::spawn(async move {
                     // A hung proxy accepts and then says nothing.
-                    while mode.load(Ordering::SeqCst) == HANG {
+                    while hung.now() {
                         tokio::time::sleep(Duration::from_millis(20)).await;
                     }
                     let Ok(server) = TcpStream::connect(&target).await else { return };
                     let (client_read, client_write) = client.into_split();
                     let (server_read, server_write) = server.into_split();
-                    let upstream = tokio::spawn(pipe(client_read, server_write, mode.clone()));
-                    pipe(server_read, client_write, mode).await;
+                    let upstream = tokio::spawn(pipe(client_read, server_write, hung.clone()));
+                    pipe(server_read, client_write, hung).await;
                     upstream.abort();
                 }));
             }
         });
-        Self { address, mode, connections }
+        Self { address, mode, next_id, hung_below, connections }
+    }
+
+    /// Black-holes every connection open now, for good; new ones are forwarded.
+    fn hang_open_connections(&self) {
+        self.hung_below.store(self.next_id.load(Ordering::SeqCst), Ordering::SeqCst);
     }
 
     async fn fail(&self, failure: Failure) {
@@ -164,14 +193,7 @@ async fn outage(backend: Backend, failure: Failure) {
         "--usage-flush-interval-ms",
         "100",
     ];
-    let variable = match backend {
-        Backend::Postgres => "KEYGATE_TEST_POSTGRES_URL",
-        _ => "KEYGATE_TEST_MYSQL_URL",
-    };
-    let target = std::env::var(variable).map(|url| host_port(&url)).unwrap_or_default();
-    let proxy = Proxy::start(target.clone()).await;
-    let through_proxy = |url: &str| url.replacen(&target, &proxy.address.to_string(), 1);
-    let Some((app, direct_url)) = spawn_app_routed(backend, &flags, through_proxy).await else { return };
+    let Some((proxy, app, direct_url)) = behind_proxy(backend, &flags).await else { return };
     put_tenant(&app, "acme").await;
     let mut limited = key_request("acme", &["events:read"]);
     limited.rate_limit_per_minute = 1000;
@@ -262,5 +284,135 @@ async fn outage(backend: Backend, failure: Failure) {
         }
         assert!(started.elapsed() < Duration::from_secs(10), "counted {counted} of {allowed} allowed Checks");
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn postgres_hang_is_noticed_in_seconds_and_never_stalls_a_cached_key() {
+    hang_with_the_default_query_timeout(Backend::Postgres).await;
+}
+
+async fn mysql_hang_is_noticed_in_seconds_and_never_stalls_a_cached_key() {
+    hang_with_the_default_query_timeout(Backend::MySql).await;
+}
+
+/// A proxy in front of `backend`'s test server and an app behind it.
+async fn behind_proxy(backend: Backend, flags: &[&str]) -> Option<(Proxy, TestApp, String)> {
+    let variable = match backend {
+        Backend::Postgres => "KEYGATE_TEST_POSTGRES_URL",
+        _ => "KEYGATE_TEST_MYSQL_URL",
+    };
+    let target = std::env::var(variable).map(|url| host_port(&url)).unwrap_or_default();
+    let proxy = Proxy::start(target.clone()).await;
+    let through_proxy = |url: &str| url.replacen(&target, &proxy.address.to_string(), 1);
+    let (app, direct_url) = spawn_app_routed(backend, flags, through_proxy).await?;
+    Some((proxy, app, direct_url))
+}
+
+/// With the default 5 s query timeout, a database that stops answering is known within about
+/// two seconds (not at the first timeout), a cached key never waits on it, not even for the
+/// shared counts of a rate limit it has not used here yet, and a Check of an uncached key
+/// waits at most the query timeout in all, queueing for a lookup slot included.
+async fn hang_with_the_default_query_timeout(backend: Backend) {
+    use tonic_health::pb::health_check_response::ServingStatus::NotServing;
+    let flags = ["--cache-ttl-seconds", "1", "--stale-window-seconds", "60", "--max-lookups-in-flight", "2"];
+    let Some((proxy, app, _)) = behind_proxy(backend, &flags).await else { return };
+    put_tenant(&app, "acme").await;
+    let mut limited = key_request("acme", &["events:read"]);
+    limited.rate_limit_per_minute = 100;
+    let (_, secret) = create_key(&app, limited).await.unwrap();
+    // Cached by a denied Check: its rate limit's shared counts were never read on this replica.
+    assert!(!check(&app, &secret, "events:write", "").await.allowed);
+
+    proxy.fail(Failure::Hang).await;
+    let hung_at = Instant::now();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    for _ in 0..5 {
+        let started = Instant::now();
+        let response = check_within_a_second(&app, &secret).await.expect("a cached key is answered");
+        assert!(response.allowed, "{response:?}");
+        assert!(started.elapsed() < Duration::from_millis(500), "a cached key waited {:?}", started.elapsed());
+    }
+    let uncached: Vec<_> = (0..12)
+        .map(|index| {
+            let authorize = app.authorize.clone();
+            tokio::spawn(async move {
+                let started = Instant::now();
+                let request = CheckRequest {
+                    key: format!("kg_live_{index:064}"),
+                    scope: "events:read".into(),
+                    site_id: String::new(),
+                };
+                let result = authorize.clone().check(request).await;
+                (started.elapsed(), result.map(|response| response.into_inner().allowed))
+            })
+        })
+        .collect();
+    while health_of(&app, "keygate.v1.KeyAdmin").await != NotServing {
+        assert!(
+            hung_at.elapsed() < Duration::from_secs(4),
+            "KeyAdmin still SERVING {:?} into the hang",
+            hung_at.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("{backend:?}: NOT_SERVING {:?} into the hang", hung_at.elapsed());
+    for check in uncached {
+        let (took, result) = check.await.unwrap();
+        assert!(!matches!(result, Ok(true)), "an unknown key is never allowed");
+        assert!(took < Duration::from_millis(5500), "an uncached Check took {took:?}: more than the query timeout");
+    }
+    proxy.restore();
+}
+
+async fn postgres_transactions_cut_off_halfway_release_their_locks() {
+    transactions_cut_off_halfway(Backend::Postgres).await;
+}
+
+async fn mysql_transactions_cut_off_halfway_release_their_locks() {
+    transactions_cut_off_halfway(Backend::MySql).await;
+}
+
+/// The network black-holes keygate's database connections in the middle of CreateKey
+/// transactions (which lock their tenant's row) and then works again for new connections: the
+/// database ends the orphaned transactions within twice the query timeout, the pool lets go of
+/// the dead connections, and CreateKey works again.
+async fn transactions_cut_off_halfway(backend: Backend) {
+    let flags = ["--db-query-timeout-ms", "1000"];
+    let Some((proxy, app, _)) = behind_proxy(backend, &flags).await else { return };
+    put_tenant_with(&app, PutTenantRequest { tenant_id: "acme".into(), max_keys: Some(10_000), ..Default::default() })
+        .await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let creators: Vec<_> = (0..6)
+        .map(|_| {
+            let (app_admin, stop) = (app.admin.clone(), stop.clone());
+            tokio::spawn(async move {
+                while !stop.load(Ordering::SeqCst) {
+                    let _ = app_admin.clone().create_key(key_request("acme", &["events:read"])).await;
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    proxy.hang_open_connections();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, Ordering::SeqCst);
+    for creator in creators {
+        creator.await.unwrap();
+    }
+    let cut_at = Instant::now();
+    loop {
+        match app.admin.clone().create_key(key_request("acme", &["events:read"])).await {
+            Ok(_) => break,
+            Err(status) => assert!(
+                cut_at.elapsed() < Duration::from_secs(15),
+                "CreateKey still fails {:?} after the cut: {status:?}",
+                cut_at.elapsed()
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    eprintln!("{backend:?}: CreateKey works again {:?} after the cut", cut_at.elapsed());
+    for _ in 0..20 {
+        app.admin.clone().get_tenant(GetTenantRequest { tenant_id: "acme".into() }).await.unwrap();
     }
 }

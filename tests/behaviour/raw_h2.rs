@@ -71,6 +71,20 @@ impl RawH2 {
         connection
     }
 
+    /// [`connect`](Self::connect) from the local address `from` (any of 127.0.0.0/8 reaches
+    /// a server on 127.0.0.1: a client at another address).
+    pub async fn connect_from(address: SocketAddr, from: std::net::IpAddr) -> Self {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::new(from, 0)).unwrap();
+        let stream = socket.connect(address).await.expect("connect");
+        stream.set_nodelay(true).unwrap();
+        let (reader, writer) = stream.into_split();
+        let mut connection = Self { reader: FrameReader::new(reader), writer };
+        connection.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n").await;
+        connection.send(SETTINGS, 0, 0, &[]).await;
+        connection
+    }
+
     /// Connects without saying anything.
     pub async fn tcp(address: SocketAddr) -> Self {
         let stream = TcpStream::connect(address).await.expect("connect");

@@ -23,6 +23,7 @@ crate::trials!(
         with_mutual_tls_only_clients_with_a_certificate_get_through,
         with_tls_alone_clients_need_no_certificate_but_must_speak_tls,
         tls_settings_are_checked_at_startup,
+        a_stalled_tls_handshake_is_dropped_after_the_handshake_timeout,
     ],
 );
 
@@ -54,6 +55,16 @@ fn pki() -> Pki {
 
 /// Starts keygate with TLS (and mutual TLS when `mutual`); returns its port.
 async fn start(pki: &Pki, mutual: bool, dir: &std::path::Path) -> (u16, tokio::sync::oneshot::Sender<()>) {
+    start_with(pki, mutual, dir, &[]).await
+}
+
+/// [`start`] with more flags.
+async fn start_with(
+    pki: &Pki,
+    mutual: bool,
+    dir: &std::path::Path,
+    extra: &[&str],
+) -> (u16, tokio::sync::oneshot::Sender<()>) {
     let write = |name: &str, text: &str| {
         let path = dir.join(name);
         std::fs::write(&path, text).unwrap();
@@ -81,6 +92,7 @@ async fn start(pki: &Pki, mutual: bool, dir: &std::path::Path) -> (u16, tokio::s
     if mutual {
         args.extend(["--tls-client-ca", &ca]);
     }
+    args.extend_from_slice(extra);
     let config = Config::from_args(&Cli::try_parse_from(args).unwrap().serve).unwrap();
     let app = App::bind(config).await.unwrap();
     let port = app.local_addr().port();
@@ -156,4 +168,20 @@ async fn tls_settings_are_checked_at_startup() {
             .contains("cannot read")
     );
     assert!(parse(&["--tls-client-ca", "/ca.pem"]).unwrap_err().contains("KEYGATE_TLS_CLIENT_CA"));
+}
+
+async fn a_stalled_tls_handshake_is_dropped_after_the_handshake_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (pki, dir) = (pki(), tempfile::tempdir().unwrap());
+    let (port, _stop) = start_with(&pki, false, dir.path(), &["--handshake-timeout-seconds", "1"]).await;
+    assert!(answers(port, Some(trusting(&pki))).await);
+    // The first 5 bytes of a ClientHello (a TLS record header announcing 80 bytes), then nothing.
+    let mut stalled = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    stalled.write_all(&[0x16, 0x03, 0x01, 0x00, 0x50]).await.unwrap();
+    let started = std::time::Instant::now();
+    let mut buffer = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(5), stalled.read(&mut buffer)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "the connection is closed: {read:?}");
+    assert!(started.elapsed() >= Duration::from_millis(900), "not before the timeout: {:?}", started.elapsed());
+    assert!(answers(port, Some(trusting(&pki))).await, "and others are served");
 }
