@@ -447,8 +447,13 @@ fn sqlite_file_url(url: &DatabaseUrl) -> Result<DatabaseUrl, String> {
     let Some(rest) = text.strip_prefix("sqlite:") else { return Ok(url.clone()) };
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
     let path = path.strip_prefix("//").unwrap_or(path);
-    if path.is_empty() || path == ":memory:" || query.split('&').any(|pair| pair == "memory=true") {
-        return Ok(url.clone());
+    if path.is_empty()
+        || path == ":memory:"
+        || query.split('&').any(|pair| pair == "memory=true" || pair == "mode=memory")
+    {
+        return Err("KEYGATE_DATABASE_URL: an in-memory SQLite database is not shared between keygate's \
+            connections and is lost when keygate stops; give a file, e.g. sqlite:///var/lib/keygate/keygate.db"
+            .into());
     }
     let directory = std::path::Path::new(path).parent().filter(|parent| !parent.as_os_str().is_empty());
     if let Some(directory) = directory
@@ -692,6 +697,9 @@ mod tests {
         );
         assert_eq!(url(&format!("sqlite://{file}?mode=ro")).unwrap(), format!("sqlite://{file}?mode=ro"));
         assert_eq!(url("sqlite://keygate.db").unwrap(), "sqlite://keygate.db?mode=rwc", "the working directory");
+        for memory in ["sqlite::memory:", "sqlite://:memory:", "sqlite://x.db?mode=memory", "sqlite://?memory=true"] {
+            assert!(url(memory).unwrap_err().contains("in-memory"), "{memory}");
+        }
         let missing = url("sqlite:///no/such/directory/keygate.db").unwrap_err();
         assert!(missing.contains("KEYGATE_DATABASE_URL") && missing.contains("/no/such/directory"), "{missing}");
         assert_eq!(url("postgres://db/keygate").unwrap(), "postgres://db/keygate");

@@ -7,7 +7,8 @@
 //! (RFC 3339). Nothing of a secret is ever printed.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, IsTerminal, Write};
+use std::collections::HashMap;
+use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
@@ -38,6 +39,10 @@ pub struct ImportArgs {
     /// Keys per ImportKeys call (1 to 1000).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..=1000))]
     pub batch_size: u16,
+    /// Bytes per ImportKeys call at most (keys with much metadata make smaller batches); a call
+    /// the server finds too large is split and sent again.
+    #[arg(long, default_value_t = 3 * 1024 * 1024)]
+    pub batch_bytes: usize,
     #[command(flatten)]
     pub connect: ConnectArgs,
 }
@@ -64,23 +69,25 @@ struct Line {
     last_used_at: Option<String>,
 }
 
-/// A serde error without any string it quotes (a misplaced secret would be one).
+/// A serde error without any text it quotes, in double quotes or backticks (a misplaced
+/// secret would be one: a value, or an object keyed by the key).
 fn without_quoted_values(error: &serde_json::Error) -> String {
     let text = error.to_string();
     let mut out = String::with_capacity(text.len());
-    let mut in_quote = false;
+    let mut open: Option<char> = None;
     for character in text.chars() {
-        match (character, in_quote) {
-            ('"', false) => {
-                in_quote = true;
-                out.push_str("\"…");
+        match open {
+            None if character == '"' || character == '`' => {
+                open = Some(character);
+                out.push(character);
+                out.push('…');
             }
-            ('"', true) => {
-                in_quote = false;
-                out.push('"');
+            Some(quote) if character == quote => {
+                open = None;
+                out.push(character);
             }
-            (_, true) => {}
-            (character, false) => out.push(character),
+            Some(_) => {}
+            None => out.push(character),
         }
     }
     out
@@ -139,22 +146,38 @@ pub struct Summary {
 }
 
 /// Runs `keygate import`; prints a summary to standard output, progress to a terminal's
-/// standard error.
-pub async fn run(args: ImportArgs) -> Result<Exit, Failure> {
+/// standard error. When a call fails halfway, the summary still says what was imported, and
+/// which lines were not sent.
+pub async fn run(mut args: ImportArgs) -> Result<Exit, Failure> {
     let lines = read_lines(&args.file)?;
     let mut summary = Summary::default();
     let mut keys: Vec<(usize, ImportedKey)> = Vec::new();
+    let mut first_line_of: HashMap<String, usize> = HashMap::new();
     for (number, line) in lines {
-        match serde_json::from_str::<Line>(&line)
-            .map_err(|error| without_quoted_values(&error))
-            .and_then(Line::into_key)
-        {
-            Ok(key) => keys.push((number, key)),
-            Err(why) => summary.rejected.push((number, why)),
+        let parsed = line.and_then(|line| {
+            serde_json::from_str::<Line>(&line).map_err(|error| without_quoted_values(&error)).and_then(Line::into_key)
+        });
+        let key = match parsed {
+            Ok(key) => key,
+            Err(why) => {
+                summary.rejected.push((number, why));
+                continue;
+            }
+        };
+        // The same key twice: in one batch the server would refuse both, across batches it
+        // would count the second as already there and drop its settings.
+        if let Some(hash) = credential_hash(&key) {
+            if let Some(first) = first_line_of.get(&hash) {
+                summary.rejected.push((number, format!("the same key as line {first}")));
+                continue;
+            }
+            first_line_of.insert(hash, number);
         }
+        keys.push((number, key));
     }
     let channel = args.connect.channel()?;
     let bearer = args.connect.bearer()?;
+    let address = args.connect.address();
     let mut client = KeyAdminClient::new(channel).max_decoding_message_size(64 << 20);
     let progress = std::io::stderr().is_terminal().then(|| {
         let bar = indicatif::ProgressBar::new(keys.len() as u64);
@@ -164,18 +187,30 @@ pub async fn run(args: ImportArgs) -> Result<Exit, Failure> {
         );
         bar
     });
-    for batch in keys.chunks(usize::from(args.batch_size)) {
+    let mut pending: &[(usize, ImportedKey)] = &keys;
+    let mut failure = None;
+    while !pending.is_empty() {
+        let batch = next_batch(pending, usize::from(args.batch_size), args.batch_bytes);
         let mut request = tonic::Request::new(ImportKeysRequest {
             tenant_id: args.tenant.clone(),
             keys: batch.iter().map(|(_, key)| key.clone()).collect(),
             validate_only: args.dry_run,
         });
         request.metadata_mut().insert("authorization", bearer.clone());
-        let response = client.import_keys(request).await.map_err(|status| {
-            let mut failure = Failure::from_status(&status);
-            failure.message = format!("ImportKeys failed: {}", failure.message);
-            failure
-        })?;
+        let response = match client.import_keys(request).await {
+            Ok(response) => response,
+            Err(status) if status.code() == tonic::Code::ResourceExhausted && batch.len() > 1 => {
+                // Larger than the server takes: smaller batches from here on.
+                args.batch_bytes = (encoded_size(batch) / 2).max(1);
+                continue;
+            }
+            Err(status) => {
+                let mut error = Failure::from_call(&status, &address);
+                error.message = format!("ImportKeys failed: {}", error.message);
+                failure = Some(error);
+                break;
+            }
+        };
         for ((number, _), result) in batch.iter().zip(response.into_inner().results) {
             match result.result {
                 Some(import_key_result::Result::Key(_)) => summary.imported += 1,
@@ -201,29 +236,77 @@ pub async fn run(args: ImportArgs) -> Result<Exit, Failure> {
         if let Some(bar) = &progress {
             bar.inc(batch.len() as u64);
         }
+        pending = &pending[batch.len()..];
     }
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
+    summary.rejected.sort_by_key(|(number, _)| *number);
     print_summary(&summary, args.dry_run);
-    Ok(if summary.rejected.is_empty() { Exit::Ok } else { Exit::Rejected })
+    match failure {
+        Some(mut failure) => {
+            if let (Some((first, _)), Some((last, _))) = (pending.first(), pending.last()) {
+                failure.message = format!(
+                    "{}; lines {first} to {last} were not sent (running the import again is safe)",
+                    failure.message
+                );
+            }
+            Err(failure)
+        }
+        None => Ok(if summary.rejected.is_empty() { Exit::Ok } else { Exit::Rejected }),
+    }
 }
 
-/// The non-empty lines of a file (or standard input), numbered from 1.
-fn read_lines(file: &PathBuf) -> Result<Vec<(usize, String)>, Failure> {
-    let reader: Box<dyn BufRead> = if file.as_os_str() == "-" {
-        Box::new(std::io::stdin().lock())
-    } else {
-        let opened = std::fs::File::open(file)
-            .map_err(|error| Failure::usage(format!("cannot read {}: {error}", file.display())))?;
-        Box::new(std::io::BufReader::new(opened))
-    };
-    let mut lines = Vec::new();
-    for (index, line) in reader.lines().enumerate() {
-        let line = line.map_err(|error| Failure::usage(format!("cannot read {}: {error}", file.display())))?;
-        if !line.trim().is_empty() {
-            lines.push((index + 1, line));
+/// The keys of the next call: at most `count`, and at most `bytes` encoded (at least one key).
+fn next_batch(pending: &[(usize, ImportedKey)], count: usize, bytes: usize) -> &[(usize, ImportedKey)] {
+    let mut size = 0;
+    let mut taken = 0;
+    for (_, key) in pending.iter().take(count) {
+        size += prost::Message::encoded_len(key) + 4;
+        if taken > 0 && size > bytes {
+            break;
         }
+        taken += 1;
+    }
+    &pending[..taken.max(1).min(pending.len())]
+}
+
+fn encoded_size(batch: &[(usize, ImportedKey)]) -> usize {
+    batch.iter().map(|(_, key)| prost::Message::encoded_len(key) + 4).sum()
+}
+
+/// The SHA-256 a key's credential stands for (hex), to find the same key on two lines.
+fn credential_hash(key: &ImportedKey) -> Option<String> {
+    match key.credential.as_ref()? {
+        imported_key::Credential::Secret(secret) => Some(crate::domain::key::KeyHash::of(secret).as_str().to_owned()),
+        imported_key::Credential::SecretSha256(hash) => {
+            crate::domain::key::KeyHash::from_given(hash).map(|hash| hash.as_str().to_owned())
+        }
+    }
+}
+
+/// A line number (from 1) and the line's text, or why it is not text.
+type NumberedLine = (usize, Result<String, String>);
+
+/// The non-empty lines of a file (or standard input), numbered from 1; a line that is not
+/// UTF-8 is an error of that line alone. A byte-order mark at the start is skipped.
+fn read_lines(file: &PathBuf) -> Result<Vec<NumberedLine>, Failure> {
+    let mut bytes = Vec::new();
+    let read = if file.as_os_str() == "-" {
+        std::io::stdin().lock().read_to_end(&mut bytes)
+    } else {
+        std::fs::File::open(file).and_then(|mut opened| opened.read_to_end(&mut bytes))
+    };
+    read.map_err(|error| Failure::usage(format!("cannot read {}: {error}", file.display())))?;
+    let bytes = bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&bytes);
+    let mut lines = Vec::new();
+    for (index, line) in bytes.split(|byte| *byte == b'\n').enumerate() {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        let text = std::str::from_utf8(line).map(str::to_owned).map_err(|_| "the line is not UTF-8 text".to_owned());
+        lines.push((index + 1, text));
     }
     Ok(lines)
 }
@@ -247,6 +330,15 @@ fn print_summary(summary: &Summary, dry_run: bool) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parse_errors_never_quote_a_field_name_either() {
+        let Err(error) = serde_json::from_str::<Line>(r#"{"tga_d35efsecretsecret": {"name": "x"}}"#) else {
+            panic!("an unknown field");
+        };
+        let shown = without_quoted_values(&error);
+        assert!(!shown.contains("secretsecret"), "{shown}");
+    }
 
     #[test]
     fn parse_errors_never_quote_a_value() {

@@ -70,11 +70,40 @@ impl Failure {
             | tonic::Code::Unauthenticated
             | tonic::Code::PermissionDenied
             | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
             | tonic::Code::Unknown
             | tonic::Code::Internal => Exit::Unreachable,
             _ => Exit::Rejected,
         };
         Self { exit, message: describe_status(status) }
+    }
+
+    /// A failed call to keygate at `addr`: when the connection itself failed, what failed and
+    /// what to check, rather than the transport's words.
+    pub fn from_call(status: &tonic::Status, addr: &str) -> Self {
+        let mut causes = Vec::new();
+        let mut source = std::error::Error::source(status);
+        while let Some(error) = source {
+            causes.push(error.to_string());
+            source = error.source();
+        }
+        if causes.is_empty() && status.code() != tonic::Code::Cancelled {
+            return Self::from_status(status);
+        }
+        let all = causes.join(": ");
+        let hint = if all.contains("InvalidContentType") || all.contains("corrupt message") {
+            " (the server does not speak TLS there: use http://)"
+        } else if all.contains("certificate") || all.contains("Certificate") {
+            " (check KEYGATE_CA_CERT, and KEYGATE_CLIENT_CERT/KEYGATE_CLIENT_KEY if the server wants a client certificate)"
+        } else if status.code() == tonic::Code::Cancelled || all.contains("connection closed") {
+            " (the server closed the connection: with https://, does it want a client certificate, KEYGATE_CLIENT_CERT? with http://, is it a TLS server?)"
+        } else if all.contains("refused") {
+            " (is keygate running, and is KEYGATE_ADDR right?)"
+        } else {
+            ""
+        };
+        let cause = causes.last().cloned().unwrap_or_else(|| status.message().to_owned());
+        Self::unreachable(format!("cannot reach keygate at {addr}: {cause}{hint}"))
     }
 }
 
@@ -111,10 +140,11 @@ fn screaming(camel: &str) -> String {
 impl ConnectArgs {
     /// A channel to keygate (connected lazily: the first call reports an unreachable server).
     pub fn channel(&self) -> Result<Channel, Failure> {
-        let mut endpoint = Endpoint::from_shared(self.addr.clone())
+        let address = self.address();
+        let mut endpoint = Endpoint::from_shared(address.clone())
             .map_err(|_| Failure::usage(format!("KEYGATE_ADDR {:?} is no address (http://host:port)", self.addr)))?
             .connect_timeout(std::time::Duration::from_secs(5));
-        if self.addr.starts_with("https://") {
+        if address.starts_with("https://") {
             let read = |variable: &str, path: &PathBuf| {
                 std::fs::read(path)
                     .map_err(|error| Failure::usage(format!("{variable}: cannot read {}: {error}", path.display())))
@@ -130,6 +160,14 @@ impl ConnectArgs {
             endpoint = endpoint.tls_config(tls).map_err(|error| Failure::usage(format!("TLS settings: {error}")))?;
         }
         Ok(endpoint.connect_lazy())
+    }
+
+    /// KEYGATE_ADDR with its scheme: `host:port` (as grpcurl takes it) means `http://host:port`.
+    pub fn address(&self) -> String {
+        match self.addr.contains("://") {
+            true => self.addr.clone(),
+            false => format!("http://{}", self.addr),
+        }
     }
 
     /// The `authorization` value of admin calls.

@@ -68,7 +68,7 @@ impl ApiKeySecret {
 
     /// The SHA-256 of the key: the only form keygate stores.
     pub fn hash(&self) -> KeyHash {
-        KeyHash(hex(&Sha256::digest(self.0.as_bytes())))
+        KeyHash::of(&self.0)
     }
 
     /// The full key, for the one response that returns it.
@@ -90,6 +90,11 @@ pub struct KeyHash(String);
 impl KeyHash {
     pub fn as_str(&self) -> &str {
         &self.0
+    }
+
+    /// The SHA-256 of `text`, as a key's hash would be.
+    pub fn of(text: &str) -> Self {
+        Self(hex(&Sha256::digest(text.as_bytes())))
     }
 
     /// A SHA-256 given by someone else (ImportKeys' `secret_sha256`): 64 hex digits, or 32 bytes

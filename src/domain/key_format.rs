@@ -23,10 +23,28 @@ use rand::rngs::SysRng;
 
 use super::key::Environment;
 
+/// The shape of a key minted before keygate recorded shapes, from its display prefix: every such
+/// key was `{prefix}_{live|test}_` + 64 hex (`KEYGATE_KEY_PREFIX`, 2 to 16 lowercase letters and
+/// digits). `None` when the prefix is not of that form or too short to tell.
+pub fn legacy_notation_of(display_prefix: &str) -> Option<String> {
+    let (prefix, rest) = display_prefix.split_once('_')?;
+    let valid_prefix = (2..=16).contains(&prefix.len())
+        && prefix.starts_with(|first: char| first.is_ascii_lowercase())
+        && prefix.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    let environment = rest.strip_prefix("live_").or_else(|| rest.strip_prefix("test_"))?;
+    (valid_prefix && environment.chars().all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()))
+        .then(|| format!("{prefix}_{{env}}_{{hex:64}}"))
+}
+
+/// The longest key format notation, in bytes.
+pub const MAX_NOTATION_BYTES: usize = 200;
 /// The longest key Check accepts, in bytes.
 pub const MAX_KEY_BYTES: usize = 512;
 /// Random bits a minted key must hold at least.
 pub const MIN_RANDOM_BITS: f64 = 96.0;
+/// Characters a key of no minted shape (imported, or merely presented) keeps hidden at least
+/// behind its display prefix: 64 bits even of a decimal key.
+pub const MIN_HIDDEN_IMPORTED_CHARS: usize = 20;
 /// Random bits of a minted key its display prefix must leave hidden at least.
 pub const MIN_HIDDEN_BITS: f64 = 64.0;
 
@@ -110,6 +128,9 @@ pub struct Shape {
 impl Shape {
     /// Parses a shape's notation; the error says what is wrong with it.
     pub fn parse(notation: &str) -> Result<Self, String> {
+        if notation.len() > MAX_NOTATION_BYTES {
+            return Err(format!("a key format of {} characters: at most {MAX_NOTATION_BYTES}", notation.len()));
+        }
         let mut parts = Vec::new();
         let mut rest = notation;
         while !rest.is_empty() {
@@ -125,9 +146,9 @@ impl Shape {
                             "base62" => Alphabet::Base62,
                             other => return Err(format!("{notation:?}: unknown alphabet {other:?} (hex, alnum, base62)")),
                         };
-                        let length = length
-                            .parse::<usize>()
-                            .ok()
+                        let length = Some(length)
+                            .filter(|digits| !digits.is_empty() && digits.bytes().all(|byte| byte.is_ascii_digit()))
+                            .and_then(|digits| digits.parse::<usize>().ok())
                             .filter(|length| (1..=256).contains(length))
                             .ok_or_else(|| format!("{notation:?}: the length in {{{placeholder}}} must be 1 to 256"))?;
                         Part::Body { alphabet, length }
@@ -139,7 +160,14 @@ impl Shape {
                 let end = rest.find('{').unwrap_or(rest.len());
                 let literal = &rest[..end];
                 if !literal.bytes().all(|byte| byte.is_ascii_alphanumeric() || b"_-".contains(&byte)) {
-                    return Err(format!("{notation:?}: literal text may hold only letters, digits, `_` and `-`"));
+                    let hint = if literal.contains(',') {
+                        " (separate several shapes with spaces, not commas)"
+                    } else if literal.bytes().any(|byte| b"[]()*+?.|\\$".contains(&byte)) {
+                        " (a regular expression must be anchored: ^…$)"
+                    } else {
+                        ""
+                    };
+                    return Err(format!("{notation:?}: literal text may hold only letters, digits, `_` and `-`{hint}"));
                 }
                 parts.push(Part::Literal(literal.to_owned()));
                 rest = &rest[end..];
@@ -236,6 +264,25 @@ impl Shape {
         Ok(key)
     }
 
+    /// Whether some key of this shape starts with `prefix`.
+    fn could_start_with(&self, prefix: &str) -> bool {
+        let mut rest = prefix.as_bytes();
+        for part in &self.parts {
+            let taken = part.width().min(rest.len());
+            let (head, tail) = rest.split_at(taken);
+            let fits = match part {
+                Part::Literal(text) => text.as_bytes().starts_with(head),
+                Part::Env => b"live".starts_with(head) || b"test".starts_with(head),
+                Part::Body { alphabet, .. } => head.iter().all(|byte| alphabet.contains(*byte)),
+            };
+            if !fits {
+                return false;
+            }
+            rest = tail;
+        }
+        rest.is_empty()
+    }
+
     /// Whether `key` has this shape (and, with `checksum`, a valid checksum); its environment
     /// when the shape has `{env}`.
     fn matches(&self, key: &str, checksum: bool) -> Option<Option<Environment>> {
@@ -327,7 +374,9 @@ impl ImportedShape {
             if !notation.ends_with('$') {
                 return Err(format!("{notation:?}: a pattern must be anchored at both ends (^…$)"));
             }
-            let pattern = regex_lite::Regex::new(notation).map_err(|error| format!("{notation:?}: {error}"))?;
+            // Anchored as a whole, whatever alternations inside it say (`^a$|b$`).
+            let anchored = format!("^(?:{notation})$");
+            let pattern = regex_lite::Regex::new(&anchored).map_err(|error| format!("{notation:?}: {error}"))?;
             return Ok(Self::Pattern(pattern));
         }
         Shape::parse(notation).map(Self::Template)
@@ -340,10 +389,36 @@ impl ImportedShape {
         }
     }
 
+    /// Whether a key of this shape could start with `prefix`. For a pattern, by the literal
+    /// text it starts with (`legacy_` of `^legacy_[A-Za-z0-9]{24}$`); a pattern that starts with
+    /// a class or holds an alternation could start with anything.
+    fn could_start_with(&self, prefix: &str) -> bool {
+        match self {
+            Self::Template(shape) => shape.could_start_with(prefix),
+            Self::Pattern(_) => {
+                let notation = self.notation();
+                let body = notation.strip_prefix('^').unwrap_or(notation);
+                if body.contains('|') {
+                    return true;
+                }
+                let mut literal: Vec<char> =
+                    body.chars().take_while(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-')).collect();
+                if matches!(body.chars().nth(literal.len()), Some('?' | '*' | '{' | '+')) {
+                    literal.pop();
+                }
+                let literal: String = literal.into_iter().collect();
+                prefix.starts_with(&literal) || literal.starts_with(prefix)
+            }
+        }
+    }
+
     pub fn notation(&self) -> &str {
         match self {
             Self::Template(shape) => shape.notation(),
-            Self::Pattern(pattern) => pattern.as_str(),
+            Self::Pattern(pattern) => {
+                let anchored = pattern.as_str();
+                anchored.strip_prefix("^(?:").and_then(|inner| inner.strip_suffix(")$")).unwrap_or(anchored)
+            }
         }
     }
 }
@@ -410,15 +485,79 @@ impl KeyShapes {
         minted.or_else(imported).flatten()
     }
 
-    /// The part of a key safe to show and log.
+    /// The part of a key safe to show and log: `display_chars` characters of a key of a minted
+    /// shape (whose hidden part the configuration checked); of any other key (imported, or
+    /// merely presented) at most that many and never more than leaves
+    /// [`MIN_HIDDEN_IMPORTED_CHARS`] hidden, since nothing is known of its randomness.
     pub fn display_prefix(&self, key: &str) -> String {
-        key.chars().take(self.display_chars).collect()
+        let minted =
+            std::iter::once(&self.minting).chain(&self.earlier).any(|shape| shape.matches(key, true).is_some());
+        let shown = match minted {
+            true => self.display_chars,
+            false => self.display_chars.min(key.chars().count().saturating_sub(MIN_HIDDEN_IMPORTED_CHARS)),
+        };
+        key.chars().take(shown).collect()
+    }
+
+    /// Whether some accepted key could start with `prefix` (a display prefix given with an
+    /// imported hash): a minted or imported template allows it, or an imported pattern's
+    /// literal start does (see [`ImportedShape::could_start_with`]).
+    pub fn could_start_with(&self, prefix: &str) -> bool {
+        std::iter::once(&self.minting).chain(&self.earlier).any(|shape| shape.could_start_with(prefix))
+            || self.imported.iter().any(|shape| shape.could_start_with(prefix))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn display_prefixes_of_keys_of_no_minted_shape_keep_twenty_characters_hidden() {
+        let shapes =
+            KeyShapes { imported: vec![ImportedShape::parse("^[a-z0-9]{16}$").unwrap()], ..KeyShapes::default() };
+        assert_eq!(shapes.display_prefix("k7x2m9q4w8e1r6t3"), "", "a 16-character key shows nothing");
+        let long = format!("tga_{}", "a".repeat(64));
+        assert_eq!(shapes.display_prefix(&long), &long[..12]);
+        let minted = shapes.minting.mint(Environment::Live).unwrap();
+        assert_eq!(shapes.display_prefix(&minted), &minted[..12]);
+    }
+
+    #[test]
+    fn patterns_are_anchored_as_a_whole_and_lengths_are_plain_digits() {
+        let pattern = ImportedShape::parse("^a$|b$").unwrap();
+        assert!(pattern.matches("a") && pattern.matches("b"));
+        assert!(!pattern.matches("xb") && !pattern.matches("ax"), "no alternative escapes the anchors");
+        assert!(Shape::parse("kg_{hex:+64}").is_err());
+        let comma = ImportedShape::parse("tga_{hex:64},bj_{env}_{hex:64}").unwrap_err();
+        assert!(comma.contains("spaces"), "{comma}");
+        let unanchored = ImportedShape::parse("tga_[0-9a-f]{64}").unwrap_err();
+        assert!(unanchored.contains("^…$"), "{unanchored}");
+        assert!(Shape::parse(&format!("{}_{{hex:64}}", "a".repeat(300))).is_err());
+    }
+
+    #[test]
+    fn a_prefix_is_checked_against_every_template_and_the_literal_start_of_patterns() {
+        let shapes =
+            KeyShapes { imported: vec![ImportedShape::parse("tga_{hex:64}").unwrap()], ..KeyShapes::default() };
+        for prefix in ["tga_4f2a", "kg_live_ab12", "kg_te", "t"] {
+            assert!(shapes.could_start_with(prefix), "{prefix}");
+        }
+        for prefix in ["tga_XYZ", "kg_prod_", "zta_live_", "kg_live_g"] {
+            assert!(!shapes.could_start_with(prefix), "{prefix}");
+        }
+        let patterns = |notation: &str| KeyShapes {
+            imported: vec![ImportedShape::parse(notation).unwrap()],
+            ..KeyShapes::default()
+        };
+        let legacy = patterns("^legacy_[A-Za-z0-9]{24}$");
+        assert!(legacy.could_start_with("legacy_AbC") && legacy.could_start_with("leg"));
+        assert!(!legacy.could_start_with("sk_live_4f2a"));
+        assert!(patterns("^xy?z.*$").could_start_with("xz12"), "an optional last letter is not required");
+        assert!(!patterns("^xy?z.*$").could_start_with("yz12"));
+        assert!(patterns("^[a-z]{3}_.+$").could_start_with("anything"), "a class first: anything");
+        assert!(patterns("^ab_.+$|^cd_.+$").could_start_with("cd_1"), "alternations: anything");
+    }
 
     /// The shapes the reference products promise.
     const PRODUCTS: [(&str, &str, usize); 4] = [

@@ -158,7 +158,7 @@ fn is_bidi_control(c: char) -> bool {
 
 /// Characters that display as nothing: Unicode's default-ignorable code points (zero-width
 /// spaces and joiners, the soft hyphen, variation selectors, fillers, tags, BOM), by their
-/// ranges in Unicode 15.
+/// ranges in Unicode 15, and the braille blank (U+2800), which fonts draw as a space.
 fn is_invisible(c: char) -> bool {
     matches!(
         c,
@@ -171,6 +171,7 @@ fn is_invisible(c: char) -> bool {
             | '\u{200B}'..='\u{200F}'
             | '\u{202A}'..='\u{202E}'
             | '\u{2060}'..='\u{206F}'
+            | '\u{2800}'
             | '\u{3164}'
             | '\u{FE00}'..='\u{FE0F}'
             | '\u{FEFF}'
@@ -201,7 +202,7 @@ mod tests {
 
     #[test]
     fn invisible_and_reordering_names_are_refused_like_blank_ones() {
-        for invisible in ["\u{200B}", " \u{200B}\u{FEFF} ", "\u{2060}\u{180E}", "\u{3164}"] {
+        for invisible in ["\u{200B}", " \u{200B}\u{FEFF} ", "\u{2060}\u{180E}", "\u{3164}", "\u{2800}\u{2800}"] {
             let mut violations = Violations::default();
             violations.name("name", invisible, MAX_NAME_CHARS);
             assert!(violations.finish(()).is_err(), "{invisible:?}");

@@ -124,22 +124,37 @@ fn same_header_name(present: &str, configured: &str) -> bool {
     normal(present) == normal(configured)
 }
 
-/// A query parameter name as web frameworks compare it: percent-decoded (`+` as a space), case
-/// folded (ASP.NET), an array suffix such as `[]` dropped (PHP, Rails), and spaces, dots, dashes
-/// and pluses read as underscores (PHP). `None` when the name does not decode.
-fn canonical_parameter_name(raw: &str) -> Option<String> {
-    let decoded = percent_decode(raw, true)?.to_lowercase();
-    let base = match decoded.find('[') {
-        Some(bracket) if decoded.ends_with(']') => &decoded[..bracket],
-        _ => decoded.as_str(),
-    };
-    Some(base.chars().map(|c| if matches!(c, ' ' | '.' | '-' | '+') { '_' } else { c }).collect())
+/// The names a query parameter name can stand for in some web framework: percent-decoded (`+`
+/// as a space), case folded (ASP.NET), cut at a NUL (PHP reads names as C strings), with or
+/// without its leading spaces (PHP strips them), an array suffix such as `[]` dropped (PHP,
+/// Rails), stray brackets around it dropped (Rack 2 reads `[siteId]` and `siteId]` as
+/// `siteId`), and spaces, dots, dashes and pluses read as underscores (PHP). Empty when the
+/// name does not decode.
+fn canonical_parameter_names(raw: &str) -> Vec<String> {
+    let Some(decoded) = percent_decode(raw, true) else { return Vec::new() };
+    let decoded = decoded.to_lowercase();
+    let decoded = decoded.split('\0').next().unwrap_or_default();
+    let mut names = Vec::new();
+    for spaced in [decoded, decoded.trim_start()] {
+        let unbracketed = match spaced.find('[') {
+            Some(bracket) if bracket > 0 && spaced.ends_with(']') => &spaced[..bracket],
+            _ => spaced,
+        };
+        for candidate in [unbracketed, spaced.trim_matches(|c| c == '[' || c == ']')] {
+            let name: String =
+                candidate.chars().map(|c| if matches!(c, ' ' | '.' | '-' | '+') { '_' } else { c }).collect();
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names
 }
 
 /// Whether a raw query parameter name spells `name` for some web framework.
 fn spells(raw: &str, name: &str) -> bool {
-    raw == name
-        || canonical_parameter_name(raw).is_some_and(|canonical| Some(canonical) == canonical_parameter_name(name))
+    let wanted = canonical_parameter_names(name);
+    raw == name || canonical_parameter_names(raw).iter().any(|candidate| wanted.first() == Some(candidate))
 }
 
 /// The request target less every query parameter that spells one of `names`, every other byte
@@ -282,7 +297,7 @@ pub struct QueryParameter {
 }
 
 /// Looks up `name` in the query of a request target, under every spelling a web framework would
-/// take for it (see [`canonical_parameter_name`]): one occurrence spelled exactly is read, and
+/// take for it (see [`canonical_parameter_names`]): one occurrence spelled exactly is read, and
 /// anything else (`%5Fapikey`, `_APIKEY`, `_apikey[]` or a repeat) is unreadable.
 pub fn query_parameter(target: &str, name: &str) -> QueryParameter {
     let query = target.split_once('?').map_or("", |(_, query)| query);
@@ -392,6 +407,14 @@ mod tests {
             "%20apikey",
             "+apikey",
             "-apikey",
+            "%20_apikey",
+            "+_apikey",
+            "_apikey%00",
+            "_apikey%00x",
+            "[_apikey]",
+            "]_apikey",
+            "_apikey]",
+            "_apikey%5D",
         ] {
             let target = format!("/x?a=1&{spelling}=LEAK&b=2");
             let alone = extract_key(&KeySources::default(), &HashMap::new(), &target);
@@ -510,6 +533,11 @@ mod tests {
         // Another spelling next to the one keygate reads could be the one the upstream reads.
         assert_eq!(site(&[("site_query", "siteId")], &[], "/s?siteId=shop&SITEID=blog"), Err(SiteError::Invalid));
         assert_eq!(site(&[("site_query", "siteId")], &[], "/s?siteId=shop&siteId[]=blog"), Err(SiteError::Invalid));
+        // PHP strips leading spaces and stops at a NUL; Rack 2 drops stray brackets.
+        for spelling in ["%20siteId", "+siteId", "siteId%00x", "[siteId]", "siteId]", "]siteId"] {
+            let target = format!("/s?siteId=shop&{spelling}=blog");
+            assert_eq!(site(&[("site_query", "siteId")], &[], &target), Err(SiteError::Invalid), "{spelling}");
+        }
         assert_eq!(site(&[("site_header", "x-site")], &[("x-site", &"s".repeat(65))], "/"), Err(SiteError::Invalid));
         assert_eq!(site(&[("site_header", "x-site")], &[("x-site", "a,b")], "/"), Err(SiteError::Invalid));
     }

@@ -343,8 +343,9 @@ fn reflection() -> tonic_reflection::server::Builder<'static> {
 async fn become_ready(core: Arc<Core>, health: health::Health, feed: FeedSettings, servable_for: Duration) {
     let mut delay = Duration::from_millis(200);
     let head = loop {
+        let minting = core.shapes.current().minting.notation().to_owned();
         let ready = match core.store.migrate().await {
-            Ok(()) => match core.store.ping().await {
+            Ok(()) => match core.store.record_key_formats_at_start(&minting, core.clock.now()).await {
                 Ok(()) => crate::feed::start(&core).await,
                 Err(error) => Err(error),
             },

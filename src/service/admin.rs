@@ -221,9 +221,11 @@ impl KeyService {
         match self.core.store.insert_key(&record, shapes.minting.notation(), limit, now, &audit).await? {
             InsertKeyOutcome::Inserted => {}
             InsertKeyOutcome::TenantMissing => return Err(tenant_not_found(&record.tenant_id)),
-            InsertKeyOutcome::LimitReached { limit } => {
+            InsertKeyOutcome::LimitReached { limit, active } => {
+                let revoke = active - i64::from(limit) + 1;
+                let keys = if revoke == 1 { "key" } else { "keys" };
                 return Err(ServiceError::ResourceExhausted(format!(
-                    "tenant {} already has {limit} active keys, its limit; revoke one first",
+                    "tenant {} has {active} active keys and a limit of {limit}; revoke {revoke} {keys} first",
                     record.tenant_id
                 )));
             }
@@ -373,9 +375,9 @@ impl KeyService {
             RotateOutcome::Conflict => {
                 return Err(ServiceError::FailedPrecondition(format!("key {key_id} was rotated or revoked already")));
             }
-            RotateOutcome::LimitReached { limit } => {
+            RotateOutcome::LimitReached { limit, others } => {
                 return Err(ServiceError::ResourceExhausted(format!(
-                    "tenant {tenant_id} already has {limit} other working keys, its limit; a key in its grace period \
+                    "tenant {tenant_id} has {others} other working keys and a limit of {limit}; a key in its grace period \
                      counts until it expires: rotate without a grace period, or revoke a key first"
                 )));
             }

@@ -74,7 +74,7 @@ impl Authorizer {
         let hash = secret.hash();
         let Some(key) = core.cache.key(hash.as_str()).await? else {
             if let Some(suppressed) = DENIALS.allow() {
-                let display_prefix = client_text(&secret.display_prefix(shapes.display_chars));
+                let display_prefix = client_text(&shapes.display_prefix(&request.key));
                 info!(reason = "KEY_UNKNOWN", display_prefix, suppressed, "check denied");
             }
             return Ok(denied(DenyReason::KeyUnknown));

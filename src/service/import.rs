@@ -192,9 +192,7 @@ impl KeyService {
         let mut violations = Violations::default();
         let (hash, display_prefix, stated) = match key.credential {
             Credential::Secret(secret) => match ApiKeySecret::parse(shapes, &secret) {
-                Ok(parsed) => {
-                    (parsed.hash(), parsed.display_prefix(shapes.display_chars), shapes.environment_of(&secret))
-                }
+                Ok(parsed) => (parsed.hash(), shapes.display_prefix(&secret), shapes.environment_of(&secret)),
                 Err(_) => {
                     return Err(ServiceError::invalid(
                         "secret",
@@ -205,6 +203,13 @@ impl KeyService {
             Credential::Sha256(hash) => {
                 if key.display_prefix.is_empty() {
                     violations.add("display_prefix", "is required with secret_sha256");
+                } else if KeyHash::of(&key.display_prefix) == hash {
+                    violations.add("display_prefix", "is the whole key: give only its first characters");
+                } else if !shapes.could_start_with(&key.display_prefix) {
+                    violations.add(
+                        "display_prefix",
+                        "no accepted key shape starts like this, so Check would refuse the key: add its shape to KEYGATE_IMPORTED_KEY_FORMATS",
+                    );
                 }
                 (hash, key.display_prefix.clone(), None)
             }

@@ -175,6 +175,43 @@ impl Store {
         Ok(inserted.rows_affected() == 1)
     }
 
+    /// Records at start that keys are minted with `minting` (so that changing the setting later
+    /// never breaks them, even if no key is minted before the change), and, the first time, the
+    /// shapes of keys minted before keygate recorded shapes: those were all
+    /// `{prefix}_{env}_{hex:64}`, and each key's display prefix names its prefix. New shapes are
+    /// announced on the change feed.
+    ///
+    /// Writes nothing when `minting` is recorded already, so a replica on a read-only database
+    /// starts (and answers UNAVAILABLE to writes) as before.
+    pub async fn record_key_formats_at_start(&self, minting: &str, now: DateTime<Utc>) -> StoreResult<()> {
+        if self.key_formats().await?.iter().any(|recorded| recorded == minting) {
+            return Ok(());
+        }
+        self.bounded(async {
+            let mut tx = self.pool.begin().await?;
+            let recorded: i64 = self.query("SELECT COUNT(*) FROM key_formats").fetch_one(&mut *tx).await?.try_get(0)?;
+            let mut notations = std::collections::BTreeSet::new();
+            if recorded == 0 {
+                let prefixes = self.query("SELECT display_prefix FROM api_keys").fetch_all(&mut *tx).await?;
+                for row in prefixes {
+                    let display_prefix: String = row.try_get(0)?;
+                    if let Some(notation) = crate::domain::key_format::legacy_notation_of(&display_prefix) {
+                        notations.insert(notation);
+                    }
+                }
+            }
+            notations.insert(minting.to_owned());
+            let mut added = Vec::new();
+            for notation in notations {
+                if self.record_key_format_in(&mut tx, &notation, now).await? {
+                    added.push(ChangeTarget::KeyFormat(notation));
+                }
+            }
+            self.commit_with_changes(tx, &added, now).await
+        })
+        .await
+    }
+
     /// Every key shape keys were ever minted with. Not counted in
     /// [`query_count`](Store::query_count): it is the feed's work, not an API call's.
     pub async fn key_formats(&self) -> StoreResult<Vec<String>> {

@@ -37,7 +37,7 @@ impl Store {
             .await?;
             self.counted();
             if active.0 >= i64::from(max_active_keys) {
-                return Ok(InsertKeyOutcome::LimitReached { limit: max_active_keys });
+                return Ok(InsertKeyOutcome::LimitReached { limit: max_active_keys, active: active.0 });
             }
             self.insert_key_in(&mut tx, key).await?;
             self.record_in(&mut tx, audit, now).await?;
@@ -315,7 +315,7 @@ impl Store {
             if let KeyEnd::ExpireAt(_) = end {
                 let others = self.active_keys_in(&mut tx, &old.tenant_id, successor.created_at).await? - 1;
                 if others >= i64::from(max_active_keys) {
-                    return Ok(RotateOutcome::LimitReached { limit: max_active_keys });
+                    return Ok(RotateOutcome::LimitReached { limit: max_active_keys, others });
                 }
             }
             let (revoked_at, expires_at) = match end {

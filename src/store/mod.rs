@@ -122,9 +122,10 @@ pub enum PutSiteOutcome {
 pub enum InsertKeyOutcome {
     Inserted,
     TenantMissing,
-    /// The tenant already holds `limit` active keys.
+    /// The tenant already holds `active` active keys, `limit` or more (imports may exceed it).
     LimitReached {
         limit: u32,
+        active: i64,
     },
 }
 
@@ -148,9 +149,10 @@ pub enum RotateOutcome {
     /// The old key was revoked, or rotated already, between the read and the write.
     Conflict,
     /// A grace period would leave the tenant with more working keys than `limit` plus the one
-    /// on its way out.
+    /// on its way out; the tenant has `others` working keys besides the old one.
     LimitReached {
         limit: u32,
+        others: i64,
     },
 }
 
@@ -179,6 +181,9 @@ pub struct Store {
     queries: Arc<AtomicU64>,
     /// Changes this replica committed, which its follower of the feed can skip.
     own_changes: Arc<std::sync::Mutex<std::collections::BTreeSet<i64>>>,
+    /// Whether [`migrate`](Self::migrate) succeeded: until then every operation is
+    /// UNAVAILABLE (a call that arrives while keygate starts must not meet missing tables).
+    migrated: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Store {
@@ -227,6 +232,7 @@ impl Store {
             health: Arc::default(),
             queries: Arc::new(AtomicU64::new(0)),
             own_changes: Arc::default(),
+            migrated: Arc::default(),
         })
     }
 
@@ -239,6 +245,9 @@ impl Store {
     /// answered. While the database is known to be unreachable (the breaker is open), fails at
     /// once instead: only [`ping`](Self::ping) probes it then.
     async fn bounded<T>(&self, operation: impl std::future::Future<Output = StoreResult<T>>) -> StoreResult<T> {
+        if !self.migrated.load(Ordering::Acquire) {
+            return Err(StoreError::Unavailable("keygate is starting: the database is not migrated yet".into()));
+        }
         if let Some(failing) = self.health.unreachable_for() {
             return Err(StoreError::Unreachable(format!("no answer from the database for {} ms", failing.as_millis())));
         }
@@ -272,7 +281,9 @@ impl Store {
     /// bounded by the query timeout: a migration may take long on a large table.
     pub async fn migrate(&self) -> StoreResult<()> {
         self.counted();
-        self.backend.migrator().run(&self.pool).await.map_err(StoreError::from)
+        self.backend.migrator().run(&self.pool).await.map_err(StoreError::from)?;
+        self.migrated.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Opens one connection outside the pool, within the acquire timeout, and closes it: the

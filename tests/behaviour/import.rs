@@ -15,13 +15,19 @@ crate::trials!(
     every_backend: [
         each_reference_shape_is_minted_checked_and_rotated,
         keys_of_an_earlier_shape_keep_working_on_every_replica,
+        keys_minted_before_shapes_were_recorded_survive_a_format_change,
         imported_keys_pass_check_with_their_settings,
         importing_is_idempotent_and_never_takes_another_tenants_key,
         a_key_presented_before_its_import_works_right_after_on_every_replica,
         a_flood_of_random_keys_in_an_imported_shape_stays_bounded,
         imports_are_not_refused_by_the_key_limit_but_count_toward_it,
     ],
-    once: [keygate_import_reads_json_lines_and_reports_every_line],
+    once: [
+        display_prefixes_of_imported_keys_hide_enough_and_fit_a_shape,
+        keygate_import_reads_json_lines_and_reports_every_line,
+        keygate_import_splits_large_batches_and_rejects_repeated_keys,
+        keygate_import_stopped_halfway_says_what_was_not_sent,
+    ],
 );
 
 /// The shapes the reference products promise, with the length of their keys.
@@ -119,6 +125,31 @@ async fn keys_of_an_earlier_shape_keep_working_on_every_replica(backend: Backend
         assert!(started.elapsed() < Duration::from_secs(5), "the other replica never learned the new shape");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A database from a release that did not record key shapes (every key `{prefix}_{env}_` + 64
+/// hex, the prefix from KEYGATE_KEY_PREFIX): upgrading and changing the format in the same
+/// restart keeps those keys working, and so does a format change after a start that minted
+/// nothing.
+async fn keys_minted_before_shapes_were_recorded_survive_a_format_change(backend: Backend) {
+    let Some(app) = spawn_app_with(backend, &["--key-prefix", "et"]).await else { return };
+    put_tenant(&app, "acme").await;
+    let (_, old) = create_key(&app, key_request("acme", &["events:read"])).await.unwrap();
+    let url = app.database_url.clone();
+    let app = app.restart_with(&["--key-prefix", "et"]).await;
+    // What the earlier release left: keys, and no recorded shapes.
+    let mut connection = <sqlx::AnyConnection as sqlx::Connection>::connect(&url).await.unwrap();
+    sqlx::query("DELETE FROM key_formats").execute(&mut connection).await.unwrap();
+    let app = app.restart_with(&["--key-format", "et_{env}_{hex:32}"]).await;
+    assert!(check(&app, &old, "events:read", "").await.allowed, "a key of the earlier release still works");
+    // A start that mints nothing records its shape all the same.
+    let app = app.restart_with(&["--key-format", "zta_{env}_{alnum:36}"]).await;
+    let app = app.restart_with(&["--key-format", "tga_{hex:64}"]).await;
+    assert!(check(&app, &old, "events:read", "").await.allowed);
+    let (_, newer) = create_key(&app, key_request("acme", &["events:read"])).await.unwrap();
+    let app = app.restart_with(&["--key-format", "bj_{env}_{hex:64}"]).await;
+    assert!(check(&app, &newer, "events:read", "").await.allowed);
+    let _ = <sqlx::AnyConnection as sqlx::Connection>::close(connection).await;
 }
 
 async fn imported_keys_pass_check_with_their_settings(backend: Backend) {
@@ -314,7 +345,13 @@ async fn imports_are_not_refused_by_the_key_limit_but_count_toward_it(backend: B
     let keys: Vec<ImportedKey> =
         (0..5).map(|_| by_secret(&format!("tga_{}", random_hex(64)), &["events:read"])).collect();
     assert!(import(&app, "acme", keys).await.iter().all(Result::is_ok), "five keys over a limit of two");
-    assert_status(create_key(&app, key_request("acme", &["events:read"])).await, Code::ResourceExhausted, None);
+    let refused = create_key(&app, key_request("acme", &["events:read"])).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("has 5 active keys and a limit of 2; revoke 4 keys first"),
+        "the message counts the keys the tenant really has: {}",
+        refused.message()
+    );
 }
 
 async fn keygate_import_reads_json_lines_and_reports_every_line() {
@@ -405,4 +442,146 @@ async fn keygate_import_reads_json_lines_and_reports_every_line() {
         .output()
         .unwrap();
     assert_eq!(output.status.code(), Some(3), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+/// Runs the real `keygate import` against `keygate`; exit code, stdout, stderr.
+fn run_import(keygate: &Binary, args: &[&str]) -> (Option<i32>, String, String) {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("import")
+        .args(args)
+        .env("KEYGATE_ADDR", format!("http://{}", keygate.address))
+        .env("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+fn key_line(secret: &str, metadata_value_chars: usize) -> String {
+    let metadata: Vec<String> =
+        (0..16).map(|index| format!(r#""m{index}": "{}""#, "v".repeat(metadata_value_chars))).collect();
+    format!(
+        r#"{{"secret": "{secret}", "name": "k", "scopes": ["events:read"], "metadata": {{{}}}}}"#,
+        metadata.join(", ")
+    )
+}
+
+async fn keygate_import_splits_large_batches_and_rejects_repeated_keys() {
+    // 64 KiB messages at most; 40 keys of 8 KiB of metadata each make 320 KiB.
+    let keygate =
+        Binary::start(&[("KEYGATE_IMPORTED_KEY_FORMATS", IMPORTED), ("KEYGATE_MAX_MESSAGE_BYTES", "65536")], None)
+            .await;
+    keygate.admin().put_tenant(PutTenantRequest { tenant_id: "acme".into(), ..Default::default() }).await.unwrap();
+    let secrets: Vec<String> = (0..40).map(|_| format!("tga_{}", random_hex(64))).collect();
+    let mut file = b"\xEF\xBB\xBF".to_vec();
+    for secret in &secrets {
+        file.extend_from_slice(key_line(secret, 500).as_bytes());
+        file.push(b'\n');
+    }
+    file.extend_from_slice(key_line(&secrets[2], 1).as_bytes());
+    file.extend_from_slice(b"\n{\"name\": \"caf\xE9\"}\n");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.jsonl");
+    std::fs::write(&path, file).unwrap();
+
+    let (code, stdout, stderr) =
+        run_import(&keygate, &["--tenant", "acme", "--batch-bytes", "10000000", path.to_str().unwrap()]);
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(
+        stdout.starts_with("imported 40 keys, 0 already there, 2 rejected:"),
+        "the first line, after a BOM, counts: {stdout}"
+    );
+    assert!(stdout.contains("line 41: the same key as line 3"), "{stdout}");
+    assert!(stdout.contains("line 42: the line is not UTF-8 text"), "{stdout}");
+    let mut authorize = keygate::proto::authorize_client::AuthorizeClient::new(keygate.channel.clone());
+    for secret in [&secrets[0], &secrets[39]] {
+        let check = CheckRequest { key: secret.clone(), scope: "events:read".into(), site_id: String::new() };
+        let answer = authorize.check(check).await.unwrap().into_inner();
+        assert!(answer.allowed, "{answer:?}");
+        assert_eq!(answer.metadata.len(), 16, "the metadata of the first line, not the repeat's");
+    }
+}
+
+async fn keygate_import_stopped_halfway_says_what_was_not_sent() {
+    let mut keygate = Binary::start(&[("KEYGATE_IMPORTED_KEY_FORMATS", IMPORTED)], None).await;
+    let mut admin = keygate.admin();
+    admin
+        .put_tenant(PutTenantRequest { tenant_id: "acme".into(), max_keys: Some(100_000), ..Default::default() })
+        .await
+        .unwrap();
+    let total = 20_000;
+    let lines: Vec<String> = (0..total).map(|_| key_line(&format!("tga_{}", random_hex(64)), 1)).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("keys.jsonl");
+    std::fs::write(&path, lines.join("\n")).unwrap();
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"));
+    command
+        .args(["import", "--tenant", "acme", "--batch-size", "1", path.to_str().unwrap()])
+        .env("KEYGATE_ADDR", format!("http://{}", keygate.address))
+        .env("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let import = command.spawn().unwrap();
+    // Stop keygate once some keys are in.
+    loop {
+        let page = ListKeysRequest { tenant_id: "acme".into(), page_size: 50, ..Default::default() };
+        if admin.list_keys(page).await.unwrap().into_inner().keys.len() >= 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    keygate.process.0.kill().unwrap();
+    let output = tokio::task::spawn_blocking(move || import.wait_with_output()).await.unwrap().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert_eq!(output.status.code(), Some(3), "keygate gone: {stdout}{stderr}");
+    let imported: usize = stdout
+        .strip_prefix("imported ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("a summary: {stdout}"));
+    assert!((20..total).contains(&imported), "{stdout}");
+    assert!(
+        stderr.contains(&format!("lines {} to {total} were not sent", imported + 1)),
+        "the lines to send again: {stderr}"
+    );
+}
+
+async fn display_prefixes_of_imported_keys_hide_enough_and_fit_a_shape() {
+    let app = spawn_app_with(Backend::Sqlite, &["--imported-key-formats", IMPORTED]).await.unwrap();
+    put_tenant(&app, "acme").await;
+    let legacy = format!("legacy_{}", random_hex(24));
+    let trackagoat = format!("tga_{}", random_hex(64));
+    let by_hash = |secret: &str, display_prefix: &str| ImportedKey {
+        credential: Some(imported_key::Credential::SecretSha256(sha256_hex(secret))),
+        display_prefix: display_prefix.into(),
+        ..by_secret("", &["events:read"])
+    };
+    let whole = format!("legacy_{}", random_hex(24));
+    let results = import(
+        &app,
+        "acme",
+        vec![
+            by_secret(&legacy, &["events:read"]),
+            by_hash(&whole, &whole),
+            by_hash(&trackagoat, "sk_live_4f2a"),
+            by_hash(&trackagoat, &trackagoat[..10]),
+        ],
+    )
+    .await;
+    let shown = &results[0].as_ref().unwrap().display_prefix;
+    assert_eq!(shown, &legacy[..11], "a 31-character key keeps 20 characters hidden, not 12 shown");
+    for (index, why) in [(1, "whole key"), (2, "no accepted key shape")] {
+        let status = results[index].as_ref().unwrap_err();
+        assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+        assert!(status.message().contains(why), "{status:?}");
+        let details = status.get_error_details();
+        let fields: Vec<_> =
+            details.bad_request().unwrap().field_violations.iter().map(|violation| violation.field.clone()).collect();
+        assert_eq!(fields, ["display_prefix"], "{status:?}");
+        assert!(!status.message().contains(&whole[7..]), "the key is not echoed");
+    }
+    assert_eq!(results[3].as_ref().unwrap().display_prefix, trackagoat[..10]);
 }

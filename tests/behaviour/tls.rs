@@ -13,6 +13,7 @@ use rcgen::{
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::support::ADMIN_TOKEN;
@@ -113,11 +114,14 @@ async fn channel(port: u16, tls: Option<ClientTlsConfig>) -> Result<Channel, ton
     endpoint.connect().await
 }
 
-/// Whether a health check over `tls` gets an answer, retrying while the server starts.
+/// Whether a health check over `tls` answers SERVING, retrying while the server starts.
 async fn answers(port: u16, tls: Option<ClientTlsConfig>) -> bool {
     for _ in 0..40 {
         if let Ok(channel) = channel(port, tls.clone()).await
-            && HealthClient::new(channel).check(HealthCheckRequest { service: String::new() }).await.is_ok()
+            && HealthClient::new(channel)
+                .check(HealthCheckRequest { service: String::new() })
+                .await
+                .is_ok_and(|answer| answer.into_inner().status() == ServingStatus::Serving)
         {
             return true;
         }
@@ -141,7 +145,7 @@ async fn with_mutual_tls_only_clients_with_a_certificate_get_through() {
         Ok(request)
     });
     let status = admin.get_tenant(GetTenantRequest { tenant_id: "acme".into() }).await.unwrap_err();
-    assert_eq!(status.code(), Code::NotFound, "the API answers over mutual TLS");
+    assert_eq!(status.code(), Code::NotFound, "the API answers over mutual TLS: {status:?}");
 
     assert!(!answers(port, Some(trusting(&pki))).await, "a client without a certificate is refused");
     assert!(!answers(port, None).await, "plaintext is refused");
