@@ -40,6 +40,22 @@ pub enum Command {
     GenToken,
     /// Import existing keys (JSON Lines) into a running keygate.
     Import(Box<crate::cli::import::ImportArgs>),
+    /// Work with configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// `keygate config ...`.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Validate a configuration file and print the effective configuration (the KEYGATE_*
+    /// variables apply over the file, as when serving), secrets redacted. Exit code 2 when it
+    /// is not valid.
+    #[command(after_help = "Example:\n  keygate config check /etc/keygate/keygate.toml")]
+    Check {
+        /// The TOML file.
+        file: std::path::PathBuf,
+    },
 }
 
 /// Where the database is and how many connections to hold.
@@ -71,6 +87,13 @@ pub enum LogFormat {
 /// Flags of `keygate serve`.
 #[derive(Clone, Debug, Args)]
 pub struct ServeArgs {
+    /// A TOML file holding any of these settings (names with underscores, e.g. `cache_ttl_seconds
+    /// = 60`) and the `[answers]` tables; flags and KEYGATE_* variables override it.
+    #[arg(long, env = "KEYGATE_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    /// The `[answers]` tables of the configuration file (no flag).
+    #[arg(skip)]
+    pub answers: crate::answers::AnswersFile,
     /// Address the gRPC server listens on.
     #[arg(long, env = "KEYGATE_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
@@ -557,6 +580,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// What one client may take of the gRPC listener.
     pub connections: ConnectionLimits,
+    /// Deny statuses, messages and bodies, and identity header names.
+    pub answers: std::sync::Arc<crate::answers::Answers>,
 }
 
 impl Config {
@@ -586,6 +611,7 @@ impl Config {
         if args.cache_capacity == 0 || args.cache_ttl_seconds == 0 {
             return Err("KEYGATE_CACHE_CAPACITY and KEYGATE_CACHE_TTL_SECONDS must be at least 1".into());
         }
+        let answers = std::sync::Arc::new(crate::answers::Answers::from_file(&crate::config_file::answers_of(args)?)?);
         Ok(Self {
             listen: args.listen,
             database: DatabaseConfig::from_args(&args.database)?,
@@ -606,6 +632,7 @@ impl Config {
                 key_sources: KeySources::parse(&args.envoy_key_sources)
                     .map_err(|error| format!("KEYGATE_ENVOY_KEY_SOURCES: {error}"))?,
                 strip_credentials: args.envoy_strip_credentials,
+                answers: answers.clone(),
             },
             feed: FeedSettings {
                 poll_interval: Duration::from_millis(args.change_poll_interval_ms.clamp(10, 60_000)),
@@ -630,6 +657,7 @@ impl Config {
             },
             log_format: args.log_format,
             connections: args.connections.limits()?,
+            answers,
         })
     }
 }

@@ -4,9 +4,11 @@
 //! over the [`cache`] and the [`store`], and the adapters encode the answer. [`server::App`]
 //! wires it together; `main.rs` only parses configuration and runs it.
 
+pub mod answers;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod config_file;
 pub mod domain;
 pub mod feed;
 pub mod gateway;

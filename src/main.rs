@@ -4,17 +4,20 @@
 
 use std::process::ExitCode;
 
-use clap::Parser;
-use keygate::config::{self, Cli, Command, Config, DatabaseConfig, LogFormat};
+use keygate::config::{self, Command, Config, ConfigCommand, DatabaseConfig, LogFormat};
+use keygate::config_file::{self, CliError};
 use keygate::server::{self, App};
 use keygate::telemetry;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
-        Ok(cli) => cli,
-        Err(error) if !error.use_stderr() => return print(error.render().to_string(), ExitCode::SUCCESS),
-        Err(error) => return fail(config::explain_cli_error(&error), 2),
+    let cli = match config_file::parse(std::env::args_os()) {
+        Ok((cli, _)) => cli,
+        Err(CliError::Clap(error)) if !error.use_stderr() => {
+            return print(error.render().to_string(), ExitCode::SUCCESS);
+        }
+        Err(CliError::Clap(error)) => return fail(config::explain_cli_error(&error), 2),
+        Err(CliError::File(error)) => return fail(error, 2),
     };
     let result = match cli.command.unwrap_or(Command::Serve(Box::new(cli.serve))) {
         Command::Serve(args) => {
@@ -36,6 +39,12 @@ async fn main() -> ExitCode {
         },
         Command::GenToken => {
             keygate::domain::key::new_admin_token().map(|token| println!("{token}")).map_err(Into::into)
+        }
+        Command::Config(ConfigCommand::Check { file }) => {
+            return match config_file::check(&file) {
+                Ok(effective) => print(effective, ExitCode::SUCCESS),
+                Err(error) => fail(error, 2),
+            };
         }
         Command::Import(args) => {
             return match keygate::cli::import::run(*args).await {

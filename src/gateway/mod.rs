@@ -27,11 +27,13 @@ pub struct GatewaySettings {
     pub key_sources: KeySources,
     /// Remove the credential headers and query parameters before the request goes upstream.
     pub strip_credentials: bool,
+    /// Deny answers and identity header names.
+    pub answers: std::sync::Arc<crate::answers::Answers>,
 }
 
 impl Default for GatewaySettings {
     fn default() -> Self {
-        Self { key_sources: KeySources::default(), strip_credentials: true }
+        Self { key_sources: KeySources::default(), strip_credentials: true, answers: Default::default() }
     }
 }
 
@@ -72,7 +74,7 @@ impl Gateway {
         };
         let credentials = extract_key(&self.settings.key_sources, &headers, target);
         let key = match &credentials.presented {
-            Presented::Unreadable => return Ok(response::malformed()),
+            Presented::Unreadable => return Ok(response::malformed(&self.settings.answers)),
             // No key: say so first, before anything about the site.
             Presented::Absent => String::new(),
             Presented::Key(key) => key.clone(),
@@ -97,7 +99,7 @@ impl Gateway {
             strip_credentials: self.settings.strip_credentials,
             site_id: check.site_id.as_deref(),
         };
-        Ok(response::decided(&outcome, &allowed, check.scope.as_str(), self.clock.now()))
+        Ok(response::decided(&self.settings.answers, &outcome, &allowed, check.scope.as_str(), self.clock.now()))
     }
 }
 

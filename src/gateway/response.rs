@@ -10,11 +10,12 @@ use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tonic::Code;
 
 use super::extract::ExtractedKey;
+use crate::answers::{Answers, DenyFacts, seconds_until, unix_seconds_up};
 use crate::domain::decision::DenyReason;
 use crate::service::{CheckOutcome, RateLimitState};
 
-/// Headers keygate sets on allowed requests for the upstream; always overwritten, so a client
-/// cannot forge them.
+/// Default names of the headers keygate sets on allowed requests for the upstream (see
+/// `[answers.headers]`); always overwritten, so a client cannot forge them.
 pub const TENANT_HEADER: &str = "x-keygate-tenant-id";
 pub const KEY_ID_HEADER: &str = "x-keygate-key-id";
 pub const SCOPES_HEADER: &str = "x-keygate-scopes";
@@ -47,17 +48,6 @@ fn header(key: &str, value: impl Into<String>) -> HeaderValueOption {
     }
 }
 
-/// Whole seconds from `now` until `at`, rounded up: a client that waits this long is not early.
-fn seconds_until(at: DateTime<Utc>, now: DateTime<Utc>) -> i64 {
-    let micros = (at - now).num_microseconds().unwrap_or(i64::MAX).max(0);
-    micros.div_euclid(1_000_000) + i64::from(micros.rem_euclid(1_000_000) > 0)
-}
-
-/// Unix seconds of `at`, rounded up.
-fn unix_seconds_up(at: DateTime<Utc>) -> i64 {
-    at.timestamp() + i64::from(at.timestamp_subsec_nanos() > 0)
-}
-
 fn rate_limit_headers(limit: &RateLimitState) -> Vec<HeaderValueOption> {
     vec![
         header("x-ratelimit-limit", limit.limit.to_string()),
@@ -77,23 +67,30 @@ pub fn public_code(reason: DenyReason) -> &'static str {
 }
 
 /// The answer for a decided Check.
-pub fn decided(outcome: &CheckOutcome, allowed: &Allowed<'_>, scope: &str, now: DateTime<Utc>) -> CheckResponse {
+pub fn decided(
+    answers: &Answers,
+    outcome: &CheckOutcome,
+    allowed: &Allowed<'_>,
+    scope: &str,
+    now: DateTime<Utc>,
+) -> CheckResponse {
     let site_id = allowed.site_id.unwrap_or_default();
+    let names = &answers.headers;
     match (outcome.decision, &outcome.key) {
         (Ok(()), Some(key)) => {
             let scopes = key.scopes.iter().map(|scope| scope.as_str()).collect::<Vec<_>>().join(",");
             let mut ok = OkHttpResponse {
                 headers: vec![
-                    header(TENANT_HEADER, key.tenant_id.clone()),
-                    header(KEY_ID_HEADER, key.key_id.clone()),
-                    header(SCOPES_HEADER, scopes),
+                    header(&names.tenant_id, key.tenant_id.clone()),
+                    header(&names.key_id, key.key_id.clone()),
+                    header(&names.scopes, scopes),
                 ],
                 response_headers_to_add: outcome.rate_limit.as_ref().map(rate_limit_headers).unwrap_or_default(),
                 ..Default::default()
             };
             match allowed.site_id {
-                Some(site_id) => ok.headers.push(header(SITE_HEADER, site_id)),
-                None => ok.headers_to_remove.push(SITE_HEADER.to_owned()),
+                Some(site_id) => ok.headers.push(header(&names.site_id, site_id)),
+                None => ok.headers_to_remove.push(names.site_id.clone()),
             }
             if allowed.strip_credentials {
                 ok.headers_to_remove.extend(allowed.credentials.headers_to_remove.iter().cloned());
@@ -109,73 +106,75 @@ pub fn decided(outcome: &CheckOutcome, allowed: &Allowed<'_>, scope: &str, now: 
                 ..Default::default()
             }
         }
-        (Err(reason), _) => denied(reason, &reason.message(scope, site_id), outcome.rate_limit.as_ref(), now),
+        (Err(reason), _) => {
+            let facts = DenyFacts { reason, scope, site_id, limit: outcome.rate_limit.as_ref(), now };
+            denied(answers, &facts)
+        }
         // An allow without a key cannot happen; never turn it into an allow.
         (Ok(()), None) => gateway_denied(GatewayDeny::RouteMisconfigured),
     }
 }
 
 /// The answer for a credential that cannot be read unambiguously.
-pub fn malformed() -> CheckResponse {
-    let reason = DenyReason::KeyMalformed;
-    denied(reason, &reason.message("", ""), None, Utc::now())
+pub fn malformed(answers: &Answers) -> CheckResponse {
+    let facts = DenyFacts { reason: DenyReason::KeyMalformed, scope: "", site_id: "", limit: None, now: Utc::now() };
+    denied(answers, &facts)
 }
 
 /// The answer for a request that never reached a key decision.
 pub fn gateway_denied(deny: GatewayDeny) -> CheckResponse {
     match deny {
-        GatewayDeny::RouteMisconfigured => denied_response(
-            500,
-            Code::Internal,
-            "ROUTE_MISCONFIGURED",
-            "The API gateway route is misconfigured",
-            Vec::new(),
-        ),
+        GatewayDeny::RouteMisconfigured => {
+            let message = "The API gateway route is misconfigured";
+            let body = serde_json::json!({ "error": message, "code": "ROUTE_MISCONFIGURED" }).to_string();
+            denied_response(500, Code::Internal, message, body, Vec::new())
+        }
         GatewayDeny::SiteMissing => {
-            let reason = DenyReason::SiteForbidden;
-            denied_response(
-                403,
-                Code::PermissionDenied,
-                reason.code(),
-                "This request does not name a valid site",
-                Vec::new(),
-            )
+            let message = "This request does not name a valid site";
+            let body = serde_json::json!({ "error": message, "code": DenyReason::SiteForbidden.code() }).to_string();
+            denied_response(403, Code::PermissionDenied, message, body, Vec::new())
         }
     }
 }
 
-fn denied(reason: DenyReason, message: &str, limit: Option<&RateLimitState>, now: DateTime<Utc>) -> CheckResponse {
+fn denied(answers: &Answers, facts: &DenyFacts<'_>) -> CheckResponse {
     let mut headers = Vec::new();
-    let status = reason.http_status();
-    let grpc_code = match status {
-        401 => {
-            headers.push(header("www-authenticate", "Bearer realm=\"keygate\""));
-            Code::Unauthenticated
-        }
-        429 => {
-            if let Some(limit) = limit {
-                // As RFC 9110 defines Retry-After (delay-seconds), rounded up so that a retry
-                // after exactly that many seconds is admitted.
-                let retry_after = seconds_until(limit.reset_at, now).max(1);
-                headers.push(header("retry-after", retry_after.to_string()));
-                headers.extend(rate_limit_headers(limit));
-            }
-            Code::ResourceExhausted
-        }
+    let status = answers.status(facts.reason);
+    if status == 401 {
+        // RFC 9110: a 401 carries a challenge.
+        headers.push(header("www-authenticate", "Bearer realm=\"keygate\""));
+    }
+    if let Some(limit) = facts.limit
+        && matches!(facts.reason, DenyReason::RateLimited | DenyReason::QuotaExceeded)
+    {
+        // As RFC 9110 defines Retry-After (delay-seconds), rounded up so that a retry after
+        // exactly that many seconds is admitted.
+        let retry_after = seconds_until(limit.reset_at, facts.now).max(1);
+        headers.push(header("retry-after", retry_after.to_string()));
+        headers.extend(rate_limit_headers(limit));
+    }
+    let grpc_code = match facts.reason {
+        DenyReason::KeyMissing
+        | DenyReason::KeyMalformed
+        | DenyReason::KeyUnknown
+        | DenyReason::KeyRevoked
+        | DenyReason::KeyExpired => Code::Unauthenticated,
+        DenyReason::RateLimited | DenyReason::QuotaExceeded => Code::ResourceExhausted,
         _ => Code::PermissionDenied,
     };
-    denied_response(status, grpc_code, public_code(reason), message, headers)
+    let message = answers.message(facts.reason, facts.scope, facts.site_id);
+    let body = answers.body(facts, public_code(facts.reason));
+    denied_response(status, grpc_code, &message, body, headers)
 }
 
 fn denied_response(
     status: u16,
     grpc_code: Code,
-    code: &str,
     message: &str,
+    body: String,
     mut headers: Vec<HeaderValueOption>,
 ) -> CheckResponse {
     headers.push(header("content-type", "application/json"));
-    let body = serde_json::json!({ "error": message, "code": code }).to_string();
     CheckResponse {
         status: Some(RpcStatus { code: grpc_code as i32, message: message.to_owned(), ..Default::default() }),
         http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
@@ -230,7 +229,8 @@ mod tests {
             subject: crate::service::RateLimitSubject::Key,
         };
         let allowed = Allowed { credentials: &credentials(), strip_credentials: true, site_id: None };
-        let response = decided(&outcome(DenyReason::RateLimited, Some(limit)), &allowed, "events:read", now);
+        let response =
+            decided(&Answers::default(), &outcome(DenyReason::RateLimited, Some(limit)), &allowed, "events:read", now);
         let (grpc, status, headers, body) = denied_parts(&response);
         assert_eq!((grpc, status), (Code::ResourceExhausted as i32, 429));
         assert_eq!(headers["retry-after"], "42");
@@ -252,20 +252,21 @@ mod tests {
             (DenyReason::QuotaExceeded, Code::ResourceExhausted, 429),
         ];
         for (reason, code, http) in cases {
-            let response = decided(&outcome(reason, None), &allowed, "events:read", Utc::now());
+            let response = decided(&Answers::default(), &outcome(reason, None), &allowed, "events:read", Utc::now());
             let (grpc, status, headers, body) = denied_parts(&response);
             assert_eq!((grpc, status), (code as i32, http), "{reason:?}");
             assert_eq!(headers.contains_key("www-authenticate"), http == 401, "{reason:?}");
             assert_eq!(headers["content-type"], "application/json");
             assert_eq!(body["code"], public_code(reason));
         }
-        let (grpc, status, _, body) = denied_parts(&malformed());
+        let (grpc, status, _, body) = denied_parts(&malformed(&Answers::default()));
         assert_eq!((grpc, status), (Code::Unauthenticated as i32, 401));
         assert_eq!(body["code"], "KEY_INVALID");
         let bodies: Vec<String> = [DenyReason::KeyUnknown, DenyReason::KeyRevoked, DenyReason::KeyMalformed]
             .into_iter()
             .map(|reason| {
-                let response = decided(&outcome(reason, None), &allowed, "events:read", Utc::now());
+                let response =
+                    decided(&Answers::default(), &outcome(reason, None), &allowed, "events:read", Utc::now());
                 let Some(HttpResponse::DeniedResponse(denied)) = response.http_response else { panic!() };
                 format!("{:?}", (denied.status, denied.headers, denied.body, response.status))
             })

@@ -14,11 +14,13 @@ use crate::service::{self, Authorizer, ServiceError};
 /// The Authorize gRPC service.
 pub struct AuthorizeApi {
     authorizer: Authorizer,
+    /// The same statuses and messages as Envoy's denies.
+    answers: std::sync::Arc<crate::answers::Answers>,
 }
 
 impl AuthorizeApi {
-    pub fn new(authorizer: Authorizer) -> Self {
-        Self { authorizer }
+    pub fn new(authorizer: Authorizer, answers: std::sync::Arc<crate::answers::Answers>) -> Self {
+        Self { authorizer, answers }
     }
 }
 
@@ -53,6 +55,6 @@ impl Authorize for AuthorizeApi {
         let outcome = self.authorizer.check(&request).await?;
         super::record_decision(&outcome);
         let site_id = request.site_id.as_deref().unwrap_or_default();
-        Ok(Response::new(convert::check_response(&outcome, request.scope.as_str(), site_id)))
+        Ok(Response::new(convert::check_response(&self.answers, &outcome, request.scope.as_str(), site_id)))
     }
 }

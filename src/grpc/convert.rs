@@ -283,7 +283,13 @@ pub fn api_key(key: &KeyRecord, now: DateTime<Utc>) -> proto::ApiKey {
 }
 
 /// Encodes a Check outcome.
-pub fn check_response(outcome: &crate::service::CheckOutcome, scope: &str, site_id: &str) -> proto::CheckResponse {
+/// The Authorize answer; a deny's `message` and `http_status` come from `answers`, as Envoy's do.
+pub fn check_response(
+    answers: &crate::answers::Answers,
+    outcome: &crate::service::CheckOutcome,
+    scope: &str,
+    site_id: &str,
+) -> proto::CheckResponse {
     use crate::domain::decision::DenyReason;
     let reason = outcome.decision.err();
     let mut response = proto::CheckResponse {
@@ -300,8 +306,8 @@ pub fn check_response(outcome: &crate::service::CheckOutcome, scope: &str, site_
             DenyReason::RateLimited => proto::DenyReason::RateLimited,
             DenyReason::QuotaExceeded => proto::DenyReason::QuotaExceeded,
         }) as i32,
-        message: reason.map(|reason| reason.message(scope, site_id)).unwrap_or_default(),
-        http_status: reason.map_or(200, |reason| u32::from(reason.http_status())),
+        message: reason.map(|reason| answers.message(reason, scope, site_id)).unwrap_or_default(),
+        http_status: reason.map_or(200, |reason| u32::from(answers.status(reason))),
         ..Default::default()
     };
     if let Some(key) = &outcome.key {

@@ -132,7 +132,8 @@ impl App {
         let authorizer = Authorizer::new(self.core.clone());
         let gateway = Gateway::new(authorizer.clone(), self.config.gateway.clone(), self.core.clock.clone());
         let authorize = InterceptedService::new(
-            AuthorizeServer::new(AuthorizeApi::new(authorizer)).max_decoding_message_size(max_check),
+            AuthorizeServer::new(AuthorizeApi::new(authorizer, self.config.answers.clone()))
+                .max_decoding_message_size(max_check),
             BearerAuth::when_configured(self.config.authorize_tokens.clone(), "Authorize"),
         );
         let envoy = InterceptedService::new(

@@ -8,6 +8,7 @@ mod raw_h2;
 mod support;
 
 mod abuse;
+mod answers;
 mod authorization;
 mod caching;
 mod checks;
@@ -34,6 +35,7 @@ fn main() -> std::process::ExitCode {
     let arguments = libtest_mimic::Arguments::from_args();
     let trials: Vec<libtest_mimic::Trial> = [
         abuse::trials(),
+        answers::trials(),
         authorization::trials(),
         caching::trials(),
         checks::trials(),
