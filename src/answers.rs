@@ -36,7 +36,8 @@ pub struct AnswersFile {
     #[serde(default)]
     pub headers: HeadersFile,
     /// Per deny reason (`KEY_MISSING`, `KEY_INVALID`, `KEY_EXPIRED`, `SCOPE_MISSING`,
-    /// `SITE_FORBIDDEN`, `PLAN_REQUIRED`, `RATE_LIMITED`, `QUOTA_EXCEEDED`): status and message.
+    /// `SITE_FORBIDDEN`, `PLAN_REQUIRED`, `RATE_LIMITED`, `QUOTA_EXCEEDED`, `TENANT_MISMATCH`):
+    /// status and message.
     #[serde(default)]
     pub deny: HashMap<String, ReasonFile>,
 }
@@ -212,6 +213,7 @@ fn reasons_named(name: &str) -> Result<&'static [DenyReason], String> {
         "PLAN_REQUIRED" => &[DenyReason::PlanRequired],
         "RATE_LIMITED" => &[DenyReason::RateLimited],
         "QUOTA_EXCEEDED" => &[DenyReason::QuotaExceeded],
+        "TENANT_MISMATCH" => &[DenyReason::TenantMismatch],
         "KEY_UNKNOWN" | "KEY_REVOKED" | "KEY_MALFORMED" => {
             return Err(format!(
                 "{name}: configure KEY_INVALID, which answers unknown, revoked and malformed keys alike so that \
@@ -221,7 +223,7 @@ fn reasons_named(name: &str) -> Result<&'static [DenyReason], String> {
         other => {
             return Err(format!(
                 "{other:?} is no deny reason; the reasons are KEY_MISSING, KEY_INVALID, KEY_EXPIRED, SCOPE_MISSING, \
-                 SITE_FORBIDDEN, PLAN_REQUIRED, RATE_LIMITED, QUOTA_EXCEEDED"
+                 SITE_FORBIDDEN, PLAN_REQUIRED, RATE_LIMITED, QUOTA_EXCEEDED, TENANT_MISMATCH"
             ));
         }
     })
@@ -336,6 +338,7 @@ impl Answers {
             ("PLAN_REQUIRED", DenyReason::PlanRequired),
             ("RATE_LIMITED", DenyReason::RateLimited),
             ("QUOTA_EXCEEDED", DenyReason::QuotaExceeded),
+            ("TENANT_MISMATCH", DenyReason::TenantMismatch),
         ];
         for (name, reason) in reasons {
             let configured = self.reasons.get(&reason);

@@ -204,6 +204,20 @@ pub async fn run(mut args: ImportArgs) -> Result<Exit, Failure> {
                 args.batch_bytes = (encoded_size(batch) / 2).max(1);
                 continue;
             }
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                // One key alone is larger than the server takes: that line is rejected, the
+                // others go on.
+                let (number, key) = &batch[0];
+                summary.rejected.push((
+                    *number,
+                    format!(
+                        "the key is {} bytes, more than the server accepts in one call (KEYGATE_MAX_MESSAGE_BYTES)",
+                        prost::Message::encoded_len(key)
+                    ),
+                ));
+                pending = &pending[1..];
+                continue;
+            }
             Err(status) => {
                 let mut error = Failure::from_call(&status, &address);
                 error.message = format!("ImportKeys failed: {}", error.message);

@@ -18,6 +18,8 @@ pub enum DenyReason {
     PlanRequired,
     RateLimited,
     QuotaExceeded,
+    /// The request names a tenant that is not the key's.
+    TenantMismatch,
 }
 
 impl DenyReason {
@@ -26,7 +28,7 @@ impl DenyReason {
         match self {
             Self::KeyMissing | Self::KeyMalformed | Self::KeyUnknown | Self::KeyRevoked | Self::KeyExpired => 401,
             Self::PlanRequired => 402,
-            Self::ScopeMissing | Self::SiteForbidden => 403,
+            Self::ScopeMissing | Self::SiteForbidden | Self::TenantMismatch => 403,
             Self::RateLimited | Self::QuotaExceeded => 429,
         }
     }
@@ -44,6 +46,7 @@ impl DenyReason {
             Self::PlanRequired => "PLAN_REQUIRED",
             Self::RateLimited => "RATE_LIMITED",
             Self::QuotaExceeded => "QUOTA_EXCEEDED",
+            Self::TenantMismatch => "TENANT_MISMATCH",
         }
     }
 
@@ -62,6 +65,8 @@ impl DenyReason {
             Self::PlanRequired => "API key access is not included in this plan".to_owned(),
             Self::RateLimited => "Rate limit exceeded".to_owned(),
             Self::QuotaExceeded => "Daily request quota exceeded".to_owned(),
+            // The same whether or not the named tenant exists.
+            Self::TenantMismatch => "This API key cannot access this tenant".to_owned(),
         }
     }
 }
@@ -75,16 +80,22 @@ pub struct CheckInput<'a> {
     pub site_id: Option<&'a str>,
     /// The tenant that owns `site_id`, if the site exists.
     pub site_owner: Option<&'a str>,
+    /// The tenant the request names, if it names one.
+    pub requested_tenant: Option<&'a str>,
     pub now: DateTime<Utc>,
 }
 
-/// Decides a Check for a known key. Lifecycle first (a revoked key says nothing more), then
-/// plan, scope and site.
+/// Decides a Check for a known key. Lifecycle first (a revoked key says nothing more), then the
+/// requested tenant (another tenant's plan is none of the caller's business), plan, scope and
+/// site.
 pub fn decide(input: &CheckInput<'_>, policy: &ScopePolicy) -> Result<(), DenyReason> {
     match input.key.state(input.now) {
         KeyState::Revoked => return Err(DenyReason::KeyRevoked),
         KeyState::Expired => return Err(DenyReason::KeyExpired),
         KeyState::Active => {}
+    }
+    if input.requested_tenant.is_some_and(|requested| requested != input.key.tenant_id) {
+        return Err(DenyReason::TenantMismatch);
     }
     if !input.tenant.api_access_enabled {
         return Err(DenyReason::PlanRequired);
@@ -153,8 +164,15 @@ mod tests {
         owner: Option<&str>,
     ) -> Result<(), DenyReason> {
         let scope = Scope::parse(scope).unwrap();
-        let input =
-            CheckInput { key, tenant, required_scope: &scope, site_id: site, site_owner: owner, now: Utc::now() };
+        let input = CheckInput {
+            key,
+            tenant,
+            required_scope: &scope,
+            site_id: site,
+            site_owner: owner,
+            requested_tenant: None,
+            now: Utc::now(),
+        };
         decide(&input, &ScopePolicy::default())
     }
 
@@ -195,6 +213,30 @@ mod tests {
             Err(DenyReason::SiteForbidden)
         );
         assert_eq!(check(&key(&["s1"]), &tenant(), "events:read", None, None), Err(DenyReason::SiteForbidden));
+    }
+
+    #[test]
+    fn a_key_of_another_tenant_is_denied_before_its_plan_is_looked_at() {
+        let scope = Scope::parse("events:read").unwrap();
+        let mut no_plan = tenant();
+        no_plan.api_access_enabled = false;
+        let key = key(&[]);
+        let decide_for = |requested: Option<&str>, tenant: &Tenant| {
+            let input = CheckInput {
+                key: &key,
+                tenant,
+                required_scope: &scope,
+                site_id: None,
+                site_owner: None,
+                requested_tenant: requested,
+                now: Utc::now(),
+            };
+            decide(&input, &ScopePolicy::default())
+        };
+        assert_eq!(decide_for(Some("acme"), &tenant()), Ok(()));
+        assert_eq!(decide_for(Some("globex"), &no_plan), Err(DenyReason::TenantMismatch));
+        assert_eq!(decide_for(Some("Acme"), &tenant()), Err(DenyReason::TenantMismatch), "ids are case-sensitive");
+        assert_eq!(decide_for(None, &no_plan), Err(DenyReason::PlanRequired));
     }
 
     #[test]

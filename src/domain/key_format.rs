@@ -283,6 +283,25 @@ impl Shape {
         rest.is_empty()
     }
 
+    /// The environment a prefix of a key of this shape states, when it reaches past `{env}`.
+    fn environment_in_prefix(&self, prefix: &str) -> Option<Environment> {
+        if !self.could_start_with(prefix) {
+            return None;
+        }
+        let mut position = 0;
+        for part in &self.parts {
+            if let Part::Env = part {
+                return match prefix.get(position..position + 4)? {
+                    "live" => Some(Environment::Live),
+                    "test" => Some(Environment::Test),
+                    _ => None,
+                };
+            }
+            position += part.width();
+        }
+        None
+    }
+
     /// Whether `key` has this shape (and, with `checksum`, a valid checksum); its environment
     /// when the shape has `{env}`.
     fn matches(&self, key: &str, checksum: bool) -> Option<Option<Environment>> {
@@ -499,6 +518,57 @@ impl KeyShapes {
         key.chars().take(shown).collect()
     }
 
+    /// What is wrong with `prefix` as the display prefix of an imported hash: `None` when some
+    /// accepted shape starts like it and still hides [`MIN_HIDDEN_IMPORTED_CHARS`] characters
+    /// (of a template, by its length; of a pattern, whose lengths are unknown, when the prefix is
+    /// at most `display_chars` long).
+    pub fn display_prefix_problem(&self, prefix: &str) -> Option<String> {
+        if !self.could_start_with(prefix) {
+            return Some(
+                "no accepted key shape starts like this, so Check would refuse the key: add its shape to \
+                 KEYGATE_IMPORTED_KEY_FORMATS"
+                    .into(),
+            );
+        }
+        let shown = prefix.chars().count();
+        let templates =
+            std::iter::once(&self.minting).chain(&self.earlier).chain(self.imported.iter().filter_map(|shape| {
+                match shape {
+                    ImportedShape::Template(shape) => Some(shape),
+                    ImportedShape::Pattern(_) => None,
+                }
+            }));
+        let mut longest = 0;
+        for shape in templates.filter(|shape| shape.could_start_with(prefix)) {
+            longest = longest.max(shape.length().saturating_sub(MIN_HIDDEN_IMPORTED_CHARS));
+        }
+        let patterns = self
+            .imported
+            .iter()
+            .any(|shape| matches!(shape, ImportedShape::Pattern(_)) && shape.could_start_with(prefix));
+        if patterns {
+            longest = longest.max(self.display_chars);
+        }
+        (shown > longest).then(|| {
+            format!(
+                "shows too much of the key: at most {longest} characters, so that at least \
+                 {MIN_HIDDEN_IMPORTED_CHARS} stay hidden"
+            )
+        })
+    }
+
+    /// The environment a display prefix states (`et_test_…` of `et_{env}_{hex:32}`), if any.
+    pub fn environment_in_prefix(&self, prefix: &str) -> Option<Environment> {
+        let imported = self.imported.iter().filter_map(|shape| match shape {
+            ImportedShape::Template(shape) => Some(shape),
+            ImportedShape::Pattern(_) => None,
+        });
+        std::iter::once(&self.minting)
+            .chain(&self.earlier)
+            .chain(imported)
+            .find_map(|shape| shape.environment_in_prefix(prefix))
+    }
+
     /// Whether some accepted key could start with `prefix` (a display prefix given with an
     /// imported hash): a minted or imported template allows it, or an imported pattern's
     /// literal start does (see [`ImportedShape::could_start_with`]).
@@ -557,6 +627,26 @@ mod tests {
         assert!(!patterns("^xy?z.*$").could_start_with("yz12"));
         assert!(patterns("^[a-z]{3}_.+$").could_start_with("anything"), "a class first: anything");
         assert!(patterns("^ab_.+$|^cd_.+$").could_start_with("cd_1"), "alternations: anything");
+    }
+
+    #[test]
+    fn a_hashs_display_prefix_hides_twenty_characters_and_states_its_environment() {
+        let shapes = KeyShapes {
+            imported: vec![
+                ImportedShape::parse("et_{env}_{hex:32}").unwrap(),
+                ImportedShape::parse("^legacy_[A-Za-z0-9]{24}$").unwrap(),
+            ],
+            ..KeyShapes::default()
+        };
+        assert_eq!(shapes.display_prefix_problem("et_live_0123456789ab"), None, "40 - 20 = 20 characters");
+        assert!(shapes.display_prefix_problem("et_live_0123456789abc").unwrap().contains("at most 20"));
+        assert_eq!(shapes.display_prefix_problem("legacy_AbCd"), None);
+        assert!(shapes.display_prefix_problem("legacy_AbCdEfGhIjKlMnOpQrSt").unwrap().contains("at most 12"));
+        assert!(shapes.display_prefix_problem("sk_live_").unwrap().contains("no accepted key shape"));
+        assert_eq!(shapes.environment_in_prefix("et_test_fac6"), Some(Environment::Test));
+        assert_eq!(shapes.environment_in_prefix("et_live"), Some(Environment::Live));
+        assert_eq!(shapes.environment_in_prefix("et_li"), None, "not reached yet");
+        assert_eq!(shapes.environment_in_prefix("legacy_AbCd"), None);
     }
 
     /// The shapes the reference products promise.

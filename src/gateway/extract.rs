@@ -114,6 +114,11 @@ pub fn extract_key(sources: &KeySources, headers: &HashMap<String, String>, targ
         }
     }
     extracted.path_without_credentials = without_query_parameters(target, &query_names);
+    // A credential keygate cannot strip byte for byte must not reach the upstream beside the
+    // key it read elsewhere.
+    if query_names.iter().any(|name| behind_a_semicolon(target, name)) {
+        extracted.presented = Presented::Unreadable;
+    }
     extracted
 }
 
@@ -197,7 +202,7 @@ fn bearer_value(value: &str) -> Option<Presented> {
     Some(Presented::Key(credential.to_owned()))
 }
 
-/// How a route names the site of a request, from its `context_extensions`.
+/// How a route names the site (or the tenant) of a request, from its `context_extensions`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SiteSource {
     /// The route touches no single site.
@@ -206,8 +211,9 @@ pub enum SiteSource {
     Literal(String),
     /// `site_header`: the name of a request header.
     Header(String),
-    /// `site_path`: a template such as `/v1/sites/{site}/` matched against the path.
-    Path(String),
+    /// `site_path`: a template such as `/v1/sites/{site}/` matched against the path; the
+    /// placeholder is `{site}` (`{tenant}` for a tenant source).
+    Path { template: String, placeholder: &'static str },
     /// `site_query`: a query parameter.
     Query(String),
 }
@@ -215,14 +221,25 @@ pub enum SiteSource {
 impl SiteSource {
     /// The first of `site`, `site_header`, `site_path`, `site_query` that the route sets.
     pub fn from_context(context: &HashMap<String, String>) -> Self {
-        let get = |name: &str| context.get(name).filter(|value| !value.is_empty()).cloned();
-        if let Some(site) = get("site") {
+        Self::named(context, "site")
+    }
+
+    /// The route's tenant source: the first of `tenant`, `tenant_header`, `tenant_path` (with
+    /// `{tenant}`), `tenant_query`.
+    pub fn tenant_from_context(context: &HashMap<String, String>) -> Self {
+        Self::named(context, "tenant")
+    }
+
+    fn named(context: &HashMap<String, String>, name: &'static str) -> Self {
+        let get = |suffix: &str| context.get(&format!("{name}{suffix}")).filter(|value| !value.is_empty()).cloned();
+        let placeholder = if name == "tenant" { "{tenant}" } else { "{site}" };
+        if let Some(site) = get("") {
             Self::Literal(site)
-        } else if let Some(header) = get("site_header") {
+        } else if let Some(header) = get("_header") {
             Self::Header(header.to_ascii_lowercase())
-        } else if let Some(template) = get("site_path") {
-            Self::Path(template)
-        } else if let Some(parameter) = get("site_query") {
+        } else if let Some(template) = get("_path") {
+            Self::Path { template, placeholder }
+        } else if let Some(parameter) = get("_query") {
             Self::Query(parameter)
         } else {
             Self::None
@@ -239,7 +256,7 @@ pub enum SiteError {
     Invalid,
 }
 
-/// The site id of a request, `Ok(None)` when the route touches no single site.
+/// The site (or tenant) id of a request, `Ok(None)` when the route names no source.
 pub fn extract_site(
     source: &SiteSource,
     headers: &HashMap<String, String>,
@@ -248,9 +265,14 @@ pub fn extract_site(
     let raw = match source {
         SiteSource::None => return Ok(None),
         SiteSource::Literal(site) => Some(site.clone()),
+        // Under two spellings (`x-site-id` and `x_site_id`, one to CGI-style servers), the
+        // upstream may read the other one.
+        SiteSource::Header(name) if headers.keys().filter(|present| same_header_name(present, name)).count() > 1 => {
+            return Err(SiteError::Invalid);
+        }
         SiteSource::Header(name) => headers.get(name).map(|value| value.trim().to_owned()),
-        SiteSource::Path(_) if has_dot_segments(path_only(path)) => return Err(SiteError::Invalid),
-        SiteSource::Path(template) => match_path(template, path_only(path)),
+        SiteSource::Path { .. } if has_dot_segments(path_only(path)) => return Err(SiteError::Invalid),
+        SiteSource::Path { template, placeholder } => match_path(template, placeholder, path_only(path)),
         SiteSource::Query(name) => match query_parameter(path, name).value {
             QueryValue::Absent => None,
             QueryValue::One(site) => Some(site),
@@ -269,8 +291,8 @@ fn path_only(target: &str) -> &str {
 
 /// Matches `template` (literal text with one `{site}` placeholder) against the start of `path`;
 /// the placeholder takes one path segment, percent-decoded.
-fn match_path(template: &str, path: &str) -> Option<String> {
-    let (before, after) = template.split_once("{site}")?;
+fn match_path(template: &str, placeholder: &str, path: &str) -> Option<String> {
+    let (before, after) = template.split_once(placeholder)?;
     let rest = path.strip_prefix(before)?;
     let end = rest.find('/').unwrap_or(rest.len());
     let (segment, remainder) = rest.split_at(end);
@@ -300,19 +322,38 @@ pub struct QueryParameter {
 /// take for it (see [`canonical_parameter_names`]): one occurrence spelled exactly is read, and
 /// anything else (`%5Fapikey`, `_APIKEY`, `_apikey[]` or a repeat) is unreadable.
 pub fn query_parameter(target: &str, name: &str) -> QueryParameter {
-    let query = target.split_once('?').map_or("", |(_, query)| query);
-    let query = query.split('#').next().unwrap_or_default();
+    let query = query_of(target);
     let occurrences: Vec<(&str, &str)> = query
         .split('&')
         .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
         .filter(|(raw, _)| spells(raw, name))
         .collect();
     let value = match occurrences.as_slice() {
+        _ if behind_a_semicolon(target, name) => QueryValue::Unreadable,
         [] => QueryValue::Absent,
         [(raw, value)] if *raw == name => percent_decode(value, true).map_or(QueryValue::Unreadable, QueryValue::One),
         _ => QueryValue::Unreadable,
     };
     QueryParameter { value }
+}
+
+/// The query of a request target, without a fragment.
+fn query_of(target: &str) -> &str {
+    let query = target.split_once('?').map_or("", |(_, query)| query);
+    query.split('#').next().unwrap_or_default()
+}
+
+/// Whether `name` is spelled after a `;` inside one `&`-separated pair (`a=1;_apikey=KEY`,
+/// `_apikey;=KEY`): frameworks that split on `;` too (Rack before 3, Go before 1.17, Python
+/// before 3.9.2) read a parameter there that the others do not, so keygate can neither read
+/// it nor strip it byte for byte: the request is unreadable.
+fn behind_a_semicolon(target: &str, name: &str) -> bool {
+    query_of(target).split('&').filter(|pair| pair.contains(';')).any(|pair| {
+        pair.split(';').any(|part| {
+            let raw = part.split_once('=').map_or(part, |(raw, _)| raw);
+            spells(raw, name)
+        })
+    })
 }
 
 /// Whether a path has a `.` or `..` segment, as written or percent-encoded.
@@ -431,6 +472,14 @@ mod tests {
         let both = extract_key(&KeySources::default(), &headers(&[("x-api-key", "a"), ("x_api_key", "b")]), "/");
         assert_eq!(both.presented, Presented::Unreadable);
         assert_eq!(both.headers_to_remove.len(), 2);
+        // Behind a `;` (a separator to some frameworks) a credential cannot be stripped byte for
+        // byte: the request is refused, also next to a Bearer key.
+        for target in ["/x?a=1;_apikey=LEAK", "/x?_apikey;=LEAK", "/x?a=1&b=2;_APIKEY=LEAK&c=3"] {
+            let with_bearer = extract_key(&KeySources::default(), &headers(&bearer), target);
+            assert_eq!(with_bearer.presented, Presented::Unreadable, "{target}");
+        }
+        let harmless = extract_key(&KeySources::default(), &headers(&bearer), "/x?a=1;b=2");
+        assert_eq!((harmless.presented, harmless.path_without_credentials), (found("k"), None));
         // Names that merely contain the credential's name are someone else's.
         for other in ["x_apikey", "_apikeys", "apikey"] {
             let extracted = extract_key(&KeySources::default(), &HashMap::new(), &format!("/x?{other}=v"));
@@ -540,5 +589,11 @@ mod tests {
         }
         assert_eq!(site(&[("site_header", "x-site")], &[("x-site", &"s".repeat(65))], "/"), Err(SiteError::Invalid));
         assert_eq!(site(&[("site_header", "x-site")], &[("x-site", "a,b")], "/"), Err(SiteError::Invalid));
+        let two_spellings = [("x-site", "shop"), ("x_site", "blog")];
+        assert_eq!(site(&[("site_header", "x-site")], &two_spellings, "/"), Err(SiteError::Invalid));
+        for target in ["/s?siteId=shop&x=1;siteId=blog", "/s?siteId=shop;x=1", "/s?x=1;siteid=blog"] {
+            assert_eq!(site(&[("site_query", "siteId")], &[], target), Err(SiteError::Invalid), "{target}");
+        }
+        assert_eq!(site(&[("site_query", "siteId")], &[], "/s?siteId=shop&x=a;b"), Ok(Some("shop".into())));
     }
 }

@@ -2,8 +2,10 @@
 //! and cache as `Authorize.Check`.
 //!
 //! A route says what it needs through its ext_authz `context_extensions`: `scope` (required; a
-//! route without one is denied, fail closed) and at most one site source (`site`, `site_header`,
-//! `site_path`, `site_query`). The key comes from the first configured [`KeySource`] present.
+//! route without one is denied, fail closed), at most one site source (`site`, `site_header`,
+//! `site_path`, `site_query`) and at most one tenant source (`tenant`, `tenant_header`,
+//! `tenant_path` with `{tenant}`, `tenant_query`): a key of another tenant is denied
+//! TENANT_MISMATCH, as is a request on such a route that names no valid tenant. The key comes from the first configured [`KeySource`] present.
 
 mod extract;
 mod response;
@@ -79,19 +81,23 @@ impl Gateway {
             Presented::Absent => String::new(),
             Presented::Key(key) => key.clone(),
         };
-        let site_id = match key.is_empty() {
-            true => None,
-            false => match extract_site(&SiteSource::from_context(context), &headers, target) {
-                Ok(site_id) => site_id,
-                Err(problem) => {
-                    if let Some(suppressed) = DENIALS.allow() {
-                        info!(route = route(), ?problem, suppressed, "gateway request names no valid site: denying");
-                    }
-                    return Ok(response::gateway_denied(GatewayDeny::SiteMissing));
+        // The site and the tenant the route names; nothing about them when there is no key.
+        let read = |source: SiteSource, what: &str| match key.is_empty() {
+            true => Ok(None),
+            false => extract_site(&source, &headers, target).inspect_err(|problem| {
+                if let Some(suppressed) = DENIALS.allow() {
+                    info!(route = route(), ?problem, suppressed, "gateway request names no valid {what}: denying");
                 }
-            },
+            }),
         };
-        let check = service::CheckRequest { key, scope, site_id };
+        let Ok(site_id) = read(SiteSource::from_context(context), "site") else {
+            return Ok(response::gateway_denied(GatewayDeny::SiteMissing));
+        };
+        // A tenant-bound route without a readable tenant: no key can be of it.
+        let Ok(tenant_id) = read(SiteSource::tenant_from_context(context), "tenant") else {
+            return Ok(response::tenant_unreadable(&self.settings.answers, scope.as_str()));
+        };
+        let check = service::CheckRequest { key, scope, site_id, tenant_id };
         let outcome = self.authorizer.check(&check).await?;
         crate::grpc::record_decision(&outcome);
         let allowed = response::Allowed {

@@ -121,6 +121,13 @@ pub fn malformed(answers: &Answers) -> CheckResponse {
     denied(answers, &facts)
 }
 
+/// The answer for a request on a tenant-bound route that names no valid tenant: the route's
+/// tenant cannot be the key's, so it is the TENANT_MISMATCH answer.
+pub fn tenant_unreadable(answers: &Answers, scope: &str) -> CheckResponse {
+    let facts = DenyFacts { reason: DenyReason::TenantMismatch, scope, site_id: "", limit: None, now: Utc::now() };
+    denied(answers, &facts)
+}
+
 /// The answer for a request that never reached a key decision.
 pub fn gateway_denied(deny: GatewayDeny) -> CheckResponse {
     match deny {

@@ -36,9 +36,13 @@ impl TryFrom<CheckRequest> for service::CheckRequest {
         if !request.site_id.is_empty() {
             violations.id("site_id", &request.site_id);
         }
+        if !request.tenant_id.is_empty() {
+            violations.id("tenant_id", &request.tenant_id);
+        }
         let site_id = Some(request.site_id).filter(|site| !site.is_empty());
+        let tenant_id = Some(request.tenant_id).filter(|tenant| !tenant.is_empty());
         match (violations.finish(()), scope) {
-            (Ok(()), Some(scope)) => Ok(Self { key: request.key, scope, site_id }),
+            (Ok(()), Some(scope)) => Ok(Self { key: request.key, scope, site_id, tenant_id }),
             (Err(violations), _) => Err(violations.into()),
             (Ok(()), None) => Err(ServiceError::invalid("scope", "is required")),
         }

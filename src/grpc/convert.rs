@@ -305,6 +305,7 @@ pub fn check_response(
             DenyReason::PlanRequired => proto::DenyReason::PlanRequired,
             DenyReason::RateLimited => proto::DenyReason::RateLimited,
             DenyReason::QuotaExceeded => proto::DenyReason::QuotaExceeded,
+            DenyReason::TenantMismatch => proto::DenyReason::TenantMismatch,
         }) as i32,
         message: reason.map(|reason| answers.message(reason, scope, site_id)).unwrap_or_default(),
         http_status: reason.map_or(200, |reason| u32::from(answers.status(reason))),

@@ -25,6 +25,9 @@ pub struct CheckRequest {
     pub key: String,
     pub scope: Scope,
     pub site_id: Option<String>,
+    /// The tenant the request names (a well-formed id), if any: a key of another tenant is
+    /// denied TENANT_MISMATCH.
+    pub tenant_id: Option<String>,
 }
 
 /// The decision and, when the key is known, its context.
@@ -93,6 +96,7 @@ impl Authorizer {
             required_scope: &request.scope,
             site_id: request.site_id.as_deref(),
             site_owner: site_owner.as_deref(),
+            requested_tenant: request.tenant_id.as_deref(),
             now,
         };
         let decided = decide(&input, &core.policy.scopes);

@@ -205,13 +205,10 @@ impl KeyService {
                     violations.add("display_prefix", "is required with secret_sha256");
                 } else if KeyHash::of(&key.display_prefix) == hash {
                     violations.add("display_prefix", "is the whole key: give only its first characters");
-                } else if !shapes.could_start_with(&key.display_prefix) {
-                    violations.add(
-                        "display_prefix",
-                        "no accepted key shape starts like this, so Check would refuse the key: add its shape to KEYGATE_IMPORTED_KEY_FORMATS",
-                    );
+                } else if let Some(problem) = shapes.display_prefix_problem(&key.display_prefix) {
+                    violations.add("display_prefix", problem);
                 }
-                (hash, key.display_prefix.clone(), None)
+                (hash, key.display_prefix.clone(), shapes.environment_in_prefix(&key.display_prefix))
             }
         };
         let environment = match (key.environment, stated) {

@@ -87,6 +87,7 @@ async fn streams_beyond_the_advertised_limit_are_refused_and_memory_stays_bounde
         key: secret.clone(),
         scope: "events:read".into(),
         site_id: String::new(),
+        ..Default::default()
     }));
     let block = header_block(CHECK, &[]);
     let mut window: u64 = 65_535;
@@ -178,7 +179,8 @@ async fn idle_connections_are_closed_with_goaway_but_a_streaming_call_keeps_its_
     tokio::time::sleep(Duration::from_secs(3)).await;
     let still_open = tokio::time::timeout(Duration::from_millis(200), watch.message()).await;
     assert!(still_open.is_err(), "the watch is still open and silent: {still_open:?}");
-    let request = CheckRequest { key: String::new(), scope: "events:read".into(), site_id: String::new() };
+    let request =
+        CheckRequest { key: String::new(), scope: "events:read".into(), site_id: String::new(), ..Default::default() };
     let answered = keygate::proto::authorize_client::AuthorizeClient::new(channel).check(request).await;
     assert!(answered.is_ok(), "the same connection serves calls: {answered:?}");
 }

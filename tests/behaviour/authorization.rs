@@ -37,7 +37,12 @@ async fn authorize_requires_a_caller_token_when_configured(backend: Backend) {
     let Some(app) = spawn_app_with(backend, &["--authorize-tokens", caller_tokens]).await else {
         return;
     };
-    let request = || CheckRequest { key: String::new(), scope: "events:read".into(), site_id: String::new() };
+    let request = || CheckRequest {
+        key: String::new(),
+        scope: "events:read".into(),
+        site_id: String::new(),
+        ..Default::default()
+    };
     let status = app.authorize_with(None).check(request()).await.unwrap_err();
     assert_eq!(status.code(), Code::Unauthenticated);
     let status = app.authorize_with(Some(ADMIN_TOKEN)).check(request()).await.unwrap_err();

@@ -53,6 +53,7 @@ async fn concurrent_checks_of_an_uncached_key_make_one_lookup(backend: Backend) 
                 key: secret.clone(),
                 scope: "events:read".into(),
                 site_id: String::new(),
+                ..Default::default()
             };
             tokio::spawn(async move { authorize.check(request).await.map(|response| response.into_inner().allowed) })
         })
@@ -86,6 +87,7 @@ async fn a_flood_of_unknown_keys_costs_one_lookup_each_and_cached_keys_keep_work
                         key: key.clone(),
                         scope: "events:read".into(),
                         site_id: String::new(),
+                        ..Default::default()
                     };
                     let response = authorize.check(request).await.expect("check during the flood").into_inner();
                     assert_eq!(response.reason(), keygate::proto::DenyReason::KeyUnknown);

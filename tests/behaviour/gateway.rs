@@ -13,6 +13,7 @@ crate::trials!(
         a_good_key_reaches_the_upstream_with_tenant_headers_and_without_the_credential,
         every_deny_reason_has_its_status_body_and_headers,
         the_site_comes_from_the_path_a_header_the_query_or_the_route,
+        a_route_of_one_tenant_denies_keys_of_every_other_tenant_alike,
         path_and_query_tricks_do_not_change_the_site_that_was_checked,
         no_credential_reaches_the_upstream_however_it_is_spelled,
         a_revoked_key_is_denied_on_the_very_next_request,
@@ -127,6 +128,49 @@ async fn every_deny_reason_has_its_status_body_and_headers() {
     assert_http_denied(&response, 402, "PLAN_REQUIRED", "API key access is not included in this plan");
 }
 
+async fn a_route_of_one_tenant_denies_keys_of_every_other_tenant_alike() {
+    let Some(stack) = stack().await else { return };
+    let (_, acme) = stack.key(&["account:read"], &[]).await;
+    let auth = format!("Bearer {acme}");
+    let auth = [("authorization", auth.as_str())];
+    let allowed = stack.get("/v1/organizations/acme/sites", &auth).await;
+    assert_eq!(allowed.status, 200, "{allowed:?}");
+    assert_eq!(allowed.upstream_headers().get("x-keygate-tenant-id").map(String::as_str), Some("acme"));
+    // Another tenant that exists, one that does not, another spelling, none: the same answer.
+    let mut answers = Vec::new();
+    for target in [
+        "/v1/organizations/globex/sites",
+        "/v1/organizations/nobody-here/sites",
+        "/v1/organizations/ACME/sites",
+        "/v1/organizations//sites",
+        "/v1/organizations/acme/../globex/sites",
+    ] {
+        let denied = stack.get(target, &auth).await;
+        assert_http_denied(&denied, 403, "TENANT_MISMATCH", "This API key cannot access this tenant");
+        answers.push((denied.status, denied.body));
+    }
+    assert!(answers.iter().all(|answer| answer == &answers[0]), "{answers:?}");
+    // No key on such a route is still KEY_MISSING.
+    assert_http_denied(
+        &stack.get("/v1/organizations/acme/sites", &[]).await,
+        401,
+        "KEY_MISSING",
+        "API key is required",
+    );
+
+    // Authorize.Check: the same reason and message, with the tenant in the request.
+    let mut request = CheckRequest { key: acme.clone(), scope: "account:read".into(), ..Default::default() };
+    request.tenant_id = "globex".into();
+    let direct = stack.app.authorize.clone().check(request.clone()).await.unwrap().into_inner();
+    assert_eq!((direct.reason(), direct.http_status), (DenyReason::TenantMismatch, 403));
+    assert_eq!(direct.message, "This API key cannot access this tenant");
+    request.tenant_id = "acme".into();
+    assert!(stack.app.authorize.clone().check(request.clone()).await.unwrap().into_inner().allowed);
+    request.tenant_id = "bad tenant".into();
+    let status = stack.app.authorize.clone().check(request).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+}
+
 async fn the_site_comes_from_the_path_a_header_the_query_or_the_route() {
     let Some(stack) = stack().await else { return };
     let (_, shop_only) = stack.key(&["stats:read", "events:write"], &["shop.example"]).await;
@@ -212,6 +256,20 @@ async fn no_credential_reaches_the_upstream_however_it_is_spelled() {
         let response = stack.get(&target, &[]).await;
         assert_http_denied(&response, 401, "KEY_INVALID", "Invalid API key");
     }
+    // Behind a `;`, which some frameworks split on, a credential cannot be stripped byte for
+    // byte: denied, even next to a valid key, and the upstream sees nothing.
+    for target in [format!("/v1/account?a=1;_apikey={secret}"), format!("/v1/account?x=1&_apikey;={secret}")] {
+        let response = stack.get(&target, &[("authorization", &bearer)]).await;
+        assert_http_denied(&response, 401, "KEY_INVALID", "Invalid API key");
+    }
+    // A site named twice, once behind a `;` or under a second header spelling, is no site.
+    let (_, shop_only) = stack.key(&["stats:read", "events:write"], &["shop.example"]).await;
+    let shop_bearer = format!("Bearer {shop_only}");
+    let response =
+        stack.get("/v1/stats?siteId=shop.example&x=1;siteId=blog.example", &[("authorization", &shop_bearer)]).await;
+    assert_eq!(response.status, 403, "{response:?}");
+    let two = [("authorization", shop_bearer.as_str()), ("x-site-id", "shop.example"), ("x_site_id", "blog.example")];
+    assert_eq!(stack.get("/v1/events", &two).await.status, 403);
     // The rest of the query arrives as it was sent, byte for byte.
     for (sent, forwarded) in [
         (format!("/v1/account?b=2&siteId=s&a=1&_apikey={secret}"), "/v1/account?b=2&siteId=s&a=1"),

@@ -323,7 +323,8 @@ async fn huge_and_nul_fields_are_invalid_argument_with_a_short_message(backend: 
             assert_short(&status, Code::InvalidArgument, &what("ListAuditEvents"));
         }
         // A short bad key is what end users send: a KEY_MALFORMED deny, not an error.
-        let short_key = CheckRequest { key: v(), scope: "events:read".into(), site_id: String::new() };
+        let short_key =
+            CheckRequest { key: v(), scope: "events:read".into(), site_id: String::new(), ..Default::default() };
         if value.len() < 10 {
             let response = authorize.check(short_key).await.unwrap().into_inner();
             assert_eq!(response.reason(), DenyReason::KeyMalformed);
@@ -331,8 +332,8 @@ async fn huge_and_nul_fields_are_invalid_argument_with_a_short_message(backend: 
             assert_short(&authorize.check(short_key).await.unwrap_err(), check_code, &what("Check"));
         }
         let checks = [
-            CheckRequest { key: String::new(), scope: v(), site_id: String::new() },
-            CheckRequest { key: String::new(), scope: "events:read".into(), site_id: v() },
+            CheckRequest { key: String::new(), scope: v(), site_id: String::new(), ..Default::default() },
+            CheckRequest { key: String::new(), scope: "events:read".into(), site_id: v(), ..Default::default() },
         ];
         for request in checks {
             assert_short(&authorize.check(request).await.unwrap_err(), check_code, &what("Check"));

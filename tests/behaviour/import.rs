@@ -321,8 +321,12 @@ async fn a_flood_of_random_keys_in_an_imported_shape_stays_bounded(backend: Back
             let (mut authorize, chunk) = (app.authorize.clone(), chunk.to_vec());
             tokio::spawn(async move {
                 for key in chunk.iter().chain(chunk.iter()) {
-                    let request =
-                        CheckRequest { key: key.clone(), scope: "events:read".into(), site_id: String::new() };
+                    let request = CheckRequest {
+                        key: key.clone(),
+                        scope: "events:read".into(),
+                        site_id: String::new(),
+                        ..Default::default()
+                    };
                     let _ = authorize.check(request).await;
                 }
             })
@@ -400,8 +404,12 @@ async fn keygate_import_reads_json_lines_and_reports_every_line() {
     let (code, stdout, stderr) = run(&["import", "--tenant", "acme", "--dry-run", path]);
     assert_eq!(code, Some(1), "{stdout}{stderr}");
     assert!(stdout.starts_with("would import 3 keys, 0 already there, 3 rejected:"), "{stdout}");
-    let checked =
-        keygate::proto::CheckRequest { key: good[0].clone(), scope: "events:read".into(), site_id: String::new() };
+    let checked = keygate::proto::CheckRequest {
+        key: good[0].clone(),
+        scope: "events:read".into(),
+        site_id: String::new(),
+        ..Default::default()
+    };
     let mut authorize = keygate::proto::authorize_client::AuthorizeClient::new(keygate.channel.clone());
     let dry = authorize.check(checked.clone()).await.unwrap().into_inner();
     assert_eq!(dry.reason(), DenyReason::KeyUnknown, "a dry run writes nothing");
@@ -416,8 +424,12 @@ async fn keygate_import_reads_json_lines_and_reports_every_line() {
         assert!(!stdout.contains(&secret[8..]), "no secret is printed");
     }
     assert!(authorize.check(checked).await.unwrap().into_inner().allowed);
-    let hashed_check =
-        keygate::proto::CheckRequest { key: hashed.clone(), scope: "events:write".into(), site_id: String::new() };
+    let hashed_check = keygate::proto::CheckRequest {
+        key: hashed.clone(),
+        scope: "events:write".into(),
+        site_id: String::new(),
+        ..Default::default()
+    };
     assert!(authorize.check(hashed_check).await.unwrap().into_inner().allowed);
 
     // Only the good lines, again: all already there, exit 0 (a retry is safe).
@@ -482,6 +494,9 @@ async fn keygate_import_splits_large_batches_and_rejects_repeated_keys() {
         file.push(b'\n');
     }
     file.extend_from_slice(key_line(&secrets[2], 1).as_bytes());
+    file.push(b'\n');
+    // One key larger than a whole call may be: rejected alone.
+    file.extend_from_slice(key_line(&format!("tga_{}", random_hex(64)), 9_000).as_bytes());
     file.extend_from_slice(b"\n{\"name\": \"caf\xE9\"}\n");
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("keys.jsonl");
@@ -491,14 +506,20 @@ async fn keygate_import_splits_large_batches_and_rejects_repeated_keys() {
         run_import(&keygate, &["--tenant", "acme", "--batch-bytes", "10000000", path.to_str().unwrap()]);
     assert_eq!(code, Some(1), "{stdout}{stderr}");
     assert!(
-        stdout.starts_with("imported 40 keys, 0 already there, 2 rejected:"),
+        stdout.starts_with("imported 40 keys, 0 already there, 3 rejected:"),
         "the first line, after a BOM, counts: {stdout}"
     );
     assert!(stdout.contains("line 41: the same key as line 3"), "{stdout}");
-    assert!(stdout.contains("line 42: the line is not UTF-8 text"), "{stdout}");
+    assert!(stdout.contains("line 42: the key is"), "{stdout}");
+    assert!(stdout.contains("line 43: the line is not UTF-8 text"), "{stdout}");
     let mut authorize = keygate::proto::authorize_client::AuthorizeClient::new(keygate.channel.clone());
     for secret in [&secrets[0], &secrets[39]] {
-        let check = CheckRequest { key: secret.clone(), scope: "events:read".into(), site_id: String::new() };
+        let check = CheckRequest {
+            key: secret.clone(),
+            scope: "events:read".into(),
+            site_id: String::new(),
+            ..Default::default()
+        };
         let answer = authorize.check(check).await.unwrap().into_inner();
         assert!(answer.allowed, "{answer:?}");
         assert_eq!(answer.metadata.len(), 16, "the metadata of the first line, not the repeat's");
@@ -584,4 +605,25 @@ async fn display_prefixes_of_imported_keys_hide_enough_and_fit_a_shape() {
         assert!(!status.message().contains(&whole[7..]), "the key is not echoed");
     }
     assert_eq!(results[3].as_ref().unwrap().display_prefix, trackagoat[..10]);
+
+    // A prefix that shows too much; the environment a prefix states.
+    let legacy_hashed = format!("legacy_{}", random_hex(24));
+    let jetrack_test = format!("bj_test_{}", random_hex(64));
+    let contradicted = format!("bj_test_{}", random_hex(64));
+    let results = import(
+        &app,
+        "acme",
+        vec![
+            by_hash(&legacy_hashed, &legacy_hashed[..20]),
+            by_hash(&jetrack_test, &jetrack_test[..12]),
+            ImportedKey { environment: KeyEnvironment::Live.into(), ..by_hash(&contradicted, &contradicted[..12]) },
+        ],
+    )
+    .await;
+    let status = results[0].as_ref().unwrap_err();
+    assert!(status.message().contains("shows too much of the key: at most 12"), "{status:?}");
+    assert_eq!(results[1].as_ref().unwrap().environment(), KeyEnvironment::Test, "bj_test_ states a test key");
+    let status = results[2].as_ref().unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("test"), "{status:?}");
 }

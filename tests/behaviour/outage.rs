@@ -173,8 +173,12 @@ async fn health_of(app: &TestApp, service: &str) -> tonic_health::pb::health_che
 
 /// A Check with the 1 s deadline of the example Envoy config.
 async fn check_within_a_second(app: &TestApp, key: &str) -> Result<CheckResponse, tonic::Status> {
-    let mut request =
-        tonic::Request::new(CheckRequest { key: key.into(), scope: "events:read".into(), site_id: String::new() });
+    let mut request = tonic::Request::new(CheckRequest {
+        key: key.into(),
+        scope: "events:read".into(),
+        site_id: String::new(),
+        ..Default::default()
+    });
     request.set_timeout(Duration::from_secs(1));
     Ok(app.authorize.clone().check(request).await?.into_inner())
 }
@@ -222,6 +226,7 @@ async fn outage(backend: Backend, failure: Failure) {
             key: format!("kg_live_{index:064}"),
             scope: "events:read".into(),
             site_id: String::new(),
+            ..Default::default()
         });
         request.set_timeout(Duration::from_millis(50));
         let _ = app.authorize.clone().check(request).await;
@@ -341,6 +346,7 @@ async fn hang_with_the_default_query_timeout(backend: Backend) {
                     key: format!("kg_live_{index:064}"),
                     scope: "events:read".into(),
                     site_id: String::new(),
+                    ..Default::default()
                 };
                 let result = authorize.clone().check(request).await;
                 (started.elapsed(), result.map(|response| response.into_inner().allowed))

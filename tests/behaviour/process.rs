@@ -56,7 +56,7 @@ async fn sigterm_finishes_calls_in_flight_writes_buffers_and_logs_no_secret() {
     });
     let authorize = keygate::proto::authorize_client::AuthorizeClient::new(channel.clone());
     let check = |key: String, scope: &str| {
-        let request = CheckRequest { key, scope: scope.into(), site_id: String::new() };
+        let request = CheckRequest { key, scope: scope.into(), site_id: String::new(), ..Default::default() };
         let mut authorize = authorize.clone();
         async move { authorize.check(request).await.unwrap().into_inner() }
     };

@@ -74,11 +74,12 @@ async fn health_is_not_serving_and_calls_fail_closed_while_the_store_is_unreacha
 
     let mut authorize = keygate::proto::authorize_client::AuthorizeClient::new(channel.clone());
     let key = crate::checks::well_formed_unknown_key();
-    let request = CheckRequest { key, scope: "events:read".into(), site_id: String::new() };
+    let request = CheckRequest { key, scope: "events:read".into(), site_id: String::new(), ..Default::default() };
     let status = authorize.check(request).await.unwrap_err();
     assert_eq!(status.code(), Code::Unavailable, "an unknown key is never allowed without the store");
     // A malformed key needs no store and is still denied.
-    let request = CheckRequest { key: "nope".into(), scope: "events:read".into(), site_id: String::new() };
+    let request =
+        CheckRequest { key: "nope".into(), scope: "events:read".into(), site_id: String::new(), ..Default::default() };
     assert_eq!(authorize.check(request).await.unwrap().into_inner().reason(), DenyReason::KeyMalformed);
 }
 
@@ -103,6 +104,7 @@ async fn calls_before_the_database_is_migrated_are_unavailable_not_internal(back
         key: crate::checks::well_formed_unknown_key(),
         scope: "events:read".into(),
         site_id: String::new(),
+        ..Default::default()
     };
     assert_eq!(authorize.check(request).await.unwrap_err().code(), Code::Unavailable);
 

@@ -323,7 +323,7 @@ pub async fn check(app: &TestApp, key: &str, scope: &str, site_id: &str) -> Chec
 }
 
 pub async fn try_check(app: &TestApp, key: &str, scope: &str, site_id: &str) -> Result<CheckResponse, Status> {
-    let request = CheckRequest { key: key.into(), scope: scope.into(), site_id: site_id.into() };
+    let request = CheckRequest { key: key.into(), scope: scope.into(), site_id: site_id.into(), ..Default::default() };
     Ok(app.authorize.clone().check(request).await?.into_inner())
 }
 
@@ -419,7 +419,12 @@ impl Binary {
     pub async fn serves(&self, secret: &str, wait: Duration) -> bool {
         let check = async {
             let channel = Channel::from_shared(format!("http://{}", self.address)).unwrap().connect().await.ok()?;
-            let request = CheckRequest { key: secret.into(), scope: "events:read".into(), site_id: String::new() };
+            let request = CheckRequest {
+                key: secret.into(),
+                scope: "events:read".into(),
+                site_id: String::new(),
+                ..Default::default()
+            };
             let response = AuthorizeClient::new(channel).check(request).await.ok()?;
             Some(response.into_inner().allowed)
         };

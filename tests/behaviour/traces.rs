@@ -119,8 +119,12 @@ async fn spans_reach_an_otlp_collector_with_the_decision_and_the_callers_trace()
     let (key_id, secret) = (created.key.unwrap().key_id, created.secret);
 
     let (trace_id, parent_id) = ("4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7");
-    let mut check =
-        tonic::Request::new(CheckRequest { key: secret.clone(), scope: "events:read".into(), site_id: String::new() });
+    let mut check = tonic::Request::new(CheckRequest {
+        key: secret.clone(),
+        scope: "events:read".into(),
+        site_id: String::new(),
+        ..Default::default()
+    });
     check.metadata_mut().insert("traceparent", format!("00-{trace_id}-{parent_id}-01").parse().unwrap());
     assert!(AuthorizeClient::new(channel.clone()).check(check).await.unwrap().into_inner().allowed);
 
