@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::{Map, Value};
 
 use crate::domain::decision::DenyReason;
-use crate::limits::{RateLimitState, RateLimitWindow};
+use crate::limits::RateLimitState;
 
 /// The name under which unknown, revoked and malformed keys are configured together: they share
 /// one public answer, so that nobody can probe which keys exist.
@@ -398,18 +398,11 @@ impl Answers {
                 "remaining" => limit.map(|limit| Value::from(limit.remaining)),
                 "reset" => limit.map(|limit| Value::from(unix_seconds_up(limit.reset_at))),
                 "retry_after" => limit.map(|limit| Value::from(seconds_until(limit.reset_at, facts.now).max(1))),
-                "window" => limit.map(|limit| Value::from(window_name(limit.window))),
+                "window" => limit.map(|limit| Value::from(limit.window.name())),
                 _ => None,
             }
         };
         render_value(template, &value_of).unwrap_or(Value::Null).to_string()
-    }
-}
-
-fn window_name(window: RateLimitWindow) -> &'static str {
-    match window {
-        RateLimitWindow::Minute => "minute",
-        RateLimitWindow::Day => "day",
     }
 }
 
@@ -461,7 +454,7 @@ mod tests {
     use chrono::Duration;
 
     use super::*;
-    use crate::limits::RateLimitSubject;
+    use crate::limits::{RateLimitSubject, RateLimitWindow};
 
     fn answers(toml_text: &str) -> Result<Answers, String> {
         let file: AnswersFile = toml::from_str(toml_text).map_err(|error| error.to_string())?;

@@ -126,6 +126,10 @@ pub struct ServeArgs {
     /// Active-key limit of tenants whose max_keys is 0.
     #[arg(long, env = "KEYGATE_DEFAULT_MAX_KEYS", default_value_t = 10)]
     pub default_max_keys: u32,
+    /// Whether every key needs a name; false lets CreateKey, UpdateKey and ImportKeys leave it
+    /// empty.
+    #[arg(long, env = "KEYGATE_KEY_NAME_REQUIRED", default_value_t = true, action = clap::ArgAction::Set)]
+    pub key_name_required: bool,
     /// Action implications, comma-separated `higher>lower` pairs, e.g. `admin>write,write>read`.
     #[arg(long, env = "KEYGATE_SCOPE_IMPLIES", default_value = "")]
     pub scope_implies: String,
@@ -621,6 +625,7 @@ impl Config {
                 shapes,
                 default_max_keys: args.default_max_keys,
                 scopes: ScopePolicy::new(&implications, catalogue),
+                key_names_required: args.key_name_required,
             },
             cache: CacheSettings {
                 capacity: args.cache_capacity,

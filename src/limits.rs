@@ -47,10 +47,41 @@ impl Default for LimitSettings {
 /// The window a limit counts requests in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RateLimitWindow {
+    /// A sliding second (a tenant's shared limit).
+    Second,
     /// A sliding minute.
     Minute,
-    /// The UTC day.
+    /// A sliding hour (a tenant's shared limit).
+    Hour,
+    /// The UTC day (a tenant's daily quota), or a sliding 24 hours (its shared limit).
     Day,
+}
+
+impl RateLimitWindow {
+    /// Its length in seconds.
+    pub fn seconds(self) -> i64 {
+        match self {
+            Self::Second => 1,
+            Self::Minute => 60,
+            Self::Hour => 3_600,
+            Self::Day => 86_400,
+        }
+    }
+
+    /// The window of a length in seconds, as stored.
+    pub fn from_seconds(seconds: i64) -> Option<Self> {
+        [Self::Second, Self::Minute, Self::Hour, Self::Day].into_iter().find(|window| window.seconds() == seconds)
+    }
+
+    /// `second`, `minute`, `hour` or `day`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Second => "second",
+            Self::Minute => "minute",
+            Self::Hour => "hour",
+            Self::Day => "day",
+        }
+    }
 }
 
 /// Whose requests a limit counts.
@@ -136,8 +167,8 @@ struct Applied {
     reason: DenyReason,
 }
 
-/// The limits of a key: its per-minute limit (its own, else its tenant's default for keys) and
-/// its tenant's daily quota; 0 means none.
+/// The limits of a key: its per-minute limit (its own, else its tenant's default for keys), its
+/// tenant's shared rate limit and its tenant's daily quota; 0 means none.
 fn limits_of(key: &KeyRecord, tenant: &Tenant) -> Vec<Applied> {
     let per_minute =
         if key.rate_limit_per_minute > 0 { key.rate_limit_per_minute } else { tenant.rate_limit_per_minute };
@@ -149,6 +180,17 @@ fn limits_of(key: &KeyRecord, tenant: &Tenant) -> Vec<Applied> {
             subject: format!("key:{}", key.key_id),
             window: RateLimitWindow::Minute,
             kind: RateLimitSubject::Key,
+            reason: DenyReason::RateLimited,
+        });
+    }
+    if tenant.shared_rate_limit > 0 {
+        let window = tenant.shared_rate_limit_window;
+        applied.push(Applied {
+            limit: tenant.shared_rate_limit,
+            span: Span::Sliding { window_micros: window.seconds() * MICROS_PER_SECOND },
+            subject: format!("tenant-rate:{}:{}", window.seconds(), tenant.tenant_id),
+            window,
+            kind: RateLimitSubject::Tenant,
             reason: DenyReason::RateLimited,
         });
     }
@@ -447,6 +489,9 @@ mod tests {
             max_keys: 0,
             rate_limit_per_minute: 0,
             daily_request_quota: quota,
+            unlimited_keys: false,
+            shared_rate_limit: 0,
+            shared_rate_limit_window: RateLimitWindow::Minute,
             created_at: Utc::now(),
             updated_at: Utc::now(),
         }

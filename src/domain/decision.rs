@@ -131,6 +131,9 @@ mod tests {
             max_keys: 0,
             rate_limit_per_minute: 0,
             daily_request_quota: 0,
+            unlimited_keys: false,
+            shared_rate_limit: 0,
+            shared_rate_limit_window: crate::limits::RateLimitWindow::Minute,
             created_at: Utc::now(),
             updated_at: Utc::now(),
         }

@@ -19,6 +19,12 @@ pub struct Tenant {
     pub rate_limit_per_minute: u32,
     /// 0 means no quota.
     pub daily_request_quota: u32,
+    /// No active-key limit at all; `max_keys` is then ignored.
+    pub unlimited_keys: bool,
+    /// Requests per `shared_rate_limit_window` across all the tenant's keys; 0 means none.
+    pub shared_rate_limit: u32,
+    /// The sliding window of `shared_rate_limit`.
+    pub shared_rate_limit_window: crate::limits::RateLimitWindow,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -31,6 +37,9 @@ pub struct TenantChanges {
     pub max_keys: Option<u32>,
     pub rate_limit_per_minute: Option<u32>,
     pub daily_request_quota: Option<u32>,
+    pub unlimited_keys: Option<bool>,
+    pub shared_rate_limit: Option<u32>,
+    pub shared_rate_limit_window: Option<crate::limits::RateLimitWindow>,
 }
 
 impl TenantChanges {
@@ -43,10 +52,17 @@ impl TenantChanges {
         if let Some(enabled) = self.api_access_enabled {
             fields.push(("api_access_enabled", enabled.to_string()));
         }
+        if let Some(unlimited) = self.unlimited_keys {
+            fields.push(("unlimited_keys", unlimited.to_string()));
+        }
+        if let Some(window) = self.shared_rate_limit_window {
+            fields.push(("shared_rate_limit_window", window.name().to_owned()));
+        }
         for (field, value) in [
             ("max_keys", self.max_keys),
             ("rate_limit_per_minute", self.rate_limit_per_minute),
             ("daily_request_quota", self.daily_request_quota),
+            ("shared_rate_limit", self.shared_rate_limit),
         ] {
             if let Some(value) = value {
                 fields.push((field, value.to_string()));

@@ -76,12 +76,23 @@ pub fn put_tenant(request: proto::PutTenantRequest) -> Result<(String, TenantCha
     if let Some(name) = &request.display_name {
         violations.optional_name("display_name", name, MAX_DISPLAY_NAME_CHARS);
     }
+    let shared_rate_limit_window = match proto::RateLimitWindow::try_from(request.shared_rate_limit_window) {
+        Ok(proto::RateLimitWindow::Unspecified) => None,
+        Ok(window) => Some(window_from_proto(window)),
+        Err(_) => {
+            violations.add("shared_rate_limit_window", "must be SECOND, MINUTE, HOUR or DAY");
+            None
+        }
+    };
     let changes = TenantChanges {
         display_name: request.display_name.filter(|name| !name.is_empty()),
         api_access_enabled: request.api_access_enabled,
         max_keys: request.max_keys,
         rate_limit_per_minute: request.rate_limit_per_minute,
         daily_request_quota: request.daily_request_quota,
+        unlimited_keys: request.unlimited_keys,
+        shared_rate_limit: request.shared_rate_limit,
+        shared_rate_limit_window,
     };
     Ok(violations.finish((request.tenant_id, changes))?)
 }
@@ -118,7 +129,7 @@ impl TryFrom<proto::CreateKeyRequest> for CreateKey {
     fn try_from(request: proto::CreateKeyRequest) -> Result<Self, ServiceError> {
         let mut violations = Violations::default();
         violations.id("tenant_id", &request.tenant_id);
-        violations.name("name", &request.name, MAX_NAME_CHARS);
+        violations.optional_name("name", &request.name, MAX_NAME_CHARS);
         let scopes = violations.scopes("scopes", &request.scopes);
         let site_ids = violations.site_ids("site_ids", &request.site_ids);
         let expiry = match &request.expiry {
@@ -196,7 +207,7 @@ impl TryFrom<proto::UpdateKeyRequest> for KeyPatch {
         for path in &paths {
             match path.as_str() {
                 "name" => {
-                    violations.name("name", &request.name, MAX_NAME_CHARS);
+                    violations.optional_name("name", &request.name, MAX_NAME_CHARS);
                     changes.name = Some(request.name.clone());
                 }
                 "scopes" => changes.scopes = Some(violations.scopes("scopes", &request.scopes)),
@@ -233,6 +244,27 @@ pub fn rotate_key(request: &proto::RotateKeyRequest) -> Result<Duration, Service
     Ok(violations.finish(grace.unwrap_or_default())?)
 }
 
+fn window_from_proto(window: proto::RateLimitWindow) -> crate::limits::RateLimitWindow {
+    use crate::limits::RateLimitWindow;
+    match window {
+        proto::RateLimitWindow::Second => RateLimitWindow::Second,
+        proto::RateLimitWindow::Hour => RateLimitWindow::Hour,
+        proto::RateLimitWindow::Day => RateLimitWindow::Day,
+        proto::RateLimitWindow::Minute | proto::RateLimitWindow::Unspecified => RateLimitWindow::Minute,
+    }
+}
+
+/// The proto window of a domain window.
+pub fn window_to_proto(window: crate::limits::RateLimitWindow) -> proto::RateLimitWindow {
+    use crate::limits::RateLimitWindow;
+    match window {
+        RateLimitWindow::Second => proto::RateLimitWindow::Second,
+        RateLimitWindow::Minute => proto::RateLimitWindow::Minute,
+        RateLimitWindow::Hour => proto::RateLimitWindow::Hour,
+        RateLimitWindow::Day => proto::RateLimitWindow::Day,
+    }
+}
+
 pub fn tenant(tenant: &Tenant, effective_max_keys: u32) -> proto::Tenant {
     proto::Tenant {
         tenant_id: tenant.tenant_id.clone(),
@@ -244,6 +276,9 @@ pub fn tenant(tenant: &Tenant, effective_max_keys: u32) -> proto::Tenant {
         created_at: Some(timestamp(tenant.created_at)),
         updated_at: Some(timestamp(tenant.updated_at)),
         effective_max_keys,
+        unlimited_keys: tenant.unlimited_keys,
+        shared_rate_limit: tenant.shared_rate_limit,
+        shared_rate_limit_window: window_to_proto(tenant.shared_rate_limit_window).into(),
     }
 }
 
@@ -322,11 +357,8 @@ pub fn check_response(
         response.expires_at = key.expires_at.map(timestamp);
     }
     response.rate_limit = outcome.rate_limit.as_ref().map(|limit| {
-        use crate::service::{RateLimitSubject, RateLimitWindow};
-        let window = match limit.window {
-            RateLimitWindow::Minute => proto::RateLimitWindow::Minute,
-            RateLimitWindow::Day => proto::RateLimitWindow::Day,
-        };
+        use crate::service::RateLimitSubject;
+        let window = window_to_proto(limit.window);
         let subject = match limit.subject {
             RateLimitSubject::Key => proto::RateLimitSubject::Key,
             RateLimitSubject::Tenant => proto::RateLimitSubject::Tenant,
@@ -477,7 +509,7 @@ pub fn import_keys(request: proto::ImportKeysRequest) -> Result<crate::service::
                 &key.display_prefix,
                 crate::domain::validation::MAX_DISPLAY_PREFIX_CHARS,
             );
-            violations.name("name", &key.name, MAX_NAME_CHARS);
+            violations.optional_name("name", &key.name, MAX_NAME_CHARS);
             let scopes = violations.scopes("scopes", &key.scopes);
             let site_ids = violations.site_ids("site_ids", &key.site_ids);
             let environment = match proto::KeyEnvironment::try_from(key.environment) {

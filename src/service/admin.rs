@@ -90,9 +90,13 @@ impl KeyService {
         self.core.clock.now()
     }
 
-    /// The active-key limit that applies to a tenant.
+    /// The active-key limit that applies to a tenant: `u32::MAX` (none) for unlimited keys.
     pub fn effective_max_keys(&self, tenant: &Tenant) -> u32 {
-        if tenant.max_keys == 0 { self.core.policy.default_max_keys } else { tenant.max_keys }
+        match (tenant.unlimited_keys, tenant.max_keys) {
+            (true, _) => u32::MAX,
+            (false, 0) => self.core.policy.default_max_keys,
+            (false, max_keys) => max_keys,
+        }
     }
 
     /// Creates or updates a tenant; runs to completion, then drops the tenant's cache entry.
@@ -171,6 +175,7 @@ impl KeyService {
 
     /// Mints a key under the tenant's plan and active-key limit.
     pub async fn create_key(&self, actor: &str, request: CreateKey) -> ServiceResult<(KeyRecord, ApiKeySecret)> {
+        self.core.policy.check_name("name", &request.name)?;
         let now = self.now();
         let tenant = self.get_tenant(&request.tenant_id).await?;
         if !tenant.api_access_enabled {
@@ -262,6 +267,9 @@ impl KeyService {
         key_id: String,
         mut patch: KeyPatch,
     ) -> ServiceResult<KeyRecord> {
+        if let Some(name) = &patch.name {
+            self.core.policy.check_name("name", name)?;
+        }
         let now = self.now();
         if let Some(scopes) = patch.scopes.take() {
             self.check_catalogue("scopes", &scopes)?;

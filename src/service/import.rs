@@ -189,6 +189,7 @@ impl KeyService {
         owned_sites: &BTreeSet<String>,
         now: DateTime<Utc>,
     ) -> ServiceResult<KeyRecord> {
+        self.core.policy.check_name("name", &key.name)?;
         let mut violations = Violations::default();
         let (hash, display_prefix, stated) = match key.credential {
             Credential::Secret(secret) => match ApiKeySecret::parse(shapes, &secret) {

@@ -33,11 +33,29 @@ pub struct KeyPolicy {
     /// The active-key limit of tenants whose max_keys is 0.
     pub default_max_keys: u32,
     pub scopes: ScopePolicy,
+    /// Whether every key needs a name (`KEYGATE_KEY_NAME_REQUIRED`).
+    pub key_names_required: bool,
+}
+
+impl KeyPolicy {
+    /// INVALID_ARGUMENT on `field` when names are required and `name` is empty (the name's
+    /// form is checked where the request is decoded).
+    pub fn check_name(&self, field: &str, name: &str) -> ServiceResult<()> {
+        if self.key_names_required && name.is_empty() {
+            return Err(ServiceError::invalid(field, "is required (and must hold a visible character)"));
+        }
+        Ok(())
+    }
 }
 
 impl Default for KeyPolicy {
     fn default() -> Self {
-        Self { shapes: KeyShapes::default(), default_max_keys: 10, scopes: ScopePolicy::default() }
+        Self {
+            shapes: KeyShapes::default(),
+            default_max_keys: 10,
+            scopes: ScopePolicy::default(),
+            key_names_required: true,
+        }
     }
 }
 

@@ -173,6 +173,7 @@ impl Backend {
                 (4, "usage and audit", include_str!("../../migrations/sqlite/0004_usage_and_audit.sql")),
                 (5, "site ownership", include_str!("../../migrations/sqlite/0005_site_ownership.sql")),
                 (6, "key formats", include_str!("../../migrations/sqlite/0006_key_formats.sql")),
+                (7, "tenant limits", include_str!("../../migrations/sqlite/0007_tenant_limits.sql")),
             ],
             Self::Postgres => &[
                 (1, "init", include_str!("../../migrations/postgres/0001_init.sql")),
@@ -181,6 +182,7 @@ impl Backend {
                 (4, "usage and audit", include_str!("../../migrations/postgres/0004_usage_and_audit.sql")),
                 (5, "site ownership", include_str!("../../migrations/postgres/0005_site_ownership.sql")),
                 (6, "key formats", include_str!("../../migrations/postgres/0006_key_formats.sql")),
+                (7, "tenant limits", include_str!("../../migrations/postgres/0007_tenant_limits.sql")),
             ],
             Self::MySql => &[
                 (1, "init", include_str!("../../migrations/mysql/0001_init.sql")),
@@ -189,6 +191,7 @@ impl Backend {
                 (4, "usage and audit", include_str!("../../migrations/mysql/0004_usage_and_audit.sql")),
                 (5, "site ownership", include_str!("../../migrations/mysql/0005_site_ownership.sql")),
                 (6, "key formats", include_str!("../../migrations/mysql/0006_key_formats.sql")),
+                (7, "tenant limits", include_str!("../../migrations/mysql/0007_tenant_limits.sql")),
             ],
         };
         let migrations = files

@@ -48,6 +48,13 @@ pub fn tenant_from_row(row: &AnyRow) -> StoreResult<Tenant> {
         max_keys: unsigned(row, "max_keys")?,
         rate_limit_per_minute: unsigned(row, "rate_limit_per_minute")?,
         daily_request_quota: unsigned(row, "daily_request_quota")?,
+        unlimited_keys: row.try_get::<i64, _>("unlimited_keys")? != 0,
+        shared_rate_limit: unsigned(row, "shared_rate_limit")?,
+        shared_rate_limit_window: {
+            let seconds: i64 = row.try_get("shared_rate_limit_window_seconds")?;
+            crate::limits::RateLimitWindow::from_seconds(seconds)
+                .ok_or_else(|| StoreError::Corrupt(format!("shared_rate_limit_window_seconds: {seconds}")))?
+        },
         created_at: time(row.try_get("created_at")?)?,
         updated_at: time(row.try_get("updated_at")?)?,
     })

@@ -36,13 +36,19 @@ impl Store {
                 "UPDATE tenants SET display_name = COALESCE(?, display_name), \
                  api_access_enabled = COALESCE(?, api_access_enabled), max_keys = COALESCE(?, max_keys), \
                  rate_limit_per_minute = COALESCE(?, rate_limit_per_minute), \
-                 daily_request_quota = COALESCE(?, daily_request_quota), updated_at = ? WHERE tenant_id = ?",
+                 daily_request_quota = COALESCE(?, daily_request_quota), \
+                 unlimited_keys = COALESCE(?, unlimited_keys), shared_rate_limit = COALESCE(?, shared_rate_limit), \
+                 shared_rate_limit_window_seconds = COALESCE(?, shared_rate_limit_window_seconds), \
+                 updated_at = ? WHERE tenant_id = ?",
             )
             .bind(changes.display_name.clone())
             .bind(changes.api_access_enabled.map(i64::from))
             .bind(changes.max_keys.map(i64::from))
             .bind(changes.rate_limit_per_minute.map(i64::from))
             .bind(changes.daily_request_quota.map(i64::from))
+            .bind(changes.unlimited_keys.map(i64::from))
+            .bind(changes.shared_rate_limit.map(i64::from))
+            .bind(changes.shared_rate_limit_window.map(|window| window.seconds()))
             .bind(micros(now))
             .bind(tenant_id.to_owned())
             .execute(&mut *tx)
@@ -67,7 +73,8 @@ impl Store {
         let row = self
             .query(
                 "SELECT tenant_id, display_name, api_access_enabled, max_keys, rate_limit_per_minute, \
-                 daily_request_quota, created_at, updated_at FROM tenants WHERE tenant_id = ?",
+                 daily_request_quota, unlimited_keys, shared_rate_limit, shared_rate_limit_window_seconds, \
+                 created_at, updated_at FROM tenants WHERE tenant_id = ?",
             )
             .bind(tenant_id.to_owned())
             .fetch_optional(connection)

@@ -22,6 +22,7 @@ crate::trials!(
         update_key_refuses_keys_that_are_not_active_and_unknown_fields,
         concurrent_updates_of_different_fields_all_land,
         revoke_key_is_immediate_and_idempotent,
+        key_names_can_be_optional_per_deployment,
     ],
     once: [],
 );
@@ -326,4 +327,34 @@ async fn futures_join<T: Send + 'static>(handles: impl Iterator<Item = tokio::ta
         results.push(handle.await.expect("task"));
     }
     results
+}
+
+async fn key_names_can_be_optional_per_deployment(backend: Backend) {
+    // Required by default: an empty name is INVALID_ARGUMENT on CreateKey.
+    let Some(strict) = spawn_app(backend).await else { return };
+    put_tenant(&strict, "acme").await;
+    let mut unnamed = key_request("acme", &["events:read"]);
+    unnamed.name = String::new();
+    assert_status(create_key(&strict, unnamed.clone()).await, Code::InvalidArgument, Some("name"));
+    drop(strict);
+
+    let Some(app) = spawn_app_with(backend, &["--key-name-required", "false"]).await else { return };
+    put_tenant(&app, "acme").await;
+    let (key, secret) = create_key(&app, unnamed).await.unwrap();
+    assert_eq!(key.name, "");
+    assert!(check(&app, &secret, "events:read", "").await.allowed);
+    // A name of blanks is still no name, and a name can be cleared again.
+    let mut blank = key_request("acme", &["events:read"]);
+    blank.name = " \u{200B} ".into();
+    assert_status(create_key(&app, blank).await, Code::InvalidArgument, Some("name"));
+    let (named, _) = create_key(&app, key_request("acme", &["events:read"])).await.unwrap();
+    let clear = UpdateKeyRequest {
+        tenant_id: "acme".into(),
+        key_id: named.key_id.clone(),
+        update_mask: Some(FieldMask { paths: vec!["name".into()] }),
+        ..Default::default()
+    };
+    let cleared = app.admin.clone().update_key(clear).await.unwrap().into_inner();
+    assert_eq!(cleared.key.unwrap().name, "");
+    assert_eq!(get_key(&app, "acme", &key.key_id).await.name, "", "stored and read back empty");
 }

@@ -1,4 +1,5 @@
-//! Rate limits (per key, per minute, sliding) and daily quotas (per tenant), shared by replicas.
+//! Rate limits (per key, per minute, sliding; per tenant, shared by its keys, over a sliding
+//! second, minute, hour or day) and daily quotas (per tenant), shared by replicas.
 
 use std::time::Duration;
 
@@ -17,6 +18,8 @@ crate::trials!(
         a_rolling_restart_of_two_replicas_keeps_the_limit,
         check_names_the_window_and_subject_of_the_limit_it_reports,
         a_client_within_its_limit_is_never_denied_and_a_retry_on_time_is_admitted,
+        a_tenants_shared_limit_counts_all_its_keys_in_each_window,
+        a_tenant_with_unlimited_keys_is_never_refused_a_key,
     ],
     once: [],
 );
@@ -258,4 +261,75 @@ async fn a_client_within_its_limit_is_never_denied_and_a_retry_on_time_is_admitt
     assert!(check(&app, &secret, "events:read", "").await.allowed);
     app.clock.advance(chrono::Duration::seconds(61));
     assert!(check(&app, &secret, "events:read", "").await.allowed, "61 s later");
+}
+
+async fn a_tenants_shared_limit_counts_all_its_keys_in_each_window(backend: Backend) {
+    let Some(app) = spawn_app_with(backend, &SYNC_OFTEN).await else { return };
+    for (window, seconds) in [
+        (RateLimitWindow::Second, 1),
+        (RateLimitWindow::Minute, 60),
+        (RateLimitWindow::Hour, 3_600),
+        (RateLimitWindow::Day, 86_400),
+    ] {
+        let tenant = format!("t{seconds}");
+        let request = PutTenantRequest {
+            tenant_id: tenant.clone(),
+            shared_rate_limit: Some(3),
+            shared_rate_limit_window: window.into(),
+            ..Default::default()
+        };
+        put_tenant_with(&app, request).await;
+        // Two keys, one of them with a looser limit of its own: the tenant's 3 bind both.
+        let mut loose = key_request(&tenant, &["events:read"]);
+        loose.rate_limit_per_minute = 100;
+        let first = create_key(&app, loose).await.unwrap().1;
+        let second = create_key(&app, key_request(&tenant, &["events:read"])).await.unwrap().1;
+        let response = check(&app, &first, "events:read", "").await;
+        let limit = response.rate_limit.expect("a limit applies");
+        assert_eq!(
+            (limit.limit, limit.remaining, limit.window(), limit.subject()),
+            (3, 2, window, RateLimitSubject::Tenant),
+            "{window:?}: the tightest limit is reported"
+        );
+        assert_eq!(allowed_of(&app, &second, 1).await + allowed_of(&app, &first, 1).await, 2, "{window:?}");
+        let denied = check(&app, &second, "events:read", "").await;
+        assert_eq!(denied.reason(), DenyReason::RateLimited, "{window:?}");
+        let limit = denied.rate_limit.expect("the limit that denied");
+        assert_eq!((limit.window(), limit.subject(), limit.remaining), (window, RateLimitSubject::Tenant, 0));
+        // Admitted again once the window has slid past, at the time the deny announced.
+        let reset = limit.reset_at.unwrap();
+        let now = keygate::domain::clock::Clock::now(&*app.clock);
+        let wait = chrono::DateTime::from_timestamp(reset.seconds, reset.nanos as u32).unwrap() - now;
+        assert!(wait <= chrono::Duration::seconds(seconds) && wait > chrono::Duration::zero(), "{window:?}: {wait}");
+        app.clock.advance(wait);
+        assert!(check(&app, &first, "events:read", "").await.allowed, "{window:?}: admitted at the announced time");
+    }
+}
+
+async fn a_tenant_with_unlimited_keys_is_never_refused_a_key(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else { return };
+    let unlimited = PutTenantRequest {
+        tenant_id: "enterprise".into(),
+        max_keys: Some(1),
+        unlimited_keys: Some(true),
+        ..Default::default()
+    };
+    let tenant = put_tenant_with(&app, unlimited).await;
+    assert_eq!((tenant.unlimited_keys, tenant.effective_max_keys), (true, u32::MAX));
+    for _ in 0..12 {
+        create_key(&app, key_request("enterprise", &["events:read"])).await.unwrap();
+    }
+    let mut rotate = RotateKeyRequest { tenant_id: "enterprise".into(), ..Default::default() };
+    let mut admin = app.admin.clone();
+    let keys = admin.list_keys(ListKeysRequest { tenant_id: "enterprise".into(), ..Default::default() }).await;
+    rotate.key_id = keys.unwrap().into_inner().keys[0].key_id.clone();
+    rotate.grace_period = Some(prost_types::Duration { seconds: 3_600, nanos: 0 });
+    app.admin.clone().rotate_key(rotate).await.expect("a rotation with grace needs no room");
+    // Back to a limit: the 13 working keys stay, no new one until under 1.
+    let limited =
+        PutTenantRequest { tenant_id: "enterprise".into(), unlimited_keys: Some(false), ..Default::default() };
+    let tenant = put_tenant_with(&app, limited).await;
+    assert_eq!((tenant.unlimited_keys, tenant.effective_max_keys), (false, 1));
+    let refused = create_key(&app, key_request("enterprise", &["events:read"])).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused:?}");
 }

@@ -37,6 +37,9 @@ async fn put_tenant_changes_only_the_fields_it_sets(backend: Backend) {
         max_keys: Some(3),
         rate_limit_per_minute: Some(120),
         daily_request_quota: Some(10_000),
+        unlimited_keys: Some(false),
+        shared_rate_limit: Some(500),
+        shared_rate_limit_window: RateLimitWindow::Hour.into(),
     };
     admin.put_tenant(first).await.unwrap();
     let second = PutTenantRequest { tenant_id: "acme".into(), api_access_enabled: Some(true), ..Default::default() };
@@ -45,6 +48,8 @@ async fn put_tenant_changes_only_the_fields_it_sets(backend: Backend) {
     assert!(tenant.api_access_enabled);
     assert_eq!((tenant.max_keys, tenant.effective_max_keys), (3, 3));
     assert_eq!((tenant.rate_limit_per_minute, tenant.daily_request_quota), (120, 10_000));
+    assert_eq!((tenant.shared_rate_limit, tenant.shared_rate_limit_window()), (500, RateLimitWindow::Hour));
+    assert!(!tenant.unlimited_keys);
     let fetched = admin.get_tenant(GetTenantRequest { tenant_id: "acme".into() }).await.unwrap().into_inner();
     assert_eq!(fetched.tenant.unwrap(), tenant);
 }
