@@ -123,7 +123,18 @@ impl Template {
                     literal.push('}');
                 }
                 '{' => {
-                    let name: String = chars.by_ref().take_while(|c| *c != '}').collect();
+                    let mut name = String::new();
+                    let mut closed = false;
+                    for next in chars.by_ref() {
+                        if next == '}' {
+                            closed = true;
+                            break;
+                        }
+                        name.push(next);
+                    }
+                    if !closed {
+                        return Err("a lone `{`: write {{ for a brace".into());
+                    }
                     if !allowed.contains(&name.as_str()) {
                         return Err(format!(
                             "{{{name}}} is no placeholder here; the placeholders are {}; write {{{{ and }}}} for braces",
@@ -239,7 +250,23 @@ fn header_name(field: &str, name: &str) -> Result<String, String> {
     if !token {
         return Err(format!("answers.headers.{field}: {name:?} is no header name (letters, digits and -, at most 64)"));
     }
-    let reserved = ["host", "authorization", "cookie", "content-length", "transfer-encoding", "connection", "te"];
+    // Routing, credentials, framing, and the hop-by-hop headers of RFC 9110 section 7.6.1.
+    let reserved = [
+        "host",
+        "authorization",
+        "proxy-authorization",
+        "proxy-authenticate",
+        "cookie",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+    ];
     if reserved.contains(&lower.as_str()) {
         return Err(format!("answers.headers.{field}: {name:?} is a header keygate must not overwrite"));
     }
@@ -361,6 +388,14 @@ impl Answers {
         self.reasons.get(&reason).and_then(|answer| answer.status).unwrap_or_else(|| reason.http_status())
     }
 
+    /// The configured message of a deny, if `[answers.deny]` sets one.
+    pub fn configured_message(&self, reason: DenyReason, scope: &str, site_id: &str) -> Option<String> {
+        self.reasons
+            .get(&reason)
+            .and_then(|answer| answer.message.as_ref())
+            .map(|_| self.message(reason, scope, site_id))
+    }
+
     /// The message of a deny, for end users: the configured template, or keygate's text.
     pub fn message(&self, reason: DenyReason, scope: &str, site_id: &str) -> String {
         match self.reasons.get(&reason).and_then(|answer| answer.message.as_ref()) {
@@ -380,16 +415,15 @@ impl Answers {
     /// `{scope}`, `{site_id}` and `{window}` (`second`, `minute`, `hour` or `day`); a field whose
     /// value does not apply (no limit, no site) is left out. Placeholders inside longer strings
     /// are replaced by their text, or by nothing. Values are JSON-escaped.
-    pub fn body(&self, facts: &DenyFacts<'_>, code: &str) -> String {
+    pub fn body(&self, facts: &DenyFacts<'_>, code: &str, message: &str) -> String {
         let status = self.status(facts.reason);
-        let message = self.message(facts.reason, facts.scope, facts.site_id);
         let Some(template) = &self.body else {
             return serde_json::json!({ "error": message, "code": code }).to_string();
         };
         let value_of = |name: &str| -> Option<Value> {
             let limit = facts.limit;
             match name {
-                "message" => Some(Value::from(message.as_str())),
+                "message" => Some(Value::from(message)),
                 "code" => Some(Value::from(code)),
                 "status" => Some(Value::from(status)),
                 "scope" => Some(facts.scope).filter(|scope| !scope.is_empty()).map(Value::from),
@@ -465,6 +499,10 @@ mod tests {
         DenyFacts { reason, scope: "analytics:read", site_id: "", limit, now: Utc::now() }
     }
 
+    fn body_of(answers: &Answers, reason: DenyReason, limit: Option<&RateLimitState>, code: &str) -> String {
+        answers.body(&facts(reason, limit), code, &answers.message(reason, "analytics:read", ""))
+    }
+
     #[test]
     fn products_get_their_own_status_message_and_body() {
         let eventicat = answers(
@@ -486,8 +524,7 @@ mod tests {
             subject: RateLimitSubject::Key,
         };
         let body: Value =
-            serde_json::from_str(&eventicat.body(&facts(DenyReason::RateLimited, Some(&limit)), "RATE_LIMITED"))
-                .unwrap();
+            serde_json::from_str(&body_of(&eventicat, DenyReason::RateLimited, Some(&limit), "RATE_LIMITED")).unwrap();
         assert_eq!(body["limit"], 60, "numbers as numbers");
         assert_eq!(body["remaining"], 0);
         assert_eq!(body["resetTime"], unix_seconds_up(limit.reset_at));
@@ -497,7 +534,7 @@ mod tests {
             "fields in the template's order"
         );
         let forbidden: Value =
-            serde_json::from_str(&eventicat.body(&facts(DenyReason::SiteForbidden, None), "SITE_FORBIDDEN")).unwrap();
+            serde_json::from_str(&body_of(&eventicat, DenyReason::SiteForbidden, None, "SITE_FORBIDDEN")).unwrap();
         assert_eq!(forbidden, serde_json::json!({"error": "Invalid aggregator"}), "no limit: its fields left out");
 
         let jetrack = answers(
@@ -509,7 +546,7 @@ mod tests {
         )
         .unwrap();
         let body: Value =
-            serde_json::from_str(&jetrack.body(&facts(DenyReason::KeyRevoked, None), "KEY_INVALID")).unwrap();
+            serde_json::from_str(&body_of(&jetrack, DenyReason::KeyRevoked, None, "KEY_INVALID")).unwrap();
         assert_eq!(
             body,
             serde_json::json!({"success": false, "data": null, "meta": {"status": 401, "message": "Invalid API key \"analytics:read\""}})
@@ -528,7 +565,7 @@ mod tests {
             assert_eq!(default.message(reason, "a:b", "s1"), reason.message("a:b", "s1"));
         }
         let body: Value =
-            serde_json::from_str(&default.body(&facts(DenyReason::KeyMissing, None), "KEY_MISSING")).unwrap();
+            serde_json::from_str(&body_of(&default, DenyReason::KeyMissing, None, "KEY_MISSING")).unwrap();
         assert_eq!(body, serde_json::json!({"error": "API key is required", "code": "KEY_MISSING"}));
         assert_eq!(default.headers.tenant_id, "x-keygate-tenant-id");
     }
@@ -547,6 +584,9 @@ mod tests {
             ("body = '{\"e\": \"{secret}\"}'", "{secret} is no placeholder"),
             ("[headers]\ntenant_id = \"x org\"", "no header name"),
             ("[headers]\ntenant_id = \"Authorization\"", "must not overwrite"),
+            ("[headers]\nscopes = \"Keep-Alive\"", "must not overwrite"),
+            ("[headers]\ntenant_id = \"upgrade\"", "must not overwrite"),
+            ("[deny.KEY_EXPIRED]\nmessage = \"x {scope\"", "lone `{`"),
             ("[headers]\ntenant_id = \"x-a\"\nkey_id = \"X-A\"", "must differ"),
             ("colour = 1", "unknown field"),
         ] {

@@ -34,8 +34,8 @@ pub struct Cli {
 pub enum Command {
     /// Run the gRPC server (the default).
     Serve(Box<ServeArgs>),
-    /// Apply database migrations and exit.
-    Migrate(DatabaseArgs),
+    /// Apply database migrations and exit (reads the database settings of --config too).
+    Migrate(MigrateArgs),
     /// Print a fresh random admin token, for KEYGATE_ADMIN_TOKENS.
     GenToken,
     /// Import existing keys (JSON Lines) into a running keygate.
@@ -56,6 +56,16 @@ pub enum ConfigCommand {
         /// The TOML file.
         file: std::path::PathBuf,
     },
+}
+
+/// Flags of `keygate migrate`.
+#[derive(Clone, Debug, Args)]
+pub struct MigrateArgs {
+    /// The configuration file whose database settings apply (as for `keygate serve`).
+    #[arg(long, env = "KEYGATE_CONFIG")]
+    pub config: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    pub database: DatabaseArgs,
 }
 
 /// Where the database is and how many connections to hold.
@@ -520,7 +530,10 @@ pub fn explain_cli_error(error: &clap::Error) -> String {
     match variable {
         Some(variable) => {
             let (first, rest) = rendered.split_once('\n').unwrap_or((&rendered, ""));
-            format!("{first}\n  (set by the flag --{long} or the variable {variable})\n{rest}")
+            let entry = long.replace('-', "_");
+            format!(
+                "{first}\n  (set by the flag --{long}, the variable {variable} or `{entry}` in the configuration file)\n{rest}"
+            )
         }
         None => rendered,
     }
@@ -560,6 +573,9 @@ impl TlsFiles {
         }
     }
 }
+
+/// The longest a cache TTL or stale window may be, in seconds: a year.
+const MAX_CACHE_SECONDS: u64 = 365 * 86_400;
 
 /// Everything `keygate serve` needs, validated.
 #[derive(Clone, Debug)]
@@ -615,7 +631,27 @@ impl Config {
         if args.cache_capacity == 0 || args.cache_ttl_seconds == 0 {
             return Err("KEYGATE_CACHE_CAPACITY and KEYGATE_CACHE_TTL_SECONDS must be at least 1".into());
         }
+        for (variable, seconds) in [
+            ("KEYGATE_CACHE_TTL_SECONDS", args.cache_ttl_seconds),
+            ("KEYGATE_STALE_WINDOW_SECONDS", args.stale_window_seconds),
+            ("KEYGATE_NEGATIVE_CACHE_TTL_SECONDS", args.negative_cache_ttl_seconds),
+        ] {
+            if seconds > MAX_CACHE_SECONDS {
+                return Err(format!("{variable} must be at most {MAX_CACHE_SECONDS} (a year)"));
+            }
+        }
         let answers = std::sync::Arc::new(crate::answers::Answers::from_file(&crate::config_file::answers_of(args)?)?);
+        let key_sources = KeySources::parse(&args.envoy_key_sources)
+            .map_err(|error| format!("KEYGATE_ENVOY_KEY_SOURCES: {error}"))?;
+        let identity = &answers.headers;
+        for name in [&identity.tenant_id, &identity.key_id, &identity.scopes, &identity.site_id] {
+            if key_sources.reads_header(name) {
+                return Err(format!(
+                    "answers.headers: {name:?} is a header keys are read from (KEYGATE_ENVOY_KEY_SOURCES), which is \
+                     removed before the request goes upstream"
+                ));
+            }
+        }
         Ok(Self {
             listen: args.listen,
             database: DatabaseConfig::from_args(&args.database)?,
@@ -634,8 +670,7 @@ impl Config {
                 stale_window: Duration::from_secs(args.stale_window_seconds),
             },
             gateway: GatewaySettings {
-                key_sources: KeySources::parse(&args.envoy_key_sources)
-                    .map_err(|error| format!("KEYGATE_ENVOY_KEY_SOURCES: {error}"))?,
+                key_sources,
                 strip_credentials: args.envoy_strip_credentials,
                 answers: answers.clone(),
             },

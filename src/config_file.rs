@@ -40,8 +40,22 @@ pub struct ConfigFile {
     pub answers: AnswersFile,
 }
 
-/// The path of `--config FILE` / `--config=FILE` in `argv`, else `KEYGATE_CONFIG`.
+/// The subcommands that read the configuration file (none is `serve`).
+const READ_BY: [&str; 2] = ["serve", "migrate"];
+
+/// The path of `--config FILE` / `--config=FILE` in `argv`, else `KEYGATE_CONFIG`; `None` for
+/// a subcommand that does not read it (`gen-token`, `import`, `config check`, which reads the
+/// file it is given).
 fn config_path(argv: &[OsString]) -> Option<PathBuf> {
+    let subcommand =
+        argv.iter().skip(1).map(|argument| argument.to_string_lossy()).find(|argument| !argument.starts_with('-'));
+    let known: Vec<String> = Cli::command().get_subcommands().map(|command| command.get_name().to_owned()).collect();
+    if let Some(subcommand) = subcommand
+        && known.iter().any(|name| name == subcommand.as_ref())
+        && !READ_BY.contains(&subcommand.as_ref())
+    {
+        return None;
+    }
     let mut arguments = argv.iter().skip(1);
     while let Some(argument) = arguments.next() {
         let text = argument.to_string_lossy();
@@ -76,7 +90,17 @@ impl ConfigFile {
         let shown = path.display();
         let text = std::fs::read_to_string(path)
             .map_err(|error| format!("cannot read the configuration file {shown}: {error}"))?;
-        let mut table: toml::Table = text.parse().map_err(|error: toml::de::Error| format!("{shown}: {error}"))?;
+        let mut table: toml::Table = text.parse().map_err(|error: toml::de::Error| {
+            // The message and the place only: the rendered error quotes the line, which can
+            // hold a token or a database password.
+            let place = error.span().map_or_else(String::new, |span| {
+                let before = &text[..span.start.min(text.len())];
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |start| start.chars().count()) + 1;
+                format!(" (line {line}, column {column})")
+            });
+            format!("{shown}: not valid TOML{place}: {}", error.message())
+        })?;
         let answers = match table.remove("answers") {
             None => AnswersFile::default(),
             Some(value) => value.try_into().map_err(|error: toml::de::Error| format!("{shown}: [answers]: {error}"))?,
@@ -138,9 +162,18 @@ fn parse_with_matches(
         for (id, value) in &file.values {
             // Leaked once per setting at start: clap keeps default values for the process's life.
             let value: &'static str = value.clone().leak();
-            command = command.mut_arg(id.as_str(), |argument| argument.default_value(value));
-            command = command
-                .mut_subcommand("serve", |serve| serve.mut_arg(id.as_str(), |argument| argument.default_value(value)));
+            // `--help` shows a file's value as the default, except a secret's.
+            let secret = SECRET_SETTINGS.contains(&id.as_str());
+            let set = |argument: clap::Arg| argument.default_value(value).hide_default_value(secret);
+            command = command.mut_arg(id.as_str(), set);
+            for name in READ_BY {
+                let has = command.find_subcommand(name).is_some_and(|subcommand| {
+                    subcommand.get_arguments().any(|argument| argument.get_id() == id.as_str())
+                });
+                if has {
+                    command = command.mut_subcommand(name, |subcommand| subcommand.mut_arg(id.as_str(), set));
+                }
+            }
         }
     }
     let matches = command.try_get_matches_from(argv).map_err(CliError::Clap)?;
@@ -174,6 +207,8 @@ pub fn check(file: &Path) -> Result<String, String> {
         CliError::File(error) => error,
     })?;
     let config = crate::config::Config::from_args(&cli.serve)?;
+    // The URL's scheme and form, as `serve` would take them (nothing is connected).
+    crate::store::Store::connect_lazy(&config.database).map_err(|error| format!("KEYGATE_DATABASE_URL: {error}"))?;
     let mut out = format!("# the effective configuration of {} (valid)\n", file.display());
     for id in setting_ids() {
         let value = matches
@@ -229,6 +264,41 @@ mod tests {
     }
 
     #[test]
+    fn no_secret_of_the_file_is_shown_by_help_or_a_syntax_error() {
+        let secret = "hunter2hunter2hunter2";
+        let (_dir, path) = write(&format!(
+            "database_url = \"postgres://keygate:{secret}@db/keygate\"\nadmin_tokens = \"ops={secret}\"\ncache_ttl_seconds = 7\n"
+        ));
+        let path = path.to_str().unwrap();
+        for argv in [vec!["keygate", "--config", path, "--help"], vec!["keygate", "serve", "--config", path, "--help"]]
+        {
+            let Err(CliError::Clap(help)) = parse(argv.clone()) else { panic!("{argv:?}: help") };
+            let shown = help.render().to_string();
+            assert!(!shown.contains(secret), "{argv:?}: {shown}");
+            assert!(shown.contains("[default: 7]"), "the file's other values are shown: {shown}");
+        }
+        let (_dir, broken) = write(&format!("admin_tokens = \"ops={secret}\ncache_ttl_seconds = 7\n"));
+        let Err(CliError::File(error)) = parse(["keygate", "--config", broken.to_str().unwrap()]) else {
+            panic!("a broken file")
+        };
+        assert!(!error.contains(secret) && error.contains("line 1"), "{error}");
+    }
+
+    #[test]
+    fn migrate_reads_the_file_and_other_commands_ignore_it() {
+        let (_dir, path) = write("database_url = \"sqlite:///tmp/from-the-file.db\"\ndb_max_connections = 3\n");
+        let path = path.to_str().unwrap();
+        let (cli, _) = parse(["keygate", "migrate", "--config", path]).unwrap();
+        let Some(Command::Migrate(args)) = cli.command else { panic!("migrate") };
+        assert_eq!(args.database.database_url.0, "sqlite:///tmp/from-the-file.db");
+        assert_eq!(args.database.db_max_connections, 3);
+        let argv: Vec<OsString> = ["keygate", "gen-token"].iter().map(OsString::from).collect();
+        assert_eq!(config_path(&argv), None);
+        let argv: Vec<OsString> = ["keygate", "--config", path].iter().map(OsString::from).collect();
+        assert!(config_path(&argv).is_some(), "serve reads it");
+    }
+
+    #[test]
     fn mistakes_in_the_file_name_the_setting() {
         for (text, expected) in [
             ("cache_ttl = 5", "\"cache_ttl\" is no setting (did you mean cache_ttl_seconds?)"),
@@ -249,6 +319,19 @@ mod tests {
                         Ok(_) => panic!("{text}: accepted"),
                     },
                 };
+            assert!(error.contains(expected), "{text}: {error}");
+        }
+        for (text, expected) in [
+            (
+                "admin_tokens = \"x-api-key-token-0123456789\"\n[answers.headers]\ntenant_id = \"X_API_KEY\"",
+                "keys are read from",
+            ),
+            ("cache_ttl_seconds = 99999999999999", "at most 31536000"),
+        ] {
+            let (_dir, path) = write(text);
+            let (cli, _) =
+                parse(["keygate", "--admin-tokens", "t=0123456789abcdef", "--config", path.to_str().unwrap()]).unwrap();
+            let error = crate::config::Config::from_args(&cli.serve).unwrap_err();
             assert!(error.contains(expected), "{text}: {error}");
         }
         let missing = parse(["keygate", "--config", "/no/such/keygate.toml"]).unwrap_err();

@@ -30,7 +30,7 @@ async fn main() -> ExitCode {
             telemetry.shutdown();
             served
         }
-        Command::Migrate(args) => match DatabaseConfig::from_args(&args) {
+        Command::Migrate(args) => match DatabaseConfig::from_args(&args.database) {
             Ok(database) => {
                 let _telemetry = telemetry::init(LogFormat::Text);
                 server::migrate(&database).await.map(|applied| println!("{applied}"))

@@ -70,23 +70,27 @@ struct Line {
 }
 
 /// A serde error without any text it quotes, in double quotes or backticks (a misplaced
-/// secret would be one: a value, or an object keyed by the key).
+/// secret would be one: a value, or an object keyed by the key). A field name of lowercase
+/// letters and underscores alone (`nmae`, `scopes`) cannot be a key and is kept.
 fn without_quoted_values(error: &serde_json::Error) -> String {
     let text = error.to_string();
     let mut out = String::with_capacity(text.len());
-    let mut open: Option<char> = None;
+    let mut open: Option<(char, String)> = None;
     for character in text.chars() {
-        match open {
+        match &mut open {
             None if character == '"' || character == '`' => {
-                open = Some(character);
+                open = Some((character, String::new()));
                 out.push(character);
-                out.push('…');
             }
-            Some(quote) if character == quote => {
+            Some((quote, quoted)) if character == *quote => {
+                let plain = character == '`'
+                    && (1..=32).contains(&quoted.len())
+                    && quoted.bytes().all(|byte| byte.is_ascii_lowercase() || byte == b'_');
+                out.push_str(if plain { quoted.as_str() } else { "…" });
+                out.push(character);
                 open = None;
-                out.push(character);
             }
-            Some(_) => {}
+            Some((_, quoted)) => quoted.push(character),
             None => out.push(character),
         }
     }
@@ -352,6 +356,13 @@ mod tests {
         };
         let shown = without_quoted_values(&error);
         assert!(!shown.contains("secretsecret"), "{shown}");
+    }
+
+    #[test]
+    fn a_misspelled_field_is_named() {
+        let Err(error) = serde_json::from_str::<Line>(r#"{"nmae": "x"}"#) else { panic!("an unknown field") };
+        let shown = without_quoted_values(&error);
+        assert!(shown.contains("unknown field `nmae`") && shown.contains("`name`"), "{shown}");
     }
 
     #[test]

@@ -20,6 +20,13 @@ pub enum KeySource {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeySources(Vec<KeySource>);
 
+impl KeySources {
+    /// Whether a header of this name is one a key is read from (and stripped), however spelled.
+    pub fn reads_header(&self, name: &str) -> bool {
+        self.0.iter().any(|source| matches!(source, KeySource::Header(header) if same_header_name(name, header)))
+    }
+}
+
 impl Default for KeySources {
     fn default() -> Self {
         Self(vec![KeySource::Bearer, KeySource::Header("x-api-key".into()), KeySource::Query("_apikey".into())])

@@ -76,7 +76,7 @@ impl Gateway {
         };
         let credentials = extract_key(&self.settings.key_sources, &headers, target);
         let key = match &credentials.presented {
-            Presented::Unreadable => return Ok(response::malformed(&self.settings.answers)),
+            Presented::Unreadable => return Ok(response::malformed(&self.settings.answers, scope.as_str())),
             // No key: say so first, before anything about the site.
             Presented::Absent => String::new(),
             Presented::Key(key) => key.clone(),
@@ -91,11 +91,14 @@ impl Gateway {
             }),
         };
         let Ok(site_id) = read(SiteSource::from_context(context), "site") else {
-            return Ok(response::gateway_denied(GatewayDeny::SiteMissing));
+            return Ok(response::site_unreadable(&self.settings.answers, scope.as_str()));
         };
-        // A tenant-bound route without a readable tenant: no key can be of it.
-        let Ok(tenant_id) = read(SiteSource::tenant_from_context(context), "tenant") else {
-            return Ok(response::tenant_unreadable(&self.settings.answers, scope.as_str()));
+        // A tenant-bound route without a readable tenant: no key is of the empty tenant, so the
+        // key is judged as for any other tenant's route (its lifecycle first, then
+        // TENANT_MISMATCH).
+        let tenant_id = match read(SiteSource::tenant_from_context(context), "tenant") {
+            Ok(tenant_id) => tenant_id,
+            Err(_) => Some(String::new()),
         };
         let check = service::CheckRequest { key, scope, site_id, tenant_id };
         let outcome = self.authorizer.check(&check).await?;

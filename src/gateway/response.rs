@@ -29,13 +29,11 @@ pub struct Allowed<'a> {
     pub site_id: Option<&'a str>,
 }
 
-/// A deny that is not a key decision: the route itself is wrong or the request names no site.
+/// A deny that is not a key decision: the route itself is wrong.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GatewayDeny {
     /// The route has no valid `scope` context extension (fail closed).
     RouteMisconfigured,
-    /// The route names a site source but the request carries no valid site.
-    SiteMissing,
 }
 
 fn header(key: &str, value: impl Into<String>) -> HeaderValueOption {
@@ -107,6 +105,9 @@ pub fn decided(
             }
         }
         (Err(reason), _) => {
+            // Unknown, revoked and malformed keys get one public answer: nothing in it may
+            // depend on what only some of them reach (the site is read after the key).
+            let site_id = if public_code(reason) == "KEY_INVALID" { "" } else { site_id };
             let facts = DenyFacts { reason, scope, site_id, limit: outcome.rate_limit.as_ref(), now };
             denied(answers, &facts)
         }
@@ -116,16 +117,20 @@ pub fn decided(
 }
 
 /// The answer for a credential that cannot be read unambiguously.
-pub fn malformed(answers: &Answers) -> CheckResponse {
-    let facts = DenyFacts { reason: DenyReason::KeyMalformed, scope: "", site_id: "", limit: None, now: Utc::now() };
+pub fn malformed(answers: &Answers, scope: &str) -> CheckResponse {
+    let facts = DenyFacts { reason: DenyReason::KeyMalformed, scope, site_id: "", limit: None, now: Utc::now() };
     denied(answers, &facts)
 }
 
-/// The answer for a request on a tenant-bound route that names no valid tenant: the route's
-/// tenant cannot be the key's, so it is the TENANT_MISMATCH answer.
-pub fn tenant_unreadable(answers: &Answers, scope: &str) -> CheckResponse {
-    let facts = DenyFacts { reason: DenyReason::TenantMismatch, scope, site_id: "", limit: None, now: Utc::now() };
-    denied(answers, &facts)
+/// The answer for a request on a site-bound route that names no valid site: the
+/// SITE_FORBIDDEN answer, with keygate's own text unless `[answers]` sets one.
+pub fn site_unreadable(answers: &Answers, scope: &str) -> CheckResponse {
+    let facts = DenyFacts { reason: DenyReason::SiteForbidden, scope, site_id: "", limit: None, now: Utc::now() };
+    let message = answers
+        .configured_message(DenyReason::SiteForbidden, scope, "")
+        .unwrap_or_else(|| "This request does not name a valid site".to_owned());
+    let body = answers.body(&facts, DenyReason::SiteForbidden.code(), &message);
+    denied_response(answers.status(DenyReason::SiteForbidden), Code::PermissionDenied, &message, body, Vec::new())
 }
 
 /// The answer for a request that never reached a key decision.
@@ -135,11 +140,6 @@ pub fn gateway_denied(deny: GatewayDeny) -> CheckResponse {
             let message = "The API gateway route is misconfigured";
             let body = serde_json::json!({ "error": message, "code": "ROUTE_MISCONFIGURED" }).to_string();
             denied_response(500, Code::Internal, message, body, Vec::new())
-        }
-        GatewayDeny::SiteMissing => {
-            let message = "This request does not name a valid site";
-            let body = serde_json::json!({ "error": message, "code": DenyReason::SiteForbidden.code() }).to_string();
-            denied_response(403, Code::PermissionDenied, message, body, Vec::new())
         }
     }
 }
@@ -170,7 +170,7 @@ fn denied(answers: &Answers, facts: &DenyFacts<'_>) -> CheckResponse {
         _ => Code::PermissionDenied,
     };
     let message = answers.message(facts.reason, facts.scope, facts.site_id);
-    let body = answers.body(facts, public_code(facts.reason));
+    let body = answers.body(facts, public_code(facts.reason), &message);
     denied_response(status, grpc_code, &message, body, headers)
 }
 
@@ -250,6 +250,29 @@ mod tests {
     }
 
     #[test]
+    fn invalid_keys_get_one_answer_even_with_placeholders_in_it() {
+        let file: crate::answers::AnswersFile =
+            toml::from_str("body = '{\"m\": \"{message}\", \"s\": \"{site_id}\", \"c\": \"{scope}\"}'\n[deny.KEY_INVALID]\nmessage = \"bad key for {site_id} / {scope}\"").unwrap();
+        let answers = Answers::from_file(&file).unwrap();
+        let allowed = Allowed { credentials: &credentials(), strip_credentials: true, site_id: Some("shop") };
+        let now = Utc::now();
+        let mut bodies: Vec<String> = [DenyReason::KeyUnknown, DenyReason::KeyRevoked]
+            .into_iter()
+            .map(|reason| {
+                let response = decided(&answers, &outcome(reason, None), &allowed, "stats:read", now);
+                let Some(HttpResponse::DeniedResponse(denied)) = response.http_response else { panic!() };
+                denied.body
+            })
+            .collect();
+        let Some(HttpResponse::DeniedResponse(malformed)) = malformed(&answers, "stats:read").http_response else {
+            panic!()
+        };
+        bodies.push(malformed.body);
+        assert!(bodies.iter().all(|body| body == &bodies[0]), "{bodies:?}");
+        assert!(bodies[0].contains("stats:read"), "{}", bodies[0]);
+    }
+
+    #[test]
     fn deny_statuses_map_to_grpc_codes_and_www_authenticate() {
         let allowed = Allowed { credentials: &credentials(), strip_credentials: true, site_id: Some("s1") };
         let cases = [
@@ -266,7 +289,7 @@ mod tests {
             assert_eq!(headers["content-type"], "application/json");
             assert_eq!(body["code"], public_code(reason));
         }
-        let (grpc, status, _, body) = denied_parts(&malformed(&Answers::default()));
+        let (grpc, status, _, body) = denied_parts(&malformed(&Answers::default(), ""));
         assert_eq!((grpc, status), (Code::Unauthenticated as i32, 401));
         assert_eq!(body["code"], "KEY_INVALID");
         let bodies: Vec<String> = [DenyReason::KeyUnknown, DenyReason::KeyRevoked, DenyReason::KeyMalformed]

@@ -74,6 +74,9 @@ async fn a_products_answers_reach_clients_through_envoy_and_backends_alike() {
     assert_eq!(limited.headers.get("x-ratelimit-reset"), Some(&reset.to_string()), "the header says the same");
     assert_eq!(body.as_object().unwrap().keys().collect::<Vec<_>>(), ["error", "limit", "remaining", "resetTime"]);
 
+    // A request that names no valid site gets the product's SITE_FORBIDDEN answer too.
+    let twice = get(envoy.address, "/v1/stats?siteId=globex.example&x=1;siteId=a", &auth).await.unwrap();
+    assert_eq!((twice.status, twice.json()), (404, json!({"error": "Invalid aggregator"})));
     let unknown = crate::checks::well_formed_unknown_key();
     let invalid = get(envoy.address, "/v1/account", &[("authorization", &format!("Bearer {unknown}"))]).await.unwrap();
     assert_eq!((invalid.status, invalid.json()), (401, json!({"error": "Invalid or expired API key"})));
@@ -140,6 +143,24 @@ async fn config_check_prints_the_effective_configuration_without_secrets() {
     let (code, stdout, stderr) = run(&file);
     assert_eq!(code, Some(2), "{stdout}");
     assert!(stderr.contains("configure KEY_INVALID"), "{stderr}");
+    // `keygate migrate` migrates the file's database; `gen-token` does not read the file at all.
+    let migrated = dir.path().join("from-the-file.db");
+    std::fs::write(&file, format!("database_url = \"sqlite://{}\"\n", migrated.display())).unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("migrate")
+        .env("KEYGATE_CONFIG", &file)
+        .env_remove("KEYGATE_DATABASE_URL")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(migrated.exists(), "the database of the file was migrated");
+    std::fs::write(&file, "broken = = =").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("gen-token")
+        .env("KEYGATE_CONFIG", &file)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(0), "{}", String::from_utf8_lossy(&output.stderr));
     std::fs::write(&file, "cache_ttl = 5\n").unwrap();
     let (code, _, stderr) = run(&file);
     assert_eq!(code, Some(2));

@@ -150,6 +150,11 @@ async fn a_route_of_one_tenant_denies_keys_of_every_other_tenant_alike() {
         answers.push((denied.status, denied.body));
     }
     assert!(answers.iter().all(|answer| answer == &answers[0]), "{answers:?}");
+    // A broken key on such a route is KEY_INVALID whatever tenant the route names.
+    let broken = [("authorization", "Bearer kg_live_nope")];
+    for target in ["/v1/organizations/globex/sites", "/v1/organizations/a%21b/sites"] {
+        assert_http_denied(&stack.get(target, &broken).await, 401, "KEY_INVALID", "Invalid API key");
+    }
     // No key on such a route is still KEY_MISSING.
     assert_http_denied(
         &stack.get("/v1/organizations/acme/sites", &[]).await,
