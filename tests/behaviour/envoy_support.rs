@@ -48,13 +48,28 @@ impl Drop for Envoy {
 impl Envoy {
     /// Starts Envoy with the example config, pointed at `keygate` and `upstream`.
     pub async fn start(binary: &str, keygate: SocketAddr, upstream: SocketAddr) -> Self {
-        let example = include_str!("../../examples/envoy/envoy.yaml");
+        Self::start_with(binary, include_str!("../../examples/envoy/envoy.yaml"), &[], keygate, upstream).await
+    }
+
+    /// Starts Envoy with `example` (a config of `examples/`), its ports moved and each
+    /// `(from, to)` of `replacements` applied.
+    pub async fn start_with(
+        binary: &str,
+        example: &str,
+        replacements: &[(&str, &str)],
+        keygate: SocketAddr,
+        upstream: SocketAddr,
+    ) -> Self {
         let (listen_port, admin_port) = (free_port(), free_port());
-        let config = example
+        let mut config = example
             .replace("address: 0.0.0.0, port_value: 8080", &format!("address: 127.0.0.1, port_value: {listen_port}"))
             .replace("port_value: 9901", &format!("port_value: {admin_port}"))
             .replace("port_value: 50051", &format!("port_value: {}", keygate.port()))
             .replace("port_value: 8081", &format!("port_value: {}", upstream.port()));
+        for (from, to) in replacements {
+            assert!(config.contains(from), "{from} is not in the example");
+            config = config.replace(from, to);
+        }
         assert_ne!(config, example, "the example config's ports moved");
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("envoy.yaml");

@@ -16,6 +16,7 @@ mod gateway;
 mod hostile;
 mod import;
 mod isolation;
+mod jwt;
 mod keys;
 mod limits;
 mod observability;
@@ -43,6 +44,7 @@ fn main() -> std::process::ExitCode {
         hostile::trials(),
         import::trials(),
         isolation::trials(),
+        jwt::trials(),
         keys::trials(),
         limits::trials(),
         observability::trials(),
