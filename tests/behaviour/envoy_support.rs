@@ -181,8 +181,19 @@ impl HttpResponse {
 
 /// Sends `GET target` with `headers` and reads the whole response.
 pub async fn get(address: SocketAddr, target: &str, headers: &[(&str, &str)]) -> std::io::Result<HttpResponse> {
+    request(address, "GET", target, headers).await
+}
+
+/// An HTTP/1.1 request with `method` and no body.
+pub async fn request(
+    address: SocketAddr,
+    method: &str,
+    target: &str,
+    headers: &[(&str, &str)],
+) -> std::io::Result<HttpResponse> {
     let mut stream = TcpStream::connect(address).await?;
-    let mut request = format!("GET {target} HTTP/1.1\r\nhost: api.example\r\nconnection: close\r\n");
+    let length = if method == "GET" { "" } else { "content-length: 0\r\n" };
+    let mut request = format!("{method} {target} HTTP/1.1\r\nhost: api.example\r\nconnection: close\r\n{length}");
     for (name, value) in headers {
         request.push_str(&format!("{name}: {value}\r\n"));
     }

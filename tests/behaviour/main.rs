@@ -22,6 +22,7 @@ mod limits;
 mod observability;
 mod outage;
 mod process;
+mod products;
 mod readme;
 mod replicas;
 mod rotation;
@@ -50,6 +51,7 @@ fn main() -> std::process::ExitCode {
         observability::trials(),
         outage::trials(),
         process::trials(),
+        products::trials(),
         readme::trials(),
         replicas::trials(),
         rotation::trials(),

@@ -4,8 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::Parser;
-use keygate::config::{Cli, Config};
+use keygate::config::Config;
 use keygate::domain::clock::ManualClock;
 use keygate::proto::authorize_client::AuthorizeClient;
 use keygate::proto::key_admin_client::KeyAdminClient;
@@ -232,7 +231,8 @@ async fn start(database_url: &str, flags: &[&str], clock: Arc<ManualClock>) -> T
         "127.0.0.1:0",
     ];
     args.extend_from_slice(flags);
-    let cli = Cli::try_parse_from(args).expect("flags parse");
+    // Through the configuration-file parser, so that `--config FILE` applies as for the binary.
+    let (cli, _) = keygate::config_file::parse(args).unwrap_or_else(|error| panic!("flags parse: {error:?}"));
     let config = Config::from_args(&cli.serve).expect("valid config");
     let app = App::bind_with_clock(config, clock.clone()).await.expect("bind");
     let address = app.local_addr();

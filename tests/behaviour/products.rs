@@ -1,0 +1,182 @@
+//! The reference products, each served end to end by keygate behind Envoy from its
+//! `examples/<product>/keygate.toml` and `examples/<product>/envoy.yaml` exactly: every statement
+//! of the product's API-key documentation that keygate is responsible for, asserted through real
+//! HTTP requests. The README's "Reference products" table maps statements to these tests.
+
+use keygate::proto::*;
+use serde_json::json;
+use tonic::Code;
+
+use crate::envoy_support::*;
+use crate::support::*;
+
+crate::trials!(
+    every_backend: [],
+    once: [engagetrack_documentation_holds_through_envoy],
+);
+
+/// keygate started from `examples/<product>/keygate.toml`, Envoy from its `envoy.yaml`.
+struct Product {
+    app: TestApp,
+    envoy: Envoy,
+}
+
+async fn product(name: &str, envoy_yaml: &str) -> Option<Product> {
+    let binary = envoy_binary()?;
+    let config = format!("{}/examples/{name}/keygate.toml", env!("CARGO_MANIFEST_DIR"));
+    let app = spawn_app_with(Backend::Sqlite, &["--config", &config]).await?;
+    let upstream = start_echo_upstream().await;
+    let envoy = Envoy::start_with(&binary, envoy_yaml, &[], app.address, upstream).await;
+    Some(Product { app, envoy })
+}
+
+impl Product {
+    async fn call(&self, method: &str, target: &str, key: &str) -> HttpResponse {
+        let bearer = format!("Bearer {key}");
+        request(self.envoy.address, method, target, &[("authorization", &bearer)]).await.unwrap()
+    }
+
+    async fn key(&self, tenant: &str, scopes: &[&str]) -> (ApiKey, String) {
+        create_key(&self.app, key_request(tenant, scopes)).await.unwrap()
+    }
+}
+
+#[track_caller]
+fn assert_answer(response: &HttpResponse, status: u16, body: serde_json::Value) {
+    assert_eq!((response.status, response.json()), (status, body), "{response:?}");
+}
+
+async fn engagetrack_documentation_holds_through_envoy() {
+    let Some(et) = product("engagetrack", include_str!("../../examples/engagetrack/envoy.yaml")).await else { return };
+    put_tenant(&et.app, "org_1").await;
+    put_tenant(&et.app, "org_2").await;
+    let all = [
+        "analytics:read",
+        "sites:read",
+        "goals:read",
+        "goals:write",
+        "funnels:read",
+        "funnels:write",
+        "annotations:read",
+        "annotations:write",
+        "visitors:read",
+    ];
+    // "API keys follow the format et_live_ followed by 32 hexadecimal characters".
+    let (_, full) = et.key("org_1", &all).await;
+    assert!(full.starts_with("et_live_") && full.len() == 40, "{full}");
+    assert!(full[8..].bytes().all(|byte| byte.is_ascii_hexdigit() && !byte.is_ascii_uppercase()), "{full}");
+    // "The full API key is shown only once at creation."
+    let mut admin = et.app.admin.clone();
+    let listed = admin.list_keys(ListKeysRequest { tenant_id: "org_1".into(), ..Default::default() }).await;
+    let listed = format!("{:?}", listed.unwrap().into_inner());
+    assert!(!listed.contains(&full[12..]), "listing shows no more than the display prefix");
+    // "Pass the key as a Bearer token in the Authorization header" of
+    // /api/v1/organizations/{orgId}/sites.
+    assert_eq!(et.call("GET", "/api/v1/organizations/org_1/sites", &full).await.status, 200);
+    let header_only =
+        request(et.envoy.address, "GET", "/api/v1/organizations/org_1/sites", &[("x-api-key", &full)]).await;
+    assert_answer(&header_only.unwrap(), 401, json!({"error": "Invalid or expired API key"}));
+    // Each scope grants its endpoints.
+    for (method, path) in [
+        ("GET", "stats"),
+        ("GET", "charts"),
+        ("GET", "pages"),
+        ("GET", "sources"),
+        ("GET", "devices"),
+        ("GET", "locations"),
+        ("GET", "revenue"),
+        ("GET", "channels"),
+        ("GET", "goals"),
+        ("PATCH", "goals/g1"),
+        ("GET", "funnels"),
+        ("POST", "funnels"),
+        ("DELETE", "funnels/f1"),
+        ("GET", "annotations"),
+        ("POST", "annotations"),
+        ("GET", "visitors"),
+    ] {
+        let target = format!("/api/v1/organizations/org_1/{path}");
+        assert_eq!(et.call(method, &target, &full).await.status, 200, "{method} {target}");
+    }
+    // "Write scopes do not imply read access."
+    let (_, goals_write) = et.key("org_1", &["goals:write"]).await;
+    assert_eq!(et.call("PATCH", "/api/v1/organizations/org_1/goals/g1", &goals_write).await.status, 200);
+    let response = et.call("GET", "/api/v1/organizations/org_1/goals", &goals_write).await;
+    assert_answer(&response, 403, json!({"error": "API key missing required scope: goals:read"}));
+    // "403 Forbidden { "error": "API key missing required scope: analytics:read" }"
+    let (_, sites_only) = et.key("org_1", &["sites:read"]).await;
+    let response = et.call("GET", "/api/v1/organizations/org_1/stats", &sites_only).await;
+    assert_answer(&response, 403, json!({"error": "API key missing required scope: analytics:read"}));
+    // Only the documented scopes can be granted.
+    assert_status(create_key(&et.app, key_request("org_1", &["billing:read"])).await, Code::InvalidArgument, None);
+    // "API keys cannot access management endpoints (billing, team, integrations)".
+    for path in ["billing", "team", "integrations/slack"] {
+        let response = et.call("GET", &format!("/api/v1/organizations/org_1/{path}"), &full).await;
+        assert_eq!(response.status, 403, "{path}: {response:?}");
+    }
+    // Another organization's data: never, and the answer says nothing about that organization.
+    let other = et.call("GET", "/api/v1/organizations/org_2/sites", &full).await;
+    let nobody = et.call("GET", "/api/v1/organizations/org_404/sites", &full).await;
+    assert_answer(&other, 403, json!({"error": "API key cannot access this organization"}));
+    assert_eq!((other.status, &other.body), (nobody.status, &nobody.body));
+    // "401 Unauthorized { "error": "Invalid or expired API key" }: The key does not exist, has
+    // been revoked, or has expired."
+    let unknown = format!("et_live_{}", "0".repeat(32));
+    assert_answer(
+        &et.call("GET", "/api/v1/organizations/org_1/sites", &unknown).await,
+        401,
+        json!({"error": "Invalid or expired API key"}),
+    );
+    let (revoked, revoked_secret) = et.key("org_1", &["sites:read"]).await;
+    let revoke = RevokeKeyRequest { tenant_id: "org_1".into(), key_id: revoked.key_id.clone() };
+    et.app.admin.clone().revoke_key(revoke).await.unwrap();
+    assert_answer(
+        &et.call("GET", "/api/v1/organizations/org_1/sites", &revoked_secret).await,
+        401,
+        json!({"error": "Invalid or expired API key"}),
+    );
+    // "Optionally set an expiration date ... Expired keys return 401 Unauthorized."
+    let mut expiring = key_request("org_1", &["sites:read"]);
+    expiring.expiry = Some(create_key_request::Expiry::ExpiresIn(prost_types::Duration { seconds: 3_600, nanos: 0 }));
+    let (_, expiring) = create_key(&et.app, expiring).await.unwrap();
+    assert_eq!(et.call("GET", "/api/v1/organizations/org_1/sites", &expiring).await.status, 200);
+    // "Maximum 10 API keys per organization" (the expired one frees its place below).
+    // Working now: full, goals_write, sites_only, expiring.
+    for _ in 4..10 {
+        et.key("org_1", &["sites:read"]).await;
+    }
+    assert_status(create_key(&et.app, key_request("org_1", &["sites:read"])).await, Code::ResourceExhausted, None);
+    et.app.clock.advance(chrono::Duration::seconds(3_601));
+    assert_answer(
+        &et.call("GET", "/api/v1/organizations/org_1/sites", &expiring).await,
+        401,
+        json!({"error": "Invalid or expired API key"}),
+    );
+    et.key("org_1", &["sites:read"]).await;
+    // "Rate limits apply per-key."
+    let mut limited = key_request("org_2", &["sites:read"]);
+    limited.rate_limit_per_minute = 2;
+    let (_, limited) = create_key(&et.app, limited).await.unwrap();
+    let (_, neighbour) = et.key("org_2", &["sites:read"]).await;
+    for _ in 0..2 {
+        assert_eq!(et.call("GET", "/api/v1/organizations/org_2/sites", &limited).await.status, 200);
+    }
+    let response = et.call("GET", "/api/v1/organizations/org_2/sites", &limited).await;
+    assert_eq!(response.status, 429, "{response:?}");
+    assert!(response.headers.contains_key("retry-after"));
+    assert_eq!(et.call("GET", "/api/v1/organizations/org_2/sites", &neighbour).await.status, 200, "per key");
+    // "API keys require a Startup plan or higher."
+    let downgrade =
+        PutTenantRequest { tenant_id: "org_2".into(), api_access_enabled: Some(false), ..Default::default() };
+    put_tenant_with(&et.app, downgrade).await;
+    assert_answer(
+        &et.call("GET", "/api/v1/organizations/org_2/sites", &neighbour).await,
+        402,
+        json!({"error": "API key access requires a Startup plan or higher"}),
+    );
+    assert_status(create_key(&et.app, key_request("org_2", &["sites:read"])).await, Code::FailedPrecondition, None);
+    // "Enter a descriptive name": names are required.
+    let mut unnamed = key_request("org_1", &["sites:read"]);
+    unnamed.name = String::new();
+    assert_status(create_key(&et.app, unnamed).await, Code::InvalidArgument, Some("name"));
+}
