@@ -12,7 +12,7 @@ use crate::support::*;
 
 crate::trials!(
     every_backend: [],
-    once: [engagetrack_documentation_holds_through_envoy],
+    once: [engagetrack_documentation_holds_through_envoy, eventicat_documentation_holds_through_envoy],
 );
 
 /// keygate started from `examples/<product>/keygate.toml`, Envoy from its `envoy.yaml`.
@@ -179,4 +179,72 @@ async fn engagetrack_documentation_holds_through_envoy() {
     let mut unnamed = key_request("org_1", &["sites:read"]);
     unnamed.name = String::new();
     assert_status(create_key(&et.app, unnamed).await, Code::InvalidArgument, Some("name"));
+}
+
+async fn eventicat_documentation_holds_through_envoy() {
+    let Some(ec) = product("eventicat", include_str!("../../examples/eventicat/envoy.yaml")).await else { return };
+    // "API requests are rate-limited per user account": the account's shared limit.
+    let account = PutTenantRequest {
+        tenant_id: "account_1".into(),
+        shared_rate_limit: Some(4),
+        shared_rate_limit_window: RateLimitWindow::Minute.into(),
+        ..Default::default()
+    };
+    put_tenant_with(&ec.app, account).await;
+    put_tenant(&ec.app, "account_2").await;
+    put_site(&ec.app, "account_1", "agg_1").await.unwrap();
+    put_site(&ec.app, "account_2", "agg_2").await.unwrap();
+    let (_, key) = ec.key("account_1", &["events:write"]).await;
+
+    // "Method 1: URL Parameter": GET /api/event?_id=...&_apikey=...&name=user_signup; the API
+    // never sees the key, and the rest of the query arrives as sent.
+    let url = format!("/api/event?_id=agg_1&_apikey={key}&name=user_signup");
+    let response = request(ec.envoy.address, "GET", &url, &[]).await.unwrap();
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.upstream_path(), "/api/event?_id=agg_1&name=user_signup");
+    // "Method 2: Bearer Token (Recommended)": POST /api/event?_id=...
+    let response = ec.call("POST", "/api/event?_id=agg_1", &key).await;
+    assert_eq!(response.status, 200, "{response:?}");
+    assert!(!response.body.contains(&key[8..]), "the API never sees the key");
+
+    // "401 Unauthorized: Your API key is invalid or missing."
+    let invalid = json!({"error": "Invalid API key"});
+    assert_answer(&request(ec.envoy.address, "GET", "/api/event?_id=agg_1", &[]).await.unwrap(), 401, invalid.clone());
+    let unknown = crate::checks::well_formed_unknown_key();
+    assert_answer(&ec.call("POST", "/api/event?_id=agg_1", &unknown).await, 401, invalid.clone());
+    let typo = format!("/api/event?_id=agg_1&_apikey={}x", &key[..key.len() - 1]);
+    assert_answer(&request(ec.envoy.address, "GET", &typo, &[]).await.unwrap(), 401, invalid.clone());
+
+    // "404 Not Found: The aggregator ID is invalid or doesn't belong to your account."; "every
+    // request must include _id".
+    let not_found = json!({"error": "Invalid aggregator"});
+    for target in ["/api/event?_id=agg_2", "/api/event?_id=agg_404", "/api/event", "/api/event?_id="] {
+        assert_answer(&ec.call("POST", target, &key).await, 404, not_found.clone());
+    }
+
+    // "Regenerate compromised keys immediately": the old key stops at once.
+    let (old, old_secret) = ec.key("account_2", &["events:write"]).await;
+    assert_eq!(ec.call("POST", "/api/event?_id=agg_2", &old_secret).await.status, 200);
+    let rotate = RotateKeyRequest { tenant_id: "account_2".into(), key_id: old.key_id.clone(), ..Default::default() };
+    let rotated = ec.app.admin.clone().rotate_key(rotate).await.unwrap().into_inner();
+    assert_answer(&ec.call("POST", "/api/event?_id=agg_2", &old_secret).await, 401, invalid.clone());
+    assert_eq!(ec.call("POST", "/api/event?_id=agg_2", &rotated.secret).await.status, 200, "the new key works at once");
+
+    // "429 Too Many Requests ... { "error", "limit", "remaining", "resetTime" }" and the
+    // X-RateLimit-* headers, for the account's keys together.
+    let (_, second) = ec.key("account_1", &["events:write"]).await;
+    // Two requests above, two more with the account's other key: the limit of 4 is used up.
+    assert_eq!(ec.call("POST", "/api/event?_id=agg_1", &second).await.status, 200);
+    let last = ec.call("POST", "/api/event?_id=agg_1", &second).await;
+    assert_eq!(last.status, 200);
+    assert_eq!(last.headers.get("x-ratelimit-limit").map(String::as_str), Some("4"));
+    assert_eq!(last.headers.get("x-ratelimit-remaining").map(String::as_str), Some("0"));
+    let limited = ec.call("POST", "/api/event?_id=agg_1", &key).await;
+    assert_eq!(limited.status, 429, "{limited:?}");
+    let body = limited.json();
+    let reset: i64 = limited.headers["x-ratelimit-reset"].parse().unwrap();
+    assert_eq!(body, json!({"error": "Rate limit exceeded", "limit": 4, "remaining": 0, "resetTime": reset}));
+    assert_eq!(limited.headers.get("x-ratelimit-limit").map(String::as_str), Some("4"));
+    assert_eq!(limited.headers.get("x-ratelimit-remaining").map(String::as_str), Some("0"));
+    assert!(limited.headers.contains_key("retry-after"));
 }
