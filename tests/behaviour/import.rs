@@ -55,7 +55,7 @@ fn rand_byte() -> u8 {
     (x ^ std::process::id() as u64) as u8
 }
 
-fn sha256_hex(text: &str) -> String {
+pub fn sha256_hex(text: &str) -> String {
     Sha256::digest(text.as_bytes()).iter().map(|byte| format!("{byte:02x}")).collect()
 }
 

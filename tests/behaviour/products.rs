@@ -12,7 +12,11 @@ use crate::support::*;
 
 crate::trials!(
     every_backend: [],
-    once: [engagetrack_documentation_holds_through_envoy, eventicat_documentation_holds_through_envoy],
+    once: [
+        engagetrack_documentation_holds_through_envoy,
+        eventicat_documentation_holds_through_envoy,
+        trackagoat_documentation_holds_through_envoy,
+    ],
 );
 
 /// keygate started from `examples/<product>/keygate.toml`, Envoy from its `envoy.yaml`.
@@ -247,4 +251,71 @@ async fn eventicat_documentation_holds_through_envoy() {
     assert_eq!(limited.headers.get("x-ratelimit-limit").map(String::as_str), Some("4"));
     assert_eq!(limited.headers.get("x-ratelimit-remaining").map(String::as_str), Some("0"));
     assert!(limited.headers.contains_key("retry-after"));
+}
+
+/// Every byte of a SQLite database (its file and write-ahead log).
+fn database_bytes(url: &str) -> Vec<u8> {
+    let path = url.trim_start_matches("sqlite://").split('?').next().unwrap().to_owned();
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes.extend(std::fs::read(format!("{path}-wal")).unwrap_or_default());
+    bytes
+}
+
+async fn trackagoat_documentation_holds_through_envoy() {
+    let Some(tg) = product("trackagoat", include_str!("../../examples/trackagoat/envoy.yaml")).await else { return };
+    // A plan tier: 3 active keys, 5 requests a day for the org, 2 a minute per key.
+    let plan = PutTenantRequest {
+        tenant_id: "org_a".into(),
+        max_keys: Some(3),
+        daily_request_quota: Some(5),
+        rate_limit_per_minute: Some(2),
+        ..Default::default()
+    };
+    put_tenant_with(&tg.app, plan).await;
+    put_tenant(&tg.app, "org_b").await;
+    // "the full key (tga_<64 hex chars>)".
+    let (key, secret) = tg.key("org_a", &["v1:read"]).await;
+    assert!(secret.starts_with("tga_") && secret.len() == 68, "{secret}");
+    assert!(secret[4..].bytes().all(|byte| byte.is_ascii_hexdigit() && !byte.is_ascii_uppercase()));
+    // "Hashed at rest — trackagoat stores only a SHA-256 hash of your key, never the plaintext".
+    let stored = database_bytes(&tg.app.database_url);
+    let hash = crate::import::sha256_hex(&secret);
+    let contains = |needle: &[u8]| stored.windows(needle.len()).any(|window| window == needle);
+    assert!(contains(hash.as_bytes()), "the SHA-256 of the key is stored");
+    assert!(!contains(&secret.as_bytes()[12..]), "the key itself is not");
+    // "Include the key as a Bearer token"; "Org-scoped — a key can only access data in the org":
+    // the API is told the key's org, whatever the client claims.
+    let forged = format!("Bearer {secret}");
+    let headers = [("authorization", forged.as_str()), ("x-keygate-tenant-id", "org_b")];
+    let response = request(tg.envoy.address, "GET", "/api/v1/projects", &headers).await.unwrap();
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.upstream_headers().get("x-keygate-tenant-id").map(String::as_str), Some("org_a"));
+    // "programmatic read access".
+    assert_eq!(tg.call("POST", "/api/v1/projects", &secret).await.status, 403);
+    // "a per-key rate limit: a sliding-window limit on requests per minute" (2; one used above,
+    // and the refused POST is not counted).
+    assert_eq!(tg.call("GET", "/api/v1/creators", &secret).await.status, 200);
+    let limited = tg.call("GET", "/api/v1/creators", &secret).await;
+    assert_eq!(limited.status, 429, "{limited:?}");
+    assert_eq!(limited.json()["code"], "RATE_LIMITED");
+    // "... separate from the daily org-level max_api_requests_per_day quota": other keys go on
+    // until the org's 5 are used (2 above).
+    let (_, second) = tg.key("org_a", &["v1:read"]).await;
+    let (_, third) = tg.key("org_a", &["v1:read"]).await;
+    for key in [&second, &second, &third] {
+        assert_eq!(tg.call("GET", "/api/v1/videos", key).await.status, 200);
+    }
+    let quota = tg.call("GET", "/api/v1/videos", &third).await;
+    assert_eq!((quota.status, quota.json()["code"].as_str()), (429, Some("QUOTA_EXCEEDED")), "{quota:?}");
+    // "max_api_keys_per_org (the maximum number of active keys) ... delete unused keys first".
+    assert_status(create_key(&tg.app, key_request("org_a", &["v1:read"])).await, Code::ResourceExhausted, None);
+    // "Revocation is immediate — any requests using the revoked key will receive a 401".
+    let (other_org_key, other_secret) = tg.key("org_b", &["v1:read"]).await;
+    assert_eq!(tg.call("GET", "/api/v1/projects", &other_secret).await.status, 200);
+    let revoke = RevokeKeyRequest { tenant_id: "org_b".into(), key_id: other_org_key.key_id.clone() };
+    tg.app.admin.clone().revoke_key(revoke).await.unwrap();
+    assert_eq!(tg.call("GET", "/api/v1/projects", &other_secret).await.status, 401);
+    let revoke = RevokeKeyRequest { tenant_id: "org_a".into(), key_id: key.key_id.clone() };
+    tg.app.admin.clone().revoke_key(revoke).await.unwrap();
+    create_key(&tg.app, key_request("org_a", &["v1:read"])).await.expect("room again after a delete");
 }
