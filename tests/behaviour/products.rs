@@ -16,6 +16,7 @@ crate::trials!(
         engagetrack_documentation_holds_through_envoy,
         eventicat_documentation_holds_through_envoy,
         trackagoat_documentation_holds_through_envoy,
+        jetrack_documentation_holds_through_envoy,
     ],
 );
 
@@ -318,4 +319,80 @@ async fn trackagoat_documentation_holds_through_envoy() {
     let revoke = RevokeKeyRequest { tenant_id: "org_a".into(), key_id: key.key_id.clone() };
     tg.app.admin.clone().revoke_key(revoke).await.unwrap();
     create_key(&tg.app, key_request("org_a", &["v1:read"])).await.expect("room again after a delete");
+}
+
+async fn jetrack_documentation_holds_through_envoy() {
+    let Some(jt) = product("jetrack", include_str!("../../examples/jetrack/envoy.yaml")).await else { return };
+    let account = PutTenantRequest { tenant_id: "acct_1".into(), rate_limit_per_minute: Some(5), ..Default::default() };
+    put_tenant_with(&jt.app, account).await;
+    put_tenant(&jt.app, "acct_2").await;
+    put_site(&jt.app, "acct_1", "web_1").await.unwrap();
+    put_site(&jt.app, "acct_2", "web_2").await.unwrap();
+    let envelope = |status: u16, message: &str| json!({"success": false, "data": null, "meta": {"status": status, "message": message}});
+    // "Optionally enter a name for your key".
+    let mut unnamed = key_request("acct_1", &["api:read"]);
+    unnamed.name = String::new();
+    let (key, secret) = create_key(&jt.app, unnamed).await.unwrap();
+    // "Prefix: bj_live_ (8 characters) - Key body: 64 hexadecimal characters - Total length: 72".
+    assert!(secret.starts_with("bj_live_") && secret.len() == 72, "{secret}");
+    assert!(secret[8..].bytes().all(|byte| byte.is_ascii_hexdigit() && !byte.is_ascii_uppercase()));
+    // "Key prefix - The first 12 characters (e.g., bj_live_a1b2)"; "Name - ... (if any)".
+    assert_eq!((key.display_prefix.as_str(), key.name.as_str()), (&secret[..12], ""));
+    // "Method 1: X-API-Key Header (Recommended)" and "Method 2: Authorization Bearer Header".
+    let by_header = request(jt.envoy.address, "GET", "/api/v1/account", &[("x-api-key", &secret)]).await.unwrap();
+    assert_eq!(by_header.status, 200, "{by_header:?}");
+    assert!(!by_header.upstream_headers().contains_key("x-api-key"), "the API never sees the key");
+    assert_eq!(jt.call("GET", "/api/v1/websites", &secret).await.status, 200);
+    let stats = "/api/v1/websites/web_1/stats/main?from=2025-01-01&to=2025-01-31";
+    let response = request(jt.envoy.address, "GET", stats, &[("x-api-key", &secret)]).await.unwrap();
+    assert_eq!(response.status, 200, "{response:?}");
+    assert_eq!(response.upstream_path(), stats);
+    // "403 Forbidden: ... Website belongs to another account".
+    let other = request(jt.envoy.address, "GET", "/api/v1/websites/web_2/stats/main", &[("x-api-key", &secret)]).await;
+    assert_answer(&other.unwrap(), 403, envelope(403, "Website belongs to another account"));
+    // "401 Unauthorized: Missing API key header; Invalid or revoked API key; Typo in the key";
+    // "Check that the full key is included (72 characters)".
+    assert_answer(
+        &request(jt.envoy.address, "GET", "/api/v1/account", &[]).await.unwrap(),
+        401,
+        envelope(401, "Missing API key"),
+    );
+    let typo = format!("{}0", &secret[..71]);
+    for wrong in [typo.as_str(), &secret[..70]] {
+        let response = request(jt.envoy.address, "GET", "/api/v1/account", &[("x-api-key", wrong)]).await.unwrap();
+        assert_answer(&response, 401, envelope(401, "Invalid or revoked API key"));
+    }
+    // "Last used - When the key was last used for authentication" (written every
+    // KEYGATE_USAGE_FLUSH_INTERVAL_MS; this test waits for it).
+    let mut last_used = None;
+    for _ in 0..150 {
+        last_used = get_key(&jt.app, "acct_1", &key.key_id).await.last_used_at;
+        if last_used.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(last_used.is_some(), "last used is recorded");
+    // "Regenerating immediately invalidates your old key" (one key per account: regenerate is a
+    // rotation without grace).
+    assert_status(create_key(&jt.app, key_request("acct_1", &["api:read"])).await, Code::ResourceExhausted, None);
+    let regenerate = RotateKeyRequest { tenant_id: "acct_1".into(), key_id: key.key_id.clone(), ..Default::default() };
+    let regenerated = jt.app.admin.clone().rotate_key(regenerate).await.unwrap().into_inner();
+    let old = request(jt.envoy.address, "GET", "/api/v1/account", &[("x-api-key", &secret)]).await.unwrap();
+    assert_answer(&old, 401, envelope(401, "Invalid or revoked API key"));
+    let new = request(jt.envoy.address, "GET", "/api/v1/account", &[("x-api-key", &regenerated.secret)]).await;
+    assert_eq!(new.unwrap().status, 200);
+    // "Rate Limiting (429): Too many requests in a short period" (the account's 5 a minute).
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(jt.call("GET", "/api/v1/account", &regenerated.secret).await.status);
+    }
+    assert_eq!(statuses, [200, 200, 200, 200, 429, 429], "one request of the new key was made above");
+    let limited = jt.call("GET", "/api/v1/account", &regenerated.secret).await;
+    assert_answer(&limited, 429, envelope(429, "Too many requests in a short period"));
+    // "Revoke API Key ... This is irreversible."
+    let revoke = RevokeKeyRequest { tenant_id: "acct_1".into(), key_id: regenerated.key.unwrap().key_id };
+    jt.app.admin.clone().revoke_key(revoke).await.unwrap();
+    let revoked = request(jt.envoy.address, "GET", "/api/v1/account", &[("x-api-key", &regenerated.secret)]).await;
+    assert_answer(&revoked.unwrap(), 401, envelope(401, "Invalid or revoked API key"));
 }
