@@ -388,12 +388,12 @@ impl Answers {
         self.reasons.get(&reason).and_then(|answer| answer.status).unwrap_or_else(|| reason.http_status())
     }
 
-    /// The configured message of a deny, if `[answers.deny]` sets one.
-    pub fn configured_message(&self, reason: DenyReason, scope: &str, site_id: &str) -> Option<String> {
-        self.reasons
-            .get(&reason)
-            .and_then(|answer| answer.message.as_ref())
-            .map(|_| self.message(reason, scope, site_id))
+    /// The configured message of a deny, if `[answers.deny]` sets one that does not need
+    /// `{site_id}` (a request that names no valid site has none to put there).
+    pub fn configured_message_without_site(&self, reason: DenyReason, scope: &str) -> Option<String> {
+        let template = self.reasons.get(&reason).and_then(|answer| answer.message.as_ref())?;
+        let needs_site = template.0.iter().any(|piece| matches!(piece, Piece::Placeholder(name) if name == "site_id"));
+        (!needs_site).then(|| self.message(reason, scope, ""))
     }
 
     /// The message of a deny, for end users: the configured template, or keygate's text.

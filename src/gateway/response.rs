@@ -123,11 +123,12 @@ pub fn malformed(answers: &Answers, scope: &str) -> CheckResponse {
 }
 
 /// The answer for a request on a site-bound route that names no valid site: the
-/// SITE_FORBIDDEN answer, with keygate's own text unless `[answers]` sets one.
+/// SITE_FORBIDDEN answer, with keygate's own text unless `[answers]` sets one that needs no
+/// `{site_id}`.
 pub fn site_unreadable(answers: &Answers, scope: &str) -> CheckResponse {
     let facts = DenyFacts { reason: DenyReason::SiteForbidden, scope, site_id: "", limit: None, now: Utc::now() };
     let message = answers
-        .configured_message(DenyReason::SiteForbidden, scope, "")
+        .configured_message_without_site(DenyReason::SiteForbidden, scope)
         .unwrap_or_else(|| "This request does not name a valid site".to_owned());
     let body = answers.body(&facts, DenyReason::SiteForbidden.code(), &message);
     denied_response(answers.status(DenyReason::SiteForbidden), Code::PermissionDenied, &message, body, Vec::new())

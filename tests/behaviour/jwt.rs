@@ -1,4 +1,4 @@
-//! API keys next to user JWTs behind one Envoy (examples/jwt/envoy.yaml): a key-shaped bearer
+//! API keys next to user JWTs behind one Envoy (examples/zerotrust/envoy.yaml): a key-shaped bearer
 //! goes to keygate and never to the JWT filter, a JWT to Envoy's jwt_authn and never to keygate.
 
 use base64::Engine;
@@ -30,7 +30,8 @@ fn jwt(claims: &serde_json::Value, key: &[u8]) -> String {
 
 async fn a_jwt_and_an_api_key_each_reach_only_their_own_check() {
     let Some(binary) = envoy_binary() else { return };
-    let app = spawn_app_with(Backend::Sqlite, &["--key-format", "zta_{env}_{alnum:36}"]).await.unwrap();
+    let config = format!("{}/examples/zerotrust/keygate.toml", env!("CARGO_MANIFEST_DIR"));
+    let app = spawn_app_with(Backend::Sqlite, &["--config", &config]).await.unwrap();
     put_tenant(&app, "acme").await;
     let (_, key) = create_key(&app, key_request("acme", &["api:read"])).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
@@ -41,7 +42,7 @@ async fn a_jwt_and_an_api_key_each_reach_only_their_own_check() {
     let upstream = start_echo_upstream().await;
     let envoy = Envoy::start_with(
         &binary,
-        include_str!("../../examples/jwt/envoy.yaml"),
+        include_str!("../../examples/zerotrust/envoy.yaml"),
         &[("/etc/envoy/jwks.json", jwks.to_str().unwrap())],
         app.address,
         upstream,
@@ -55,14 +56,14 @@ async fn a_jwt_and_an_api_key_each_reach_only_their_own_check() {
 
     // A user JWT: verified by Envoy, the upstream gets its subject, keygate is not asked (a JWT
     // sent to keygate would be denied as a malformed key).
-    let response = get(envoy.address, "/api/stats", &[("authorization", &bearer(&token))]).await.unwrap();
+    let response = get(envoy.address, "/api/account", &[("authorization", &bearer(&token))]).await.unwrap();
     assert_eq!(response.status, 200, "{response:?}");
     let headers = response.upstream_headers();
     assert_eq!(headers.get("x-user-id").map(String::as_str), Some("user-42"));
     assert!(!headers.contains_key("x-keygate-tenant-id"), "{headers:?}");
 
     // An API key: keygate decides, the JWT filter never saw it (it would refuse a non-JWT).
-    let response = get(envoy.address, "/api/stats", &[("authorization", &bearer(&key))]).await.unwrap();
+    let response = get(envoy.address, "/api/account", &[("authorization", &bearer(&key))]).await.unwrap();
     assert_eq!(response.status, 200, "{response:?}");
     let headers = response.upstream_headers();
     assert_eq!(headers.get("x-keygate-tenant-id").map(String::as_str), Some("acme"));
@@ -70,22 +71,22 @@ async fn a_jwt_and_an_api_key_each_reach_only_their_own_check() {
 
     // Bad credentials of each kind are refused by their own check.
     let forged = jwt(&claims, b"another key, not the one in JWKS");
-    let response = get(envoy.address, "/api/stats", &[("authorization", &bearer(&forged))]).await.unwrap();
+    let response = get(envoy.address, "/api/account", &[("authorization", &bearer(&forged))]).await.unwrap();
     assert_eq!(response.status, 401, "{response:?}");
-    assert!(!response.body.contains("KEY_"), "Envoy's JWT answer, not keygate's: {}", response.body);
+    assert!(!response.body.contains("Invalid API key"), "Envoy's JWT answer, not keygate's: {}", response.body);
     let expired = jwt(
         &json!({"iss": "https://auth.example.com", "aud": "api.example.com", "sub": "u", "exp": now - 60}),
         SIGNING_KEY,
     );
-    assert_eq!(get(envoy.address, "/api/stats", &[("authorization", &bearer(&expired))]).await.unwrap().status, 401);
+    assert_eq!(get(envoy.address, "/api/account", &[("authorization", &bearer(&expired))]).await.unwrap().status, 401);
     let unknown_key = format!("zta_live_{}", "a".repeat(36));
-    let response = get(envoy.address, "/api/stats", &[("authorization", &bearer(&unknown_key))]).await.unwrap();
+    let response = get(envoy.address, "/api/account", &[("authorization", &bearer(&unknown_key))]).await.unwrap();
     assert_eq!(response.status, 401, "{response:?}");
-    assert_eq!(response.json()["code"], "KEY_INVALID", "keygate's answer: {}", response.body);
-    let response = get(envoy.address, "/api/stats", &[]).await.unwrap();
+    assert_eq!(response.json(), json!({"error": "Invalid API key"}), "keygate's answer: {}", response.body);
+    let response = get(envoy.address, "/api/account", &[]).await.unwrap();
     assert_eq!(response.status, 401, "no credential: the JWT route asks for one: {response:?}");
     // A forged user id never reaches the upstream, on either route.
     let response =
-        get(envoy.address, "/api/stats", &[("authorization", &bearer(&key)), ("x-user-id", "admin")]).await.unwrap();
+        get(envoy.address, "/api/account", &[("authorization", &bearer(&key)), ("x-user-id", "admin")]).await.unwrap();
     assert!(!response.upstream_headers().contains_key("x-user-id"), "{response:?}");
 }

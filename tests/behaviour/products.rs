@@ -17,6 +17,7 @@ crate::trials!(
         eventicat_documentation_holds_through_envoy,
         trackagoat_documentation_holds_through_envoy,
         jetrack_documentation_holds_through_envoy,
+        zerotrust_documentation_holds_through_envoy,
     ],
 );
 
@@ -27,11 +28,16 @@ struct Product {
 }
 
 async fn product(name: &str, envoy_yaml: &str) -> Option<Product> {
+    product_with(name, envoy_yaml, &[]).await
+}
+
+/// [`product`] with replacements in the Envoy config (a file path of the test's).
+async fn product_with(name: &str, envoy_yaml: &str, replacements: &[(&str, &str)]) -> Option<Product> {
     let binary = envoy_binary()?;
     let config = format!("{}/examples/{name}/keygate.toml", env!("CARGO_MANIFEST_DIR"));
     let app = spawn_app_with(Backend::Sqlite, &["--config", &config]).await?;
     let upstream = start_echo_upstream().await;
-    let envoy = Envoy::start_with(&binary, envoy_yaml, &[], app.address, upstream).await;
+    let envoy = Envoy::start_with(&binary, envoy_yaml, replacements, app.address, upstream).await;
     Some(Product { app, envoy })
 }
 
@@ -395,4 +401,100 @@ async fn jetrack_documentation_holds_through_envoy() {
     jt.app.admin.clone().revoke_key(revoke).await.unwrap();
     let revoked = request(jt.envoy.address, "GET", "/api/v1/account", &[("x-api-key", &regenerated.secret)]).await;
     assert_answer(&revoked.unwrap(), 401, envelope(401, "Invalid or revoked API key"));
+}
+
+async fn zerotrust_documentation_holds_through_envoy() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(
+        &jwks,
+        r#"{"keys": [{"kty": "oct", "alg": "HS256", "kid": "k", "k": "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"}]}"#,
+    )
+    .unwrap();
+    let envoy_yaml = include_str!("../../examples/zerotrust/envoy.yaml");
+    let Some(zt) = product_with("zerotrust", envoy_yaml, &[("/etc/envoy/jwks.json", jwks.to_str().unwrap())]).await
+    else {
+        return;
+    };
+    // Plans: "Free 2", "Enterprise Unlimited".
+    let free = PutTenantRequest { tenant_id: "free".into(), max_keys: Some(2), ..Default::default() };
+    put_tenant_with(&zt.app, free).await;
+    let enterprise = PutTenantRequest { tenant_id: "ent".into(), unlimited_keys: Some(true), ..Default::default() };
+    put_tenant_with(&zt.app, enterprise).await;
+    put_site(&zt.app, "ent", "site_abc123").await.unwrap();
+    put_site(&zt.app, "ent", "site_xyz789").await.unwrap();
+    let stats = |site: &str| format!("/api/stats?siteId={site}");
+
+    // "zta_live_abc123def456ghi789jkl012mno345pqr678".
+    let (read_key, read) = zt.key("ent", &["api:read"]).await;
+    assert!(read.starts_with("zta_live_") && read.len() == 45, "{read}");
+    assert!(read[9..].bytes().all(|byte| byte.is_ascii_digit() || byte.is_ascii_lowercase()), "{read}");
+    // Scopes: "read: Read analytics data"; "write: Everything in read + send tracking data";
+    // "admin: Everything in write + manage sites".
+    let (_, write) = zt.key("ent", &["api:write"]).await;
+    let (_, admin) = zt.key("ent", &["api:admin"]).await;
+    let insufficient = json!({"error": "Insufficient permissions. This key has read-only access."});
+    assert_eq!(zt.call("GET", &stats("site_abc123"), &read).await.status, 200);
+    assert_answer(&zt.call("POST", "/api/track?siteId=site_abc123", &read).await, 403, insufficient.clone());
+    assert_eq!(zt.call("POST", "/api/track?siteId=site_abc123", &write).await.status, 200);
+    assert_eq!(zt.call("GET", &stats("site_abc123"), &write).await.status, 200, "write includes read");
+    assert_eq!(zt.call("GET", "/api/sites", &write).await.status, 403, "write cannot manage sites");
+    assert_eq!(zt.call("POST", "/api/sites", &admin).await.status, 200);
+    assert_eq!(zt.call("POST", "/api/track?siteId=site_abc123", &admin).await.status, 200, "admin includes write");
+    // "Site-Specific Keys ... Attempts to access other sites will fail with 403 Forbidden":
+    // "{ "error": "This API key cannot access site_xyz789" }".
+    let mut pinned = key_request("ent", &["api:read"]);
+    pinned.site_ids = vec!["site_abc123".into()];
+    let (_, pinned) = create_key(&zt.app, pinned).await.unwrap();
+    assert_eq!(zt.call("GET", &stats("site_abc123"), &pinned).await.status, 200);
+    assert_answer(
+        &zt.call("GET", &stats("site_xyz789"), &pinned).await,
+        403,
+        json!({"error": "This API key cannot access site_xyz789"}),
+    );
+    // "401 Unauthorized { "error": "Invalid API key" }".
+    let unknown = format!("zta_live_{}", "0".repeat(36));
+    assert_answer(&zt.call("GET", &stats("site_abc123"), &unknown).await, 401, json!({"error": "Invalid API key"}));
+    // "Expiring Keys ... "expiresIn": 30 ... The key will expire after 30 days";
+    // "{ "error": "API key has expired" }"; keys without expiresIn are "Long-lived".
+    let mut trial = key_request("ent", &["api:read"]);
+    trial.expiry =
+        Some(create_key_request::Expiry::ExpiresIn(prost_types::Duration { seconds: 30 * 86_400, nanos: 0 }));
+    let (_, trial) = create_key(&zt.app, trial).await.unwrap();
+    assert_eq!(zt.call("GET", &stats("site_abc123"), &trial).await.status, 200);
+    zt.app.clock.advance(chrono::Duration::days(30) + chrono::Duration::seconds(1));
+    assert_answer(&zt.call("GET", &stats("site_abc123"), &trial).await, 401, json!({"error": "API key has expired"}));
+    zt.app.clock.advance(chrono::Duration::days(400));
+    assert_eq!(zt.call("GET", &stats("site_abc123"), &read).await.status, 200, "no expiration unless set");
+    // "Delete API Key ... All requests using this key will immediately fail with 401".
+    let revoke = RevokeKeyRequest { tenant_id: "ent".into(), key_id: read_key.key_id.clone() };
+    zt.app.admin.clone().revoke_key(revoke).await.unwrap();
+    assert_answer(&zt.call("GET", &stats("site_abc123"), &read).await, 401, json!({"error": "Invalid API key"}));
+    // "The full API key is only shown once during creation. After that, only a masked version".
+    let mut admin_client = zt.app.admin.clone();
+    let listed = admin_client.list_keys(ListKeysRequest { tenant_id: "ent".into(), ..Default::default() }).await;
+    let listed = format!("{:?}", listed.unwrap().into_inner());
+    assert!(!listed.contains(&write[12..]) && listed.contains(&write[..12]), "masked: {listed}");
+    // "API Key Limits: Free 2 ... Enterprise Unlimited".
+    for _ in 0..2 {
+        zt.key("free", &["api:read"]).await;
+    }
+    assert_status(create_key(&zt.app, key_request("free", &["api:read"])).await, Code::ResourceExhausted, None);
+    for _ in 0..60 {
+        zt.key("ent", &["api:read"]).await;
+    }
+    // "Activity Log ... API key created, API key revoked, Failed authentication attempts".
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..150 {
+        let request = ListAuditEventsRequest { tenant_id: "ent".into(), page_size: 1000, ..Default::default() };
+        let events = admin_client.list_audit_events(request).await.unwrap().into_inner().events;
+        seen = events.iter().map(|event| event.event_type()).collect();
+        if seen.contains(&AuditEventType::CheckDenied) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for wanted in [AuditEventType::KeyCreated, AuditEventType::KeyRevoked, AuditEventType::CheckDenied] {
+        assert!(seen.contains(&wanted), "{wanted:?} in {seen:?}");
+    }
 }
