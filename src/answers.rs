@@ -397,8 +397,16 @@ impl Answers {
     }
 
     /// The message of a deny, for end users: the configured template, or keygate's text.
+    /// A template that needs `{site_id}` where there is none (a site-restricted key on an
+    /// endpoint that touches no single site) gives keygate's text instead of a sentence with a
+    /// hole in it.
     pub fn message(&self, reason: DenyReason, scope: &str, site_id: &str) -> String {
-        match self.reasons.get(&reason).and_then(|answer| answer.message.as_ref()) {
+        let template = self.reasons.get(&reason).and_then(|answer| answer.message.as_ref());
+        let needs_missing_site = |template: &&Template| {
+            site_id.is_empty()
+                && template.0.iter().any(|piece| matches!(piece, Piece::Placeholder(name) if name == "site_id"))
+        };
+        match template.filter(|template| !needs_missing_site(template)) {
             Some(template) => template.render(|name| match name {
                 "scope" => Some(scope.to_owned()),
                 "site_id" => Some(site_id.to_owned()),
@@ -555,6 +563,13 @@ mod tests {
             jetrack.message(DenyReason::KeyUnknown, "a:b", ""),
             jetrack.message(DenyReason::KeyMalformed, "a:b", "")
         );
+    }
+
+    #[test]
+    fn a_message_that_needs_a_site_where_there_is_none_falls_back_to_keygates() {
+        let zta = answers("[deny.SITE_FORBIDDEN]\nmessage = \"This API key cannot access {site_id}\"").unwrap();
+        assert_eq!(zta.message(DenyReason::SiteForbidden, "a:b", "site_1"), "This API key cannot access site_1");
+        assert_eq!(zta.message(DenyReason::SiteForbidden, "a:b", ""), DenyReason::SiteForbidden.message("a:b", ""));
     }
 
     #[test]

@@ -331,6 +331,7 @@ impl Limiter {
         let now = micros(now);
         let mut subjects = self.lock();
         let mut states = Vec::with_capacity(applied.len());
+        let mut denied: Option<(DenyReason, RateLimitState)> = None;
         for limit in &applied {
             let counts = subjects.get(&limit.subject);
             let counted: Vec<(i64, i64)> = counts
@@ -348,11 +349,19 @@ impl Limiter {
                 subject: limit.kind,
             };
             if used + 1 > i64::from(limit.limit) {
+                // Of several used-up limits, the one that frees up last: a client that waits
+                // until the reported reset is admitted by all of them.
                 let reset_at = admitted_again_at(limit.span, &counted, i64::from(limit.limit));
-                return LimitDecision::Denied(limit.reason, state(0, reset_at));
+                if denied.as_ref().is_none_or(|(_, state)| micros(state.reset_at) < reset_at) {
+                    denied = Some((limit.reason, state(0, reset_at)));
+                }
+                continue;
             }
             let remaining = u32::try_from(i64::from(limit.limit) - used - 1).unwrap_or(0);
             states.push(state(remaining, limit.span.leaves_at(limit.span.bucket_of(now))));
+        }
+        if let Some((reason, state)) = denied {
+            return LimitDecision::Denied(reason, state);
         }
         for limit in applied {
             let bucket = limit.span.bucket_of(now);
@@ -512,6 +521,30 @@ mod tests {
             .iter()
             .map(|second| matches!(limiter.check_and_count(&key, &tenant, at(*second)), LimitDecision::Allowed(_)))
             .collect()
+    }
+
+    #[test]
+    fn when_several_limits_are_used_up_the_deny_names_the_one_that_frees_up_last() {
+        let limiter = Limiter::default();
+        let key = key(2);
+        let mut tenant = tenant(0);
+        tenant.shared_rate_limit = 2;
+        tenant.shared_rate_limit_window = RateLimitWindow::Hour;
+        for second in [0.0, 1.0] {
+            assert!(matches!(limiter.check_and_count(&key, &tenant, at(second)), LimitDecision::Allowed(_)));
+        }
+        // Both the key's 2 a minute and the tenant's 2 an hour are used up: the hour decides.
+        let LimitDecision::Denied(reason, state) = limiter.check_and_count(&key, &tenant, at(2.0)) else {
+            panic!("denied")
+        };
+        assert_eq!(
+            (reason, state.window, state.subject),
+            (DenyReason::RateLimited, RateLimitWindow::Hour, RateLimitSubject::Tenant)
+        );
+        assert_eq!(state.reset_at, at(3_600.0), "the first request leaves the hour");
+        // At the minute's reset the tenant's hour still denies; at the reported reset, admitted.
+        assert!(matches!(limiter.check_and_count(&key, &tenant, at(61.0)), LimitDecision::Denied(..)));
+        assert!(matches!(limiter.check_and_count(&key, &tenant, state.reset_at), LimitDecision::Allowed(_)));
     }
 
     #[test]

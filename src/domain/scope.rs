@@ -104,14 +104,11 @@ impl ScopePolicy {
             || self.implied_actions.get(held.action()).is_some_and(|implied| implied.contains(required.action()))
     }
 
-    /// Whether the catalogue (if any) allows a key to hold `scope`.
+    /// Whether the catalogue (if any) allows a key to hold `scope`: only the scopes it lists.
+    /// A wildcard (`*`, `goals:*`) is allowed only when listed itself: a wildcard grants scopes
+    /// outside the catalogue too (a route may require one so that no key can reach it).
     pub fn allows(&self, scope: &Scope) -> bool {
-        let Some(catalogue) = &self.catalogue else { return true };
-        match (scope.as_str(), scope.action()) {
-            ("*", _) => true,
-            (_, "*") => catalogue.iter().any(|listed| listed.resource() == scope.resource()),
-            _ => catalogue.contains(scope),
-        }
+        self.catalogue.as_ref().is_none_or(|catalogue| catalogue.contains(scope))
     }
 }
 
@@ -198,10 +195,12 @@ mod tests {
     fn the_catalogue_limits_what_keys_may_hold() {
         let policy = ScopePolicy::new(&[], Some(scopes(&["events:read", "events:write"])));
         assert!(policy.allows(&required("events:read")));
-        assert!(policy.allows(&required("events:*")));
-        assert!(policy.allows(&required("*")));
+        assert!(!policy.allows(&required("events:*")), "a wildcard would grant events:admin too");
+        assert!(!policy.allows(&required("*")));
         assert!(!policy.allows(&required("billing:read")));
         assert!(!policy.allows(&required("billing:*")));
+        let with_wildcards = ScopePolicy::new(&[], Some(scopes(&["events:read", "events:*", "*"])));
+        assert!(with_wildcards.allows(&required("events:*")) && with_wildcards.allows(&required("*")));
     }
 
     #[test]

@@ -58,7 +58,7 @@ impl Violations {
     /// A required human-readable name of at most `max` characters, with at least one visible
     /// character, and no control or bidirectional-control characters.
     pub fn name(&mut self, field: &str, value: &str, max: usize) {
-        if value.chars().all(|c| c.is_whitespace() || is_invisible(c)) {
+        if !value.chars().any(is_visible) {
             self.add(field, "is required (and must hold a visible character)");
         } else {
             self.optional_name(field, value, max);
@@ -73,7 +73,7 @@ impl Violations {
             self.add(field, "must not contain control characters");
         } else if value.chars().any(is_bidi_control) {
             self.add(field, "must not contain bidirectional control characters");
-        } else if !value.is_empty() && value.chars().all(|c| c.is_whitespace() || is_invisible(c)) {
+        } else if !value.is_empty() && !value.chars().any(is_visible) {
             self.add(field, "must hold a visible character");
         }
     }
@@ -156,6 +156,21 @@ fn is_bidi_control(c: char) -> bool {
     matches!(c, '\u{061C}' | '\u{200E}' | '\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
+/// Whether a character shows something: a letter, number, punctuation, symbol or spacing mark
+/// by its Unicode general category (not a separator, a lone combining mark, a format control,
+/// private use, unassigned or a noncharacter), and not one of the blanks of [`is_invisible`].
+fn is_visible(c: char) -> bool {
+    use unicode_properties::{GeneralCategory, GeneralCategoryGroup, UnicodeGeneralCategory};
+    let shows = matches!(
+        c.general_category_group(),
+        GeneralCategoryGroup::Letter
+            | GeneralCategoryGroup::Number
+            | GeneralCategoryGroup::Punctuation
+            | GeneralCategoryGroup::Symbol
+    ) || c.general_category() == GeneralCategory::SpacingMark;
+    shows && !is_invisible(c)
+}
+
 /// Characters that display as nothing: Unicode's default-ignorable code points (zero-width
 /// spaces and joiners, the soft hyphen, variation selectors, fillers, tags, BOM), by their
 /// ranges in Unicode 15, and the braille blank (U+2800), which fonts draw as a space.
@@ -202,7 +217,18 @@ mod tests {
 
     #[test]
     fn invisible_and_reordering_names_are_refused_like_blank_ones() {
-        for invisible in ["\u{200B}", " \u{200B}\u{FEFF} ", "\u{2060}\u{180E}", "\u{3164}", "\u{2800}\u{2800}"] {
+        for invisible in [
+            "\u{200B}",
+            " \u{200B}\u{FEFF} ",
+            "\u{2060}\u{180E}",
+            "\u{3164}",
+            "\u{2800}\u{2800}",
+            "\u{0301}",
+            "\u{FDD0}",
+            "\u{0378}",
+            "\u{E000}",
+            "\u{13430}",
+        ] {
             let mut violations = Violations::default();
             violations.name("name", invisible, MAX_NAME_CHARS);
             assert!(violations.finish(()).is_err(), "{invisible:?}");

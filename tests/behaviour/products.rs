@@ -121,9 +121,13 @@ async fn engagetrack_documentation_holds_through_envoy() {
     // Only the documented scopes can be granted.
     assert_status(create_key(&et.app, key_request("org_1", &["billing:read"])).await, Code::InvalidArgument, None);
     // "API keys cannot access management endpoints (billing, team, integrations)".
-    for path in ["billing", "team", "integrations/slack"] {
+    for path in ["billing", "team", "integrations/slack", "Billing"] {
         let response = et.call("GET", &format!("/api/v1/organizations/org_1/{path}"), &full).await;
-        assert_eq!(response.status, 403, "{path}: {response:?}");
+        assert_answer(&response, 403, json!({"error": "API keys cannot access management endpoints"}));
+    }
+    // No key can hold more than the listed scopes: wildcards are refused.
+    for wildcard in ["*", "goals:*"] {
+        assert_status(create_key(&et.app, key_request("org_1", &[wildcard])).await, Code::InvalidArgument, None);
     }
     // Another organization's data: never, and the answer says nothing about that organization.
     let other = et.call("GET", "/api/v1/organizations/org_2/sites", &full).await;
@@ -297,8 +301,11 @@ async fn trackagoat_documentation_holds_through_envoy() {
     let response = request(tg.envoy.address, "GET", "/api/v1/projects", &headers).await.unwrap();
     assert_eq!(response.status, 200, "{response:?}");
     assert_eq!(response.upstream_headers().get("x-keygate-tenant-id").map(String::as_str), Some("org_a"));
-    // "programmatic read access".
+    // "programmatic read access", and no wildcard lets a key write.
     assert_eq!(tg.call("POST", "/api/v1/projects", &secret).await.status, 403);
+    for wildcard in ["*", "v1:*"] {
+        assert_status(create_key(&tg.app, key_request("org_b", &[wildcard])).await, Code::InvalidArgument, None);
+    }
     // "a per-key rate limit: a sliding-window limit on requests per minute" (2; one used above,
     // and the refused POST is not counted).
     assert_eq!(tg.call("GET", "/api/v1/creators", &secret).await.status, 200);
@@ -356,6 +363,11 @@ async fn jetrack_documentation_holds_through_envoy() {
     // "403 Forbidden: ... Website belongs to another account".
     let other = request(jt.envoy.address, "GET", "/api/v1/websites/web_2/stats/main", &[("x-api-key", &secret)]).await;
     assert_answer(&other.unwrap(), 403, envelope(403, "Website belongs to another account"));
+    // The website itself, and other spellings of the path, are checked too.
+    for target in ["/api/v1/websites/web_2", "/api/v1/Websites/web_2/stats/main", "/api/v1/WEBSITES/web_2"] {
+        let response = request(jt.envoy.address, "GET", target, &[("x-api-key", &secret)]).await.unwrap();
+        assert_answer(&response, 403, envelope(403, "Website belongs to another account"));
+    }
     // "401 Unauthorized: Missing API key header; Invalid or revoked API key; Typo in the key";
     // "Check that the full key is included (72 characters)".
     assert_answer(
@@ -452,6 +464,35 @@ async fn zerotrust_documentation_holds_through_envoy() {
         403,
         json!({"error": "This API key cannot access site_xyz789"}),
     );
+    // Every endpoint that reads a site's data checks the site, however the path is spelled; a
+    // site-specific key reads goals and funnels of its site too ("View goals and funnels").
+    assert_eq!(zt.call("GET", "/api/goals?siteId=site_abc123", &pinned).await.status, 200);
+    for target in ["/api/Stats?siteId=site_xyz789", "/api/goals?siteId=site_xyz789", "/API/funnels?siteId=site_xyz789"]
+    {
+        let response = zt.call("GET", target, &pinned).await;
+        assert_answer(&response, 403, json!({"error": "This API key cannot access site_xyz789"}));
+    }
+    // A key goes to keygate however its scheme is spelled; next to a JWT it is refused whole.
+    for spelled in [format!("bearer {pinned}"), format!("BEARER  {pinned}"), format!("Bearer\t{pinned}")] {
+        let response = request(zt.envoy.address, "GET", "/api/account", &[("authorization", &spelled)]).await.unwrap();
+        assert_eq!(
+            response.status, 403,
+            "a site-specific key on a tenant-wide endpoint, decided by keygate: {response:?}"
+        );
+        assert_eq!(
+            response.json()["error"],
+            "This API key is restricted to specific sites and cannot access tenant-wide resources"
+        );
+    }
+    let two = [("authorization", "Bearer eyJhbGciOiJIUzI1NiJ9.e30.x"), ("authorization", &format!("Bearer {pinned}"))];
+    let response = request(zt.envoy.address, "GET", "/api/account", &two).await.unwrap();
+    assert_answer(&response, 401, json!({"error": "Invalid API key"}));
+    // A forged user id, in any spelling, never reaches the API.
+    let forged = [("authorization", format!("Bearer {write}")), ("x_user_id", "admin".to_owned())];
+    let forged: Vec<(&str, &str)> = forged.iter().map(|(name, value)| (*name, value.as_str())).collect();
+    let response = request(zt.envoy.address, "GET", "/api/account", &forged).await.unwrap();
+    assert_eq!(response.status, 200, "{response:?}");
+    assert!(!response.upstream_headers().contains_key("x_user_id"), "{response:?}");
     // "401 Unauthorized { "error": "Invalid API key" }".
     let unknown = format!("zta_live_{}", "0".repeat(36));
     assert_answer(&zt.call("GET", &stats("site_abc123"), &unknown).await, 401, json!({"error": "Invalid API key"}));
