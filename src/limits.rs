@@ -372,7 +372,10 @@ impl Limiter {
             });
             counts.buckets.entry(bucket).or_default().pending += 1;
         }
-        LimitDecision::Allowed(states.into_iter().min_by_key(|state| state.remaining))
+        // The fewest requests left; of limits with as few, the one that frees up last.
+        LimitDecision::Allowed(
+            states.into_iter().min_by_key(|state| (state.remaining, std::cmp::Reverse(state.reset_at))),
+        )
     }
 
     /// Adds this replica's new counts to the shared ones and reads back the recent totals of

@@ -89,8 +89,11 @@ impl ScopePolicy {
 
     /// Whether a key holding `held` may use an endpoint that requires `required`.
     /// Write does not imply read unless the policy says so.
+    ///
+    /// A held scope the catalogue does not allow (a key created before the catalogue changed)
+    /// grants nothing: fail closed, so that no stored wildcard reaches a route meant for no key.
     pub fn grants(&self, held: &[Scope], required: &Scope) -> bool {
-        held.iter().any(|scope| self.scope_grants(scope, required))
+        held.iter().any(|scope| self.allows(scope) && self.scope_grants(scope, required))
     }
 
     fn scope_grants(&self, held: &Scope, required: &Scope) -> bool {
@@ -201,6 +204,15 @@ mod tests {
         assert!(!policy.allows(&required("billing:*")));
         let with_wildcards = ScopePolicy::new(&[], Some(scopes(&["events:read", "events:*", "*"])));
         assert!(with_wildcards.allows(&required("events:*")) && with_wildcards.allows(&required("*")));
+    }
+
+    #[test]
+    fn a_held_scope_the_catalogue_no_longer_lists_grants_nothing() {
+        let policy = ScopePolicy::new(&[], Some(scopes(&["v1:read"])));
+        assert!(!policy.grants(&scopes(&["*"]), &required("v1:write")));
+        assert!(!policy.grants(&scopes(&["v1:*"]), &required("v1:read")));
+        assert!(policy.grants(&scopes(&["*", "v1:read"]), &required("v1:read")));
+        assert!(ScopePolicy::default().grants(&scopes(&["*"]), &required("v1:write")), "no catalogue: as held");
     }
 
     #[test]

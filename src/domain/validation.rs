@@ -193,6 +193,7 @@ fn is_invisible(c: char) -> bool {
             | '\u{FFA0}'
             | '\u{FFF0}'..='\u{FFF8}'
             | '\u{1BCA0}'..='\u{1BCA3}'
+            | '\u{1D159}'
             | '\u{1D173}'..='\u{1D17A}'
             | '\u{E0000}'..='\u{E0FFF}'
     )

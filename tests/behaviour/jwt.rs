@@ -61,6 +61,12 @@ async fn a_jwt_and_an_api_key_each_reach_only_their_own_check() {
     let headers = response.upstream_headers();
     assert_eq!(headers.get("x-user-id").map(String::as_str), Some("user-42"));
     assert!(!headers.contains_key("x-keygate-tenant-id"), "{headers:?}");
+    let with_key_header = [("authorization", bearer(&token)), ("x-api-key", key.clone())];
+    let with_key_header: Vec<(&str, &str)> =
+        with_key_header.iter().map(|(name, value)| (*name, value.as_str())).collect();
+    let response = get(envoy.address, "/api/account", &with_key_header).await.unwrap();
+    assert_eq!(response.status, 200);
+    assert!(!response.body.contains(&key[9..]), "a key sent beside a JWT never reaches the API");
 
     // An API key: keygate decides, the JWT filter never saw it (it would refuse a non-JWT).
     let response = get(envoy.address, "/api/account", &[("authorization", &bearer(&key))]).await.unwrap();

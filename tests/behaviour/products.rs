@@ -452,6 +452,17 @@ async fn zerotrust_documentation_holds_through_envoy() {
     assert_eq!(zt.call("GET", &stats("site_abc123"), &write).await.status, 200, "write includes read");
     assert_eq!(zt.call("GET", "/api/sites", &write).await.status, 403, "write cannot manage sites");
     assert_eq!(zt.call("POST", "/api/sites", &admin).await.status, 200);
+    // Read "Cannot: Create/modify resources, Manage team members"; write "Create goals and
+    // funnels" but "Cannot: Manage sites, Invite team members, Manage API keys".
+    for (method, target) in [("POST", "/api/goals?siteId=site_abc123"), ("PUT", "/api/Funnels/1?siteId=site_abc123")] {
+        assert_answer(&zt.call(method, target, &read).await, 403, insufficient.clone());
+        assert_eq!(zt.call(method, target, &write).await.status, 200, "{method} {target}");
+    }
+    for (method, target) in [("POST", "/api/team/invite"), ("DELETE", "/api/api-keys?id=key_1"), ("POST", "/API/Sites")]
+    {
+        assert_eq!(zt.call(method, target, &write).await.status, 403, "{method} {target}");
+        assert_eq!(zt.call(method, target, &admin).await.status, 200, "{method} {target}");
+    }
     assert_eq!(zt.call("POST", "/api/track?siteId=site_abc123", &admin).await.status, 200, "admin includes write");
     // "Site-Specific Keys ... Attempts to access other sites will fail with 403 Forbidden":
     // "{ "error": "This API key cannot access site_xyz789" }".
