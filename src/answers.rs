@@ -11,7 +11,7 @@ use std::fmt;
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::domain::decision::DenyReason;
 use crate::limits::RateLimitState;
@@ -40,17 +40,6 @@ pub struct AnswersFile {
     /// status and message.
     #[serde(default)]
     pub deny: HashMap<String, ReasonFile>,
-}
-
-impl AnswersFile {
-    /// Whether nothing is configured.
-    pub fn is_empty(&self) -> bool {
-        self.body.is_none()
-            && self.deny.is_empty()
-            && [&self.headers.tenant_id, &self.headers.key_id, &self.headers.scopes, &self.headers.site_id]
-                .iter()
-                .all(|name| name.is_none())
-    }
 }
 
 /// `[answers.headers]`: header names, each optional.
@@ -156,6 +145,11 @@ impl Template {
         Ok(Self(pieces))
     }
 
+    /// Whether the template holds the placeholder `name`.
+    fn uses(&self, name: &str) -> bool {
+        self.0.iter().any(|piece| matches!(piece, Piece::Placeholder(held) if held == name))
+    }
+
     /// The one placeholder the whole template is, if it is exactly one.
     fn sole_placeholder(&self) -> Option<&str> {
         match self.0.as_slice() {
@@ -199,7 +193,7 @@ pub struct DenyFacts<'a> {
 pub struct Answers {
     reasons: HashMap<DenyReason, ReasonAnswer>,
     /// `None`: `{"error": message, "code": code}`.
-    body: Option<Value>,
+    body: Option<BodyNode>,
     pub headers: IdentityHeaders,
 }
 
@@ -207,7 +201,7 @@ impl fmt::Debug for Answers {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Answers")
             .field("configured_reasons", &self.reasons.len())
-            .field("body", &self.body.as_ref().map(Value::to_string))
+            .field("body", &self.body.as_ref().map(|body| body.source().to_string()))
             .field("headers", &self.headers)
             .finish()
     }
@@ -273,13 +267,62 @@ fn header_name(field: &str, name: &str) -> Result<String, String> {
     Ok(lower)
 }
 
-/// Checks every placeholder of a JSON template and parses them into the tree's strings.
-fn check_body(value: &Value) -> Result<(), String> {
-    match value {
-        Value::String(text) => Template::parse(text, &BODY_PLACEHOLDERS).map(|_| ()),
-        Value::Array(items) => items.iter().try_for_each(check_body),
-        Value::Object(fields) => fields.values().try_for_each(check_body),
-        _ => Ok(()),
+/// The body template, parsed once at start: JSON whose strings are templates.
+#[derive(Clone, Debug)]
+enum BodyNode {
+    Text(Template),
+    Array(Vec<BodyNode>),
+    Object(Vec<(String, BodyNode)>),
+    /// Numbers, booleans, null.
+    Literal(Value),
+}
+
+impl BodyNode {
+    /// Parses every string of `value` as a template of [`BODY_PLACEHOLDERS`].
+    fn parse(value: &Value) -> Result<Self, String> {
+        Ok(match value {
+            Value::String(text) => Self::Text(Template::parse(text, &BODY_PLACEHOLDERS)?),
+            Value::Array(items) => Self::Array(items.iter().map(Self::parse).collect::<Result<_, _>>()?),
+            Value::Object(fields) => Self::Object(
+                fields
+                    .iter()
+                    .map(|(name, field)| Ok((name.clone(), Self::parse(field)?)))
+                    .collect::<Result<_, String>>()?,
+            ),
+            other => Self::Literal(other.clone()),
+        })
+    }
+
+    /// `None` when the node is one placeholder that does not apply: its field is left out.
+    fn render(&self, value_of: &dyn Fn(&str) -> Option<Value>) -> Option<Value> {
+        match self {
+            Self::Text(template) => match template.sole_placeholder() {
+                Some(name) => value_of(name),
+                None => Some(Value::String(template.render(|name| {
+                    value_of(name).map(|value| match value {
+                        Value::String(text) => text,
+                        other => other.to_string(),
+                    })
+                }))),
+            },
+            Self::Array(items) => Some(Value::Array(items.iter().filter_map(|item| item.render(value_of)).collect())),
+            Self::Object(fields) => Some(Value::Object(
+                fields.iter().filter_map(|(name, field)| Some((name.clone(), field.render(value_of)?))).collect(),
+            )),
+            Self::Literal(value) => Some(value.clone()),
+        }
+    }
+
+    /// The template as JSON, placeholders written back, for `keygate config check`.
+    fn source(&self) -> Value {
+        match self {
+            Self::Text(template) => Value::String(template.render(|name| Some(format!("{{{name}}}")))),
+            Self::Array(items) => Value::Array(items.iter().map(Self::source).collect()),
+            Self::Object(fields) => {
+                Value::Object(fields.iter().map(|(name, field)| (name.clone(), field.source())).collect())
+            }
+            Self::Literal(value) => value.clone(),
+        }
     }
 }
 
@@ -315,8 +358,7 @@ impl Answers {
                 if !value.is_object() {
                     return Err("answers.body: must be a JSON object".into());
                 }
-                check_body(&value).map_err(|error| format!("answers.body: {error}"))?;
-                Some(value)
+                Some(BodyNode::parse(&value).map_err(|error| format!("answers.body: {error}"))?)
             }
         };
         let defaults = IdentityHeaders::default();
@@ -345,7 +387,7 @@ impl Answers {
         let body = self
             .body
             .as_ref()
-            .map_or_else(|| r#"{"error": "{message}", "code": "{code}"}"#.to_owned(), Value::to_string);
+            .map_or_else(|| r#"{"error": "{message}", "code": "{code}"}"#.to_owned(), |body| body.source().to_string());
         out.push_str(&format!("body = {}\n", quoted(&body)));
         out.push_str("\n[answers.headers]\n");
         for (name, value) in [
@@ -392,8 +434,7 @@ impl Answers {
     /// `{site_id}` (a request that names no valid site has none to put there).
     pub fn configured_message_without_site(&self, reason: DenyReason, scope: &str) -> Option<String> {
         let template = self.reasons.get(&reason).and_then(|answer| answer.message.as_ref())?;
-        let needs_site = template.0.iter().any(|piece| matches!(piece, Piece::Placeholder(name) if name == "site_id"));
-        (!needs_site).then(|| self.message(reason, scope, ""))
+        (!template.uses("site_id")).then(|| self.message(reason, scope, ""))
     }
 
     /// The message of a deny, for end users: the configured template, or keygate's text.
@@ -402,11 +443,7 @@ impl Answers {
     /// hole in it.
     pub fn message(&self, reason: DenyReason, scope: &str, site_id: &str) -> String {
         let template = self.reasons.get(&reason).and_then(|answer| answer.message.as_ref());
-        let needs_missing_site = |template: &&Template| {
-            site_id.is_empty()
-                && template.0.iter().any(|piece| matches!(piece, Piece::Placeholder(name) if name == "site_id"))
-        };
-        match template.filter(|template| !needs_missing_site(template)) {
+        match template.filter(|template| !(site_id.is_empty() && template.uses("site_id"))) {
             Some(template) => template.render(|name| match name {
                 "scope" => Some(scope.to_owned()),
                 "site_id" => Some(site_id.to_owned()),
@@ -444,39 +481,7 @@ impl Answers {
                 _ => None,
             }
         };
-        render_value(template, &value_of).unwrap_or(Value::Null).to_string()
-    }
-}
-
-/// `None` when the value is one placeholder that does not apply: its field is left out.
-fn render_value(template: &Value, value_of: &dyn Fn(&str) -> Option<Value>) -> Option<Value> {
-    match template {
-        Value::String(text) => {
-            // Checked at start; a failure here cannot happen, and renders the text as it is.
-            let Ok(parsed) = Template::parse(text, &BODY_PLACEHOLDERS) else { return Some(template.clone()) };
-            match parsed.sole_placeholder() {
-                Some(name) => value_of(name),
-                None => Some(Value::String(parsed.render(|name| {
-                    value_of(name).map(|value| match value {
-                        Value::String(text) => text,
-                        other => other.to_string(),
-                    })
-                }))),
-            }
-        }
-        Value::Array(items) => {
-            Some(Value::Array(items.iter().filter_map(|item| render_value(item, value_of)).collect()))
-        }
-        Value::Object(fields) => {
-            let mut rendered = Map::new();
-            for (name, field) in fields {
-                if let Some(value) = render_value(field, value_of) {
-                    rendered.insert(name.clone(), value);
-                }
-            }
-            Some(Value::Object(rendered))
-        }
-        other => Some(other.clone()),
+        template.render(&value_of).unwrap_or(Value::Null).to_string()
     }
 }
 

@@ -101,9 +101,10 @@ pub struct ServeArgs {
     /// = 60`) and the `[answers]` tables; flags and KEYGATE_* variables override it.
     #[arg(long, env = "KEYGATE_CONFIG")]
     pub config: Option<std::path::PathBuf>,
-    /// The `[answers]` tables of the configuration file (no flag).
+    /// The `[answers]` tables of the configuration file (no flag), set by
+    /// [`config_file::parse`](crate::config_file::parse) when it read `config`.
     #[arg(skip)]
-    pub answers: crate::answers::AnswersFile,
+    pub answers: Option<crate::answers::AnswersFile>,
     /// Address the gRPC server listens on.
     #[arg(long, env = "KEYGATE_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
@@ -640,7 +641,16 @@ impl Config {
                 return Err(format!("{variable} must be at most {MAX_CACHE_SECONDS} (a year)"));
             }
         }
-        let answers = std::sync::Arc::new(crate::answers::Answers::from_file(&crate::config_file::answers_of(args)?)?);
+        let answers = match (&args.config, &args.answers) {
+            (Some(path), None) => {
+                return Err(format!(
+                    "{}: a configuration file is read by keygate::config_file::parse, not by clap alone",
+                    path.display()
+                ));
+            }
+            (_, answers) => answers.clone().unwrap_or_default(),
+        };
+        let answers = std::sync::Arc::new(crate::answers::Answers::from_file(&answers)?);
         let key_sources = KeySources::parse(&args.envoy_key_sources)
             .map_err(|error| format!("KEYGATE_ENVOY_KEY_SOURCES: {error}"))?;
         let identity = &answers.headers;

@@ -14,7 +14,7 @@ use clap::parser::ValueSource;
 use clap::{ArgMatches, CommandFactory, FromArgMatches};
 
 use crate::answers::AnswersFile;
-use crate::config::{Cli, Command, ServeArgs};
+use crate::config::{Cli, Command};
 
 /// Settings whose TOML arrays are joined with spaces rather than commas.
 const SPACE_SEPARATED: [&str; 1] = ["imported_key_formats"];
@@ -145,7 +145,7 @@ impl ConfigFile {
 }
 
 /// Parses the command line with the configuration file's settings as defaults; the `[answers]`
-/// tables land in [`ServeArgs::answers`]. Also returns the file and the matches, for
+/// tables land in [`ServeArgs::answers`](crate::config::ServeArgs::answers). Also returns the file and the matches, for
 /// `keygate config check`.
 pub fn parse(argv: impl IntoIterator<Item = impl Into<OsString>>) -> Result<(Cli, Option<ConfigFile>), CliError> {
     let (cli, file, _) = parse_with_matches(argv)?;
@@ -179,9 +179,9 @@ fn parse_with_matches(
     let matches = command.try_get_matches_from(argv).map_err(CliError::Clap)?;
     let mut cli = Cli::from_arg_matches(&matches).map_err(CliError::Clap)?;
     if let Some(file) = &file {
-        cli.serve.answers = file.answers.clone();
+        cli.serve.answers = Some(file.answers.clone());
         if let Some(Command::Serve(serve)) = &mut cli.command {
-            serve.answers = file.answers.clone();
+            serve.answers = Some(file.answers.clone());
         }
     }
     Ok((cli, file, matches))
@@ -223,16 +223,6 @@ pub fn check(file: &Path) -> Result<String, String> {
     }
     out.push_str(&config.answers.describe());
     Ok(out)
-}
-
-/// Reads the file of `--config`/`KEYGATE_CONFIG` for [`ServeArgs`] parsed elsewhere (tests,
-/// embedding): fills `answers` when `args.config` names a file. Flat settings of the file only
-/// apply through [`parse`].
-pub fn answers_of(args: &ServeArgs) -> Result<AnswersFile, String> {
-    match &args.config {
-        Some(path) if args.answers.is_empty() => ConfigFile::read(path).map(|file| file.answers),
-        _ => Ok(args.answers.clone()),
-    }
 }
 
 #[cfg(test)]

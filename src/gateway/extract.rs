@@ -228,25 +228,26 @@ pub enum SiteSource {
 impl SiteSource {
     /// The first of `site`, `site_header`, `site_path`, `site_query` that the route sets.
     pub fn from_context(context: &HashMap<String, String>) -> Self {
-        Self::named(context, "site")
+        Self::named(context, ["site", "site_header", "site_path", "site_query"], "{site}")
     }
 
     /// The route's tenant source: the first of `tenant`, `tenant_header`, `tenant_path` (with
     /// `{tenant}`), `tenant_query`.
     pub fn tenant_from_context(context: &HashMap<String, String>) -> Self {
-        Self::named(context, "tenant")
+        Self::named(context, ["tenant", "tenant_header", "tenant_path", "tenant_query"], "{tenant}")
     }
 
-    fn named(context: &HashMap<String, String>, name: &'static str) -> Self {
-        let get = |suffix: &str| context.get(&format!("{name}{suffix}")).filter(|value| !value.is_empty()).cloned();
-        let placeholder = if name == "tenant" { "{tenant}" } else { "{site}" };
-        if let Some(site) = get("") {
+    /// The first of the literal, header, path and query extensions `keys` names that is set.
+    fn named(context: &HashMap<String, String>, keys: [&str; 4], placeholder: &'static str) -> Self {
+        let get = |key: &str| context.get(key).filter(|value| !value.is_empty()).cloned();
+        let [literal, header, path, query] = keys;
+        if let Some(site) = get(literal) {
             Self::Literal(site)
-        } else if let Some(header) = get("_header") {
+        } else if let Some(header) = get(header) {
             Self::Header(header.to_ascii_lowercase())
-        } else if let Some(template) = get("_path") {
+        } else if let Some(template) = get(path) {
             Self::Path { template, placeholder }
-        } else if let Some(parameter) = get("_query") {
+        } else if let Some(parameter) = get(query) {
             Self::Query(parameter)
         } else {
             Self::None

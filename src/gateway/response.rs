@@ -58,10 +58,12 @@ fn rate_limit_headers(limit: &RateLimitState) -> Vec<HeaderValueOption> {
 /// nobody can probe which keys exist; keygate's logs, metrics, audit log and `Authorize.Check`
 /// keep the precise reason.
 pub fn public_code(reason: DenyReason) -> &'static str {
-    match reason {
-        DenyReason::KeyUnknown | DenyReason::KeyRevoked | DenyReason::KeyMalformed => "KEY_INVALID",
-        other => other.code(),
-    }
+    if is_invalid_key(reason) { "KEY_INVALID" } else { reason.code() }
+}
+
+/// Unknown, revoked and malformed keys: the reasons that share one public answer.
+fn is_invalid_key(reason: DenyReason) -> bool {
+    matches!(reason, DenyReason::KeyUnknown | DenyReason::KeyRevoked | DenyReason::KeyMalformed)
 }
 
 /// The answer for a decided Check.
@@ -107,7 +109,7 @@ pub fn decided(
         (Err(reason), _) => {
             // Unknown, revoked and malformed keys get one public answer: nothing in it may
             // depend on what only some of them reach (the site is read after the key).
-            let site_id = if public_code(reason) == "KEY_INVALID" { "" } else { site_id };
+            let site_id = if is_invalid_key(reason) { "" } else { site_id };
             let facts = DenyFacts { reason, scope, site_id, limit: outcome.rate_limit.as_ref(), now };
             denied(answers, &facts)
         }
