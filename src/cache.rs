@@ -16,15 +16,20 @@
 //! once. Past the stale window an entry is gone, and its next Check fails closed if the store
 //! cannot answer.
 
+use std::borrow::Borrow;
 use std::collections::HashSet;
 use std::future::Future;
+use std::hash::Hash;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use moka::future::Cache;
+use metrics::Counter;
+use moka::sync::Cache;
+use tokio::sync::OnceCell;
 
+use crate::domain::key::KeyDigest;
 use crate::domain::model::{KeyRecord, Tenant};
 use crate::store::{ChangeTarget, StoreError};
 
@@ -58,40 +63,85 @@ pub type Load<T> = Pin<Box<dyn Future<Output = Result<Option<T>, StoreError>> + 
 
 /// Where the cache reads what it does not hold (the store, through the lookup bound).
 pub trait Source: Send + Sync + 'static {
+    /// The key whose SHA-256 is `key_hash` (64 lowercase hex digits).
     fn key(&self, key_hash: &str) -> Load<KeyRecord>;
     fn tenant(&self, tenant_id: &str) -> Load<Tenant>;
     fn site_owner(&self, site_id: &str) -> Load<String>;
 }
 
-/// A found value and the generation at which its store read began.
-#[derive(Clone)]
+/// Hashes cache ids: foldhash, seeded at random per cache, so that nobody can choose ids that
+/// collide.
+type Hasher = foldhash::fast::RandomState;
+
+/// A found value, the generation at which its store read began, and whether it has been
+/// checked against the invalidations recorded after it was stored.
 struct Loaded<V> {
     value: V,
     generation: u64,
     loaded_at: Instant,
+    /// Set once a lookup found no invalidation of its id newer than `generation` while the
+    /// entry was stored: every later invalidation removes the entry itself, so the
+    /// invalidation record need not be read again.
+    verified: AtomicBool,
+}
+
+/// How an entry set is looked up: `str` ids (tenants, sites) or key digests.
+pub trait Id:
+    Hash + Eq + ToOwned<Owned: Borrow<Self> + Hash + Eq + Clone + Send + Sync + 'static> + Send + Sync + 'static
+{
+    /// The id as log text for the store's lookup (a key digest as its hex hash).
+    fn load_id(&self) -> std::borrow::Cow<'_, str>;
+}
+
+impl Id for str {
+    fn load_id(&self) -> std::borrow::Cow<'_, str> {
+        std::borrow::Cow::Borrowed(self)
+    }
+}
+
+impl Id for KeyDigest {
+    fn load_id(&self) -> std::borrow::Cow<'_, str> {
+        std::borrow::Cow::Owned(self.to_hash().as_str().to_owned())
+    }
+}
+
+/// What the cache holds: cheap to clone (an `Arc`).
+pub trait Value: Clone + Send + Sync + 'static {}
+
+impl<V: Clone + Send + Sync + 'static> Value for V {}
+
+/// Cache hit and miss counters of one entry set, resolved once.
+struct EntryMetrics {
+    hits: Counter,
+    stale_hits: Counter,
+    misses: Counter,
 }
 
 /// One set of entries: found values, known absences, and the last invalidation of each id.
-struct Entries<V> {
+struct Entries<I: Id + ?Sized, V> {
     /// The cache's name in metrics: `keys`, `tenants` or `sites`.
     name: &'static str,
     load: fn(&dyn Source, &str) -> Load<V>,
-    found: Cache<String, Loaded<V>>,
+    found: Cache<I::Owned, Arc<Loaded<V>>, Hasher>,
+    /// Store reads under way, one per id however many Checks wait for it.
+    loading: Mutex<std::collections::HashMap<I::Owned, Arc<Loading<V>>, Hasher>>,
     /// Ids whose background refresh is under way, so that one runs at a time.
-    refreshing: Mutex<HashSet<String>>,
-    absent: Cache<String, u64>,
-    invalidated: Cache<String, u64>,
+    refreshing: Mutex<HashSet<I::Owned>>,
+    absent: Cache<I::Owned, u64, Hasher>,
+    invalidated: Cache<I::Owned, u64, Hasher>,
     ttl: Duration,
     stale_window: Duration,
+    metrics: EntryMetrics,
 }
 
-impl<V: Clone + Send + Sync + 'static> Entries<V> {
+impl<I: Id + ?Sized, V: Value> Entries<I, V> {
     fn new(name: &'static str, settings: &CacheSettings, load: fn(&dyn Source, &str) -> Load<V>) -> Self {
         let kept = settings.ttl + settings.stale_window;
         let longest = kept.max(settings.negative_ttl) + Duration::from_secs(1);
-        let evicted = move |_: Arc<String>, _: Loaded<V>, cause: moka::notification::RemovalCause| {
+        let evictions = metrics::counter!("keygate_cache_evictions_total", "cache" => name);
+        let evicted = move |_: Arc<I::Owned>, _: Arc<Loaded<V>>, cause: moka::notification::RemovalCause| {
             if cause == moka::notification::RemovalCause::Size {
-                metrics::counter!("keygate_cache_evictions_total", "cache" => name).increment(1);
+                evictions.increment(1);
             }
         };
         Self {
@@ -102,16 +152,25 @@ impl<V: Clone + Send + Sync + 'static> Entries<V> {
                 .max_capacity(settings.capacity)
                 .time_to_live(kept)
                 .eviction_listener(evicted)
-                .build(),
+                .build_with_hasher(Hasher::default()),
+            loading: Mutex::default(),
             refreshing: Mutex::default(),
             absent: Cache::builder()
                 .max_capacity((settings.capacity / 4).max(1_000))
                 .time_to_live(settings.negative_ttl)
-                .build(),
+                .build_with_hasher(Hasher::default()),
             // Outlives every entry it may have to overrule.
-            invalidated: Cache::builder().max_capacity(settings.capacity).time_to_live(longest).build(),
+            invalidated: Cache::builder()
+                .max_capacity(settings.capacity)
+                .time_to_live(longest)
+                .build_with_hasher(Hasher::default()),
             ttl: settings.ttl,
             stale_window: settings.stale_window,
+            metrics: EntryMetrics {
+                hits: metrics::counter!("keygate_cache_hits_total", "cache" => name),
+                stale_hits: metrics::counter!("keygate_cache_stale_hits_total", "cache" => name),
+                misses: metrics::counter!("keygate_cache_misses_total", "cache" => name),
+            },
         }
     }
 
@@ -121,21 +180,74 @@ impl<V: Clone + Send + Sync + 'static> Entries<V> {
     }
 
     /// Claims the background refresh of `id`; false when one is under way already.
-    fn claim_refresh(&self, id: &str) -> bool {
+    fn claim_refresh(&self, id: &I) -> bool {
         let mut refreshing = self.refreshing.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         !refreshing.contains(id) && refreshing.insert(id.to_owned())
     }
 
-    fn release_refresh(&self, id: &str) {
+    fn release_refresh(&self, id: &I) {
         self.refreshing.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).remove(id);
+    }
+
+    fn read(&self, source: &dyn Source, id: &I) -> Load<V> {
+        (self.load)(source, &id.load_id())
+    }
+
+    /// Runs `load` for `id` unless a read of `id` is under way already, in which case this waits
+    /// for that one: a miss makes one store read however many Checks wait for it. A found
+    /// entry is stored; neither an absence nor an error is (the caller decides). The read
+    /// outlives a cancelled caller only while another waits for it, and leaves nothing behind.
+    async fn load_once<F>(&self, id: &I, load: impl FnOnce() -> F) -> Result<Arc<Loaded<V>>, Miss>
+    where
+        F: Future<Output = Result<Arc<Loaded<V>>, Miss>>,
+    {
+        let lock = || self.loading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let cell = lock().entry(id.to_owned()).or_default().clone();
+        let waiting = Waiting { entries: self, id, cell };
+        let result = waiting
+            .cell
+            .get_or_init(|| async {
+                let result = load().await;
+                if let Ok(loaded) = &result {
+                    self.found.insert(id.to_owned(), loaded.clone());
+                }
+                result
+            })
+            .await
+            .clone();
+        drop(waiting);
+        result
+    }
+}
+
+/// One store read of an id, shared by every Check that waits for it.
+type Loading<V> = OnceCell<Result<Arc<Loaded<V>>, Miss>>;
+
+/// A Check waiting for a [`Loading`] read. When it stops waiting (done, or cancelled), the read
+/// is forgotten if it has finished or nobody else waits for it, so the next miss reads again
+/// and abandoned reads cannot pile up.
+struct Waiting<'a, I: Id + ?Sized, V> {
+    entries: &'a Entries<I, V>,
+    id: &'a I,
+    cell: Arc<Loading<V>>,
+}
+
+impl<I: Id + ?Sized, V> Drop for Waiting<'_, I, V> {
+    fn drop(&mut self) {
+        let mut loading = self.entries.loading.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(current) = loading.get(self.id) else { return };
+        // The map's reference and this one: nobody else waits.
+        if Arc::ptr_eq(current, &self.cell) && (self.cell.initialized() || Arc::strong_count(&self.cell) == 2) {
+            loading.remove(self.id);
+        }
     }
 }
 
 struct Inner {
     source: Arc<dyn Source>,
-    keys: Entries<Arc<KeyRecord>>,
-    tenants: Entries<Arc<Tenant>>,
-    site_owners: Entries<Arc<str>>,
+    keys: Entries<KeyDigest, Arc<KeyRecord>>,
+    tenants: Entries<str, Arc<Tenant>>,
+    site_owners: Entries<str, Arc<str>>,
     /// Counts invalidations; loads remember it so a racing invalidation can overrule them.
     generation: AtomicU64,
     /// The generation of the last [`invalidate_all`](DecisionCache::invalidate_all): older
@@ -145,14 +257,22 @@ struct Inner {
 
 impl Inner {
     /// Whether something of `entries` read at `generation` predates the last invalidation of `id`.
-    async fn is_stale<V: Clone + Send + Sync + 'static>(
-        &self,
-        entries: &Entries<V>,
-        id: &str,
-        generation: u64,
-    ) -> bool {
+    fn is_stale<I: Id + ?Sized, V: Value>(&self, entries: &Entries<I, V>, id: &I, generation: u64) -> bool {
         generation < self.everything_invalidated_at.load(Ordering::Acquire)
-            || entries.invalidated.get(id).await.is_some_and(|invalidated_at| invalidated_at > generation)
+            || entries.invalidated.get(id).is_some_and(|invalidated_at| invalidated_at > generation)
+    }
+
+    /// Whether a stored entry predates an invalidation: the invalidation record is read until
+    /// one lookup finds the entry current (see [`Loaded::verified`]).
+    fn is_outdated<I: Id + ?Sized, V: Value>(&self, entries: &Entries<I, V>, id: &I, loaded: &Loaded<V>) -> bool {
+        if loaded.verified.load(Ordering::Acquire) {
+            return loaded.generation < self.everything_invalidated_at.load(Ordering::Acquire);
+        }
+        let outdated = self.is_stale(entries, id, loaded.generation);
+        if !outdated {
+            loaded.verified.store(true, Ordering::Release);
+        }
+        outdated
     }
 }
 
@@ -161,10 +281,11 @@ impl Inner {
 pub struct DecisionCache(Arc<Inner>);
 
 /// Which entry set of the cache an operation is about.
-type Select<V> = fn(&Inner) -> &Entries<V>;
+type Select<I, V> = fn(&Inner) -> &Entries<I, V>;
 
 impl DecisionCache {
-    /// An empty cache that reads from `source`.
+    /// An empty cache that reads from `source`. Its metrics series are resolved here: install
+    /// the metrics recorder first.
     pub fn new(settings: &CacheSettings, source: Arc<dyn Source>) -> Self {
         Self(Arc::new(Inner {
             source,
@@ -185,63 +306,86 @@ impl DecisionCache {
         }))
     }
 
-    /// The key with this hash.
-    pub async fn key(&self, key_hash: &str) -> Result<Option<Arc<KeyRecord>>, StoreError> {
-        self.get(|inner| &inner.keys, key_hash).await
+    /// The key with this SHA-256, as of `now` (one clock reading serves a Check's lookups).
+    pub async fn key(&self, digest: &KeyDigest, now: Instant) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+        self.get(|inner| &inner.keys, digest, now).await
     }
 
-    /// The tenant with this id.
-    pub async fn tenant(&self, tenant_id: &str) -> Result<Option<Arc<Tenant>>, StoreError> {
-        self.get(|inner| &inner.tenants, tenant_id).await
+    /// The tenant with this id, as of `now`.
+    pub async fn tenant(&self, tenant_id: &str, now: Instant) -> Result<Option<Arc<Tenant>>, StoreError> {
+        self.get(|inner| &inner.tenants, tenant_id, now).await
     }
 
-    /// The tenant that owns this site.
-    pub async fn site_owner(&self, site_id: &str) -> Result<Option<Arc<str>>, StoreError> {
-        self.get(|inner| &inner.site_owners, site_id).await
+    /// The tenant that owns this site, as of `now`.
+    pub async fn site_owner(&self, site_id: &str, now: Instant) -> Result<Option<Arc<str>>, StoreError> {
+        self.get(|inner| &inner.site_owners, site_id, now).await
     }
 
-    async fn get<V: Clone + Send + Sync + 'static>(
+    async fn get<I: Id + ?Sized, V: Value>(
         &self,
-        select: Select<V>,
-        id: &str,
+        select: Select<I, V>,
+        id: &I,
+        now: Instant,
     ) -> Result<Option<V>, StoreError> {
         let inner = &*self.0;
         let entries = select(inner);
-        let load = || (entries.load)(&*inner.source, id);
+        // The hot path: a fresh entry already checked against invalidations. Anything else
+        // takes the slow path, boxed so that a Check's future stays small.
+        if let Some(loaded) = entries.found.get(id)
+            && loaded.verified.load(Ordering::Acquire)
+            && loaded.generation >= inner.everything_invalidated_at.load(Ordering::Acquire)
+            && now.saturating_duration_since(loaded.loaded_at) < entries.ttl
+        {
+            entries.metrics.hits.increment(1);
+            return Ok(Some(loaded.value.clone()));
+        }
+        Box::pin(self.get_slowly(select, id, now)).await
+    }
+
+    /// [`get`](Self::get) past its hot path: stale, unverified, absent or missing entries.
+    async fn get_slowly<I: Id + ?Sized, V: Value>(
+        &self,
+        select: Select<I, V>,
+        id: &I,
+        now: Instant,
+    ) -> Result<Option<V>, StoreError> {
+        let inner = &*self.0;
+        let entries = select(inner);
+        let load = || entries.read(&*inner.source, id);
         // Invalidations are rare (admin calls), so a few rounds always settle.
         for _ in 0..3 {
-            if let Some(loaded) = entries.found.get(id).await {
-                let age = loaded.loaded_at.elapsed();
-                if inner.is_stale(entries, id, loaded.generation).await {
-                    entries.found.invalidate(id).await;
+            if let Some(loaded) = entries.found.get(id) {
+                let age = now.saturating_duration_since(loaded.loaded_at);
+                if inner.is_outdated(entries, id, &loaded) {
+                    entries.found.invalidate(id);
                 } else if age < entries.ttl {
-                    metrics::counter!("keygate_cache_hits_total", "cache" => entries.name).increment(1);
-                    return Ok(Some(loaded.value));
+                    entries.metrics.hits.increment(1);
+                    return Ok(Some(loaded.value.clone()));
                 } else if age < entries.ttl + entries.stale_window {
-                    metrics::counter!("keygate_cache_stale_hits_total", "cache" => entries.name).increment(1);
+                    entries.metrics.stale_hits.increment(1);
                     self.refresh_in_background(select, id);
-                    return Ok(Some(loaded.value));
+                    return Ok(Some(loaded.value.clone()));
                 } else {
-                    entries.found.invalidate(id).await;
+                    entries.found.invalidate(id);
                 }
             }
-            if let Some(generation) = entries.absent.get(id).await {
-                if !inner.is_stale(entries, id, generation).await {
-                    metrics::counter!("keygate_cache_hits_total", "cache" => entries.name).increment(1);
+            if let Some(generation) = entries.absent.get(id) {
+                if !inner.is_stale(entries, id, generation) {
+                    entries.metrics.hits.increment(1);
                     return Ok(None);
                 }
-                entries.absent.invalidate(id).await;
+                entries.absent.invalidate(id);
             }
-            metrics::counter!("keygate_cache_misses_total", "cache" => entries.name).increment(1);
+            entries.metrics.misses.increment(1);
             let generation = inner.generation.load(Ordering::Acquire);
-            let loaded = entries.found.try_get_with_by_ref(id, load_entry(load(), generation)).await;
+            let loaded = entries.load_once(id, || load_entry(load(), generation)).await;
             match loaded {
-                Ok(loaded) if !inner.is_stale(entries, id, loaded.generation).await => return Ok(Some(loaded.value)),
-                Ok(_) => entries.found.invalidate(id).await,
-                Err(miss) => match &*miss {
+                Ok(loaded) if !inner.is_outdated(entries, id, &loaded) => return Ok(Some(loaded.value.clone())),
+                Ok(_) => entries.found.invalidate(id),
+                Err(miss) => match &miss {
                     Miss::Store(error) => return Err(error.clone()),
-                    Miss::Absent if !inner.is_stale(entries, id, generation).await => {
-                        entries.absent.insert(id.to_owned(), generation).await;
+                    Miss::Absent if !inner.is_stale(entries, id, generation) => {
+                        entries.absent.insert(id.to_owned(), generation);
                         return Ok(None);
                     }
                     Miss::Absent => {}
@@ -254,7 +398,7 @@ impl DecisionCache {
     /// Reads an entry past its TTL again, in the background; until that read succeeds, the
     /// old value is served. One refresh per id at a time; a failed one leaves the entry as it
     /// is (the next Check past the TTL tries again).
-    fn refresh_in_background<V: Clone + Send + Sync + 'static>(&self, select: Select<V>, id: &str) {
+    fn refresh_in_background<I: Id + ?Sized, V: Value>(&self, select: Select<I, V>, id: &I) {
         if !select(&self.0).claim_refresh(id) {
             return;
         }
@@ -262,47 +406,53 @@ impl DecisionCache {
         tokio::spawn(async move {
             let entries = select(&inner);
             let generation = inner.generation.load(Ordering::Acquire);
-            match (entries.load)(&*inner.source, &id).await {
+            match entries.read(&*inner.source, id.borrow()).await {
                 Ok(Some(value)) => {
-                    entries.found.insert(id.clone(), Loaded { value, generation, loaded_at: Instant::now() }).await;
+                    let loaded =
+                        Loaded { value, generation, loaded_at: Instant::now(), verified: AtomicBool::new(false) };
+                    entries.found.insert(id.clone(), Arc::new(loaded));
                     // An invalidation that raced with the read wins.
-                    if inner.is_stale(entries, &id, generation).await {
-                        entries.found.invalidate(&id).await;
+                    if inner.is_stale(entries, id.borrow(), generation) {
+                        entries.found.invalidate(id.borrow());
                     }
                 }
                 Ok(None) => {
-                    entries.found.invalidate(&id).await;
-                    if !inner.is_stale(entries, &id, generation).await {
-                        entries.absent.insert(id.clone(), generation).await;
+                    entries.found.invalidate(id.borrow());
+                    if !inner.is_stale(entries, id.borrow(), generation) {
+                        entries.absent.insert(id.clone(), generation);
                     }
                 }
                 Err(_) => {}
             }
-            entries.release_refresh(&id);
+            entries.release_refresh(id.borrow());
         });
     }
 
-    fn invalidate<V: Clone + Send + Sync + 'static>(&self, select: Select<V>, id: &str) -> impl Future<Output = ()> {
+    fn invalidate<I: Id + ?Sized, V: Value>(
+        &self,
+        select: Select<I, V>,
+        id: &I,
+    ) -> impl Future<Output = ()> + use<I, V> {
         let inner = self.0.clone();
         let id = id.to_owned();
         async move {
             let entries = select(&inner);
             let generation = inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
-            entries.invalidated.insert(id.clone(), generation).await;
-            entries.found.invalidate(&id).await;
-            entries.absent.invalidate(&id).await;
+            entries.invalidated.insert(id.clone(), generation);
+            entries.found.invalidate(id.borrow());
+            entries.absent.invalidate(id.borrow());
         }
     }
 
     /// Entries held per cache (found and absent), once moka's pending bookkeeping is done.
     pub async fn sizes(&self) -> [(&'static str, u64); 3] {
         let inner = &*self.0;
-        inner.keys.found.run_pending_tasks().await;
-        inner.keys.absent.run_pending_tasks().await;
-        inner.tenants.found.run_pending_tasks().await;
-        inner.tenants.absent.run_pending_tasks().await;
-        inner.site_owners.found.run_pending_tasks().await;
-        inner.site_owners.absent.run_pending_tasks().await;
+        inner.keys.found.run_pending_tasks();
+        inner.keys.absent.run_pending_tasks();
+        inner.tenants.found.run_pending_tasks();
+        inner.tenants.absent.run_pending_tasks();
+        inner.site_owners.found.run_pending_tasks();
+        inner.site_owners.absent.run_pending_tasks();
         let size = |found: u64, absent: u64| found + absent;
         [
             (inner.keys.name, size(inner.keys.found.entry_count(), inner.keys.absent.entry_count())),
@@ -336,9 +486,13 @@ impl DecisionCache {
         }
     }
 
-    /// Drops a key after RevokeKey, RotateKey or UpdateKey.
+    /// Drops a key (by its hex hash) after RevokeKey, RotateKey or UpdateKey. A hash that is not
+    /// 64 hex digits drops every entry: keygate never writes one, so something is wrong.
     pub async fn invalidate_key(&self, key_hash: &str) {
-        self.invalidate(|inner| &inner.keys, key_hash).await;
+        match KeyDigest::from_hex(key_hash) {
+            Some(digest) => self.invalidate(|inner| &inner.keys, &digest).await,
+            None => self.invalidate_all(),
+        }
     }
 
     /// Drops a tenant after PutTenant.
@@ -353,16 +507,18 @@ impl DecisionCache {
 }
 
 /// Why a load produced no entry.
-#[derive(Clone)]
+#[derive(Clone, Debug)]
 enum Miss {
     Absent,
     Store(StoreError),
 }
 
 /// Reads an entry from the store, remembering the generation at which the read began.
-async fn load_entry<V>(load: Load<V>, generation: u64) -> Result<Loaded<V>, Miss> {
+async fn load_entry<V>(load: Load<V>, generation: u64) -> Result<Arc<Loaded<V>>, Miss> {
     match load.await {
-        Ok(Some(value)) => Ok(Loaded { value, generation, loaded_at: Instant::now() }),
+        Ok(Some(value)) => {
+            Ok(Arc::new(Loaded { value, generation, loaded_at: Instant::now(), verified: AtomicBool::new(false) }))
+        }
         Ok(None) => Err(Miss::Absent),
         Err(error) => Err(Miss::Store(error)),
     }
@@ -433,8 +589,8 @@ mod tests {
         let (cache, sites) = cache_with(CacheSettings::default());
         sites.set("s1", Ok(Some("acme")));
         for _ in 0..3 {
-            assert_eq!(cache.site_owner("s1").await.unwrap().as_deref(), Some("acme"));
-            assert_eq!(cache.site_owner("s2").await.unwrap(), None);
+            assert_eq!(cache.site_owner("s1", Instant::now()).await.unwrap().as_deref(), Some("acme"));
+            assert_eq!(cache.site_owner("s2", Instant::now()).await.unwrap(), None);
         }
         assert_eq!(sites.reads.load(Ordering::SeqCst), 2);
     }
@@ -448,7 +604,7 @@ mod tests {
         *sites.gate.lock().unwrap() = Some((started_tx, release_rx));
         let slow = tokio::spawn({
             let cache = cache.clone();
-            async move { cache.site_owner("s1").await }
+            async move { cache.site_owner("s1", Instant::now()).await }
         });
         started_rx.await.unwrap();
         // The admin change commits while the first read, which saw the old owner, is stalled.
@@ -457,7 +613,7 @@ mod tests {
         release_tx.send(()).unwrap();
         assert_eq!(slow.await.unwrap().unwrap().as_deref(), Some("new-owner"), "the racing load read again");
         assert_eq!(
-            cache.site_owner("s1").await.unwrap().as_deref(),
+            cache.site_owner("s1", Instant::now()).await.unwrap().as_deref(),
             Some("new-owner"),
             "a value read before an invalidation is never served after it"
         );
@@ -468,7 +624,7 @@ mod tests {
         let settings = CacheSettings { ttl: Duration::from_millis(50), ..CacheSettings::default() };
         let (cache, sites) = cache_with(settings);
         sites.set("s1", Ok(Some("acme")));
-        cache.site_owner("s1").await.unwrap();
+        cache.site_owner("s1", Instant::now()).await.unwrap();
         tokio::time::sleep(Duration::from_millis(80)).await;
 
         // A store that never answers holds no Check of a cached entry.
@@ -476,16 +632,20 @@ mod tests {
         let (started_tx, started_rx) = oneshot::channel();
         let (release_tx, release_rx) = oneshot::channel();
         *sites.gate.lock().unwrap() = Some((started_tx, release_rx));
-        let served = tokio::time::timeout(Duration::from_secs(1), cache.site_owner("s1")).await;
+        let served = tokio::time::timeout(Duration::from_secs(1), cache.site_owner("s1", Instant::now())).await;
         assert_eq!(served.expect("answered without waiting").unwrap().as_deref(), Some("acme"));
         started_rx.await.unwrap();
-        assert_eq!(cache.site_owner("s1").await.unwrap().as_deref(), Some("acme"), "one refresh at a time");
+        assert_eq!(
+            cache.site_owner("s1", Instant::now()).await.unwrap().as_deref(),
+            Some("acme"),
+            "one refresh at a time"
+        );
         assert_eq!(sites.reads.load(Ordering::SeqCst), 2);
 
         // Once the refresh is answered, the new value is served.
         release_tx.send(()).unwrap();
         for _ in 0..100 {
-            if cache.site_owner("s1").await.unwrap().as_deref() == Some("globex") {
+            if cache.site_owner("s1", Instant::now()).await.unwrap().as_deref() == Some("globex") {
                 return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -499,11 +659,11 @@ mod tests {
             let settings = CacheSettings { ttl: Duration::from_millis(50), stale_window, ..CacheSettings::default() };
             let (cache, sites) = cache_with(settings);
             sites.set("s1", Ok(Some("acme")));
-            cache.site_owner("s1").await.unwrap();
+            cache.site_owner("s1", Instant::now()).await.unwrap();
             tokio::time::sleep(Duration::from_millis(80)).await;
             sites.set("s1", Err(down()));
             for _ in 0..3 {
-                let owner = cache.site_owner("s1").await;
+                let owner = cache.site_owner("s1", Instant::now()).await;
                 assert_eq!(owner.is_ok(), served, "stale window {stale_window:?}: {owner:?}");
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
@@ -511,11 +671,48 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn checks_that_miss_together_share_one_read() {
+        let (cache, sites) = cache_with(CacheSettings::default());
+        sites.set("s1", Ok(Some("acme")));
+        let (started_tx, started_rx) = oneshot::channel();
+        let (release_tx, release_rx) = oneshot::channel();
+        *sites.gate.lock().unwrap() = Some((started_tx, release_rx));
+        let waiting: Vec<_> = (0..5)
+            .map(|_| {
+                let cache = cache.clone();
+                tokio::spawn(async move { cache.site_owner("s1", Instant::now()).await })
+            })
+            .collect();
+        started_rx.await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        release_tx.send(()).unwrap();
+        for check in waiting {
+            assert_eq!(check.await.unwrap().unwrap().as_deref(), Some("acme"));
+        }
+        assert_eq!(sites.reads.load(Ordering::SeqCst), 1);
+        assert!(cache.0.site_owners.loading.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_read_every_waiter_gave_up_on_leaves_nothing_behind() {
+        let (cache, sites) = cache_with(CacheSettings::default());
+        sites.set("s1", Ok(Some("acme")));
+        let (started_tx, _started_rx) = oneshot::channel();
+        let (_release_tx, release_rx) = oneshot::channel();
+        *sites.gate.lock().unwrap() = Some((started_tx, release_rx));
+        // A client that goes away while its key is read (a flood of cancelled Checks).
+        let gave_up = tokio::time::timeout(Duration::from_millis(20), cache.site_owner("s1", Instant::now())).await;
+        assert!(gave_up.is_err());
+        assert!(cache.0.site_owners.loading.lock().unwrap().is_empty(), "nothing left for nobody");
+        assert_eq!(cache.site_owner("s1", Instant::now()).await.unwrap().as_deref(), Some("acme"), "read again");
+    }
+
+    #[tokio::test]
     async fn store_errors_are_not_cached() {
         let (cache, sites) = cache_with(CacheSettings::default());
         sites.set("s1", Err(down()));
-        assert!(cache.site_owner("s1").await.is_err());
+        assert!(cache.site_owner("s1", Instant::now()).await.is_err());
         sites.set("s1", Ok(Some("acme")));
-        assert_eq!(cache.site_owner("s1").await.unwrap().as_deref(), Some("acme"));
+        assert_eq!(cache.site_owner("s1", Instant::now()).await.unwrap().as_deref(), Some("acme"));
     }
 }

@@ -180,7 +180,7 @@ mod tests {
         let now = Utc::now();
         store.put_tenant("acme", &TenantChanges::default(), now, &audit("acme")).await.unwrap();
         let last_seen = store.feed_head().await.unwrap();
-        assert!(cache.tenant("acme").await.unwrap().unwrap().api_access_enabled);
+        assert!(cache.tenant("acme", std::time::Instant::now()).await.unwrap().unwrap().api_access_enabled);
 
         // Changes this replica never read are pruned; a later unrelated change shows the hole.
         store
@@ -200,7 +200,7 @@ mod tests {
 
         let (seen, _) = catch_up(&store, &cache, &SystemClock, last_seen).await.unwrap();
         assert_eq!(seen, store.feed_head().await.unwrap());
-        let tenant = cache.tenant("acme").await.unwrap().unwrap();
+        let tenant = cache.tenant("acme", std::time::Instant::now()).await.unwrap().unwrap();
         assert!(!tenant.api_access_enabled, "the cached tenant was dropped and read again");
     }
 

@@ -157,54 +157,103 @@ impl Span {
     }
 }
 
+/// A limit's subject as the database names it (`key:<key id>`, `tenant:<tenant id>`,
+/// `tenant-rate:<seconds>:<tenant id>`), written on the stack: ids are at most 64 bytes, so a
+/// Check builds no String (a longer name, which validation never lets through, is spilled to
+/// the heap rather than cut).
+struct SubjectName {
+    inline: [u8; SUBJECT_INLINE_BYTES],
+    len: usize,
+    spilled: Option<String>,
+}
+
+/// Room for the longest name of ids of at most 64 bytes (`tenant-rate:86400:` and 64).
+const SUBJECT_INLINE_BYTES: usize = 96;
+
+impl SubjectName {
+    fn of(parts: &[&str]) -> Self {
+        let len = parts.iter().map(|part| part.len()).sum();
+        let mut name = Self { inline: [0; SUBJECT_INLINE_BYTES], len, spilled: None };
+        if len > SUBJECT_INLINE_BYTES {
+            name.spilled = Some(parts.concat());
+            return name;
+        }
+        let mut at = 0;
+        for part in parts {
+            name.inline[at..at + part.len()].copy_from_slice(part.as_bytes());
+            at += part.len();
+        }
+        name
+    }
+
+    fn as_str(&self) -> &str {
+        match &self.spilled {
+            Some(spilled) => spilled,
+            // Whole `str`s joined: always UTF-8.
+            None => std::str::from_utf8(&self.inline[..self.len]).unwrap_or_default(),
+        }
+    }
+}
+
+/// The number of seconds of a shared window as the subject name writes it.
+fn window_text(window: RateLimitWindow) -> &'static str {
+    match window {
+        RateLimitWindow::Second => "1",
+        RateLimitWindow::Minute => "60",
+        RateLimitWindow::Hour => "3600",
+        RateLimitWindow::Day => "86400",
+    }
+}
+
 /// One limit that applies to a Check.
 struct Applied {
     limit: u32,
     span: Span,
-    subject: String,
+    subject: SubjectName,
     window: RateLimitWindow,
     kind: RateLimitSubject,
     reason: DenyReason,
 }
 
 /// The limits of a key: its per-minute limit (its own, else its tenant's default for keys), its
-/// tenant's shared rate limit and its tenant's daily quota; 0 means none.
-fn limits_of(key: &KeyRecord, tenant: &Tenant) -> Vec<Applied> {
+/// tenant's shared rate limit and its tenant's daily quota, those that are set (0 means none).
+fn limits_of(key: &KeyRecord, tenant: &Tenant) -> impl Iterator<Item = Applied> {
     let per_minute =
         if key.rate_limit_per_minute > 0 { key.rate_limit_per_minute } else { tenant.rate_limit_per_minute };
-    let mut applied = Vec::new();
-    if per_minute > 0 {
-        applied.push(Applied {
-            limit: per_minute,
-            span: Span::MINUTE,
-            subject: format!("key:{}", key.key_id),
-            window: RateLimitWindow::Minute,
-            kind: RateLimitSubject::Key,
-            reason: DenyReason::RateLimited,
-        });
-    }
-    if tenant.shared_rate_limit > 0 {
-        let window = tenant.shared_rate_limit_window;
-        applied.push(Applied {
-            limit: tenant.shared_rate_limit,
-            span: Span::Sliding { window_micros: window.seconds() * MICROS_PER_SECOND },
-            subject: format!("tenant-rate:{}:{}", window.seconds(), tenant.tenant_id),
-            window,
-            kind: RateLimitSubject::Tenant,
-            reason: DenyReason::RateLimited,
-        });
-    }
-    if tenant.daily_request_quota > 0 {
-        applied.push(Applied {
-            limit: tenant.daily_request_quota,
-            span: Span::UtcDay,
-            subject: format!("tenant:{}", tenant.tenant_id),
-            window: RateLimitWindow::Day,
-            kind: RateLimitSubject::Tenant,
-            reason: DenyReason::QuotaExceeded,
-        });
-    }
-    applied
+    let window = tenant.shared_rate_limit_window;
+    let key_limit = (per_minute > 0).then(|| Applied {
+        limit: per_minute,
+        span: Span::MINUTE,
+        subject: SubjectName::of(&["key:", &key.key_id]),
+        window: RateLimitWindow::Minute,
+        kind: RateLimitSubject::Key,
+        reason: DenyReason::RateLimited,
+    });
+    let shared = (tenant.shared_rate_limit > 0).then(|| Applied {
+        limit: tenant.shared_rate_limit,
+        span: Span::Sliding { window_micros: window.seconds() * MICROS_PER_SECOND },
+        subject: SubjectName::of(&["tenant-rate:", window_text(window), ":", &tenant.tenant_id]),
+        window,
+        kind: RateLimitSubject::Tenant,
+        reason: DenyReason::RateLimited,
+    });
+    let quota = (tenant.daily_request_quota > 0).then(|| Applied {
+        limit: tenant.daily_request_quota,
+        span: Span::UtcDay,
+        subject: SubjectName::of(&["tenant:", &tenant.tenant_id]),
+        window: RateLimitWindow::Day,
+        kind: RateLimitSubject::Tenant,
+        reason: DenyReason::QuotaExceeded,
+    });
+    [key_limit, shared, quota].into_iter().flatten()
+}
+
+/// Whether any limit applies to `key`.
+fn any_limit(key: &KeyRecord, tenant: &Tenant) -> bool {
+    key.rate_limit_per_minute > 0
+        || tenant.rate_limit_per_minute > 0
+        || tenant.shared_rate_limit > 0
+        || tenant.daily_request_quota > 0
 }
 
 #[derive(Debug, Default)]
@@ -235,7 +284,7 @@ struct SubjectCounts {
 /// Local counters and their synchronisation with the shared ones.
 #[derive(Debug)]
 pub struct Limiter {
-    subjects: Mutex<HashMap<String, SubjectCounts>>,
+    subjects: Mutex<HashMap<String, SubjectCounts, foldhash::fast::RandomState>>,
     /// Subjects whose shared counts are being read ([`unprimed`](Self::unprimed) hands each
     /// out once until [`prime`](Self::prime) or [`priming_failed`](Self::priming_failed)).
     priming: Mutex<std::collections::HashSet<String>>,
@@ -268,7 +317,7 @@ impl Limiter {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SubjectCounts>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SubjectCounts, foldhash::fast::RandomState>> {
         self.subjects.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
@@ -277,17 +326,23 @@ impl Limiter {
     /// `None` when there are none. Read them with [`Store::request_counts_since`] and hand them
     /// to [`prime`](Self::prime), or to [`priming_failed`](Self::priming_failed).
     pub fn unprimed(&self, key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) -> Option<Vec<(String, i64)>> {
+        if !any_limit(key, tenant) {
+            return None;
+        }
         let subjects = self.lock();
-        let mut priming = self.priming.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let needed: Vec<(String, i64)> = limits_of(key, tenant)
-            .into_iter()
-            .filter(|applied| !subjects.get(&applied.subject).is_some_and(|counts| counts.primed))
-            .filter(|applied| priming.insert(applied.subject.clone()))
-            .map(|applied| {
-                let since = applied.span.oldest_counted(micros(now));
-                (applied.subject, since)
-            })
-            .collect();
+        let mut needed = Vec::new();
+        let mut priming = None;
+        for applied in limits_of(key, tenant) {
+            if subjects.get(applied.subject.as_str()).is_some_and(|counts| counts.primed) {
+                continue;
+            }
+            let priming =
+                priming.get_or_insert_with(|| self.priming.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+            let subject = applied.subject.as_str().to_owned();
+            if priming.insert(subject.clone()) {
+                needed.push((subject, applied.span.oldest_counted(micros(now))));
+            }
+        }
         (!needed.is_empty()).then_some(needed)
     }
 
@@ -295,7 +350,7 @@ impl Limiter {
     /// subjects as known.
     pub fn prime(&self, key: &KeyRecord, tenant: &Tenant, needed: &[(String, i64)], totals: Vec<(CountKey, i64)>) {
         let spans: HashMap<String, Span> =
-            limits_of(key, tenant).into_iter().map(|applied| (applied.subject, applied.span)).collect();
+            limits_of(key, tenant).map(|applied| (applied.subject.as_str().to_owned(), applied.span)).collect();
         let mut subjects = self.lock();
         self.priming_failed(needed);
         for (subject, _) in needed {
@@ -324,23 +379,22 @@ impl Limiter {
     /// Decides whether `key` may make one more request at `now` and, if so, counts it against
     /// every limit that applies. A denied request is not counted.
     pub fn check_and_count(&self, key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) -> LimitDecision {
-        let applied = limits_of(key, tenant);
-        if applied.is_empty() {
+        if !any_limit(key, tenant) {
             return LimitDecision::Allowed(None);
         }
         let now = micros(now);
+        let applied: [Option<Applied>; 3] = {
+            let mut limits = limits_of(key, tenant);
+            std::array::from_fn(|_| limits.next())
+        };
         let mut subjects = self.lock();
-        let mut states = Vec::with_capacity(applied.len());
+        let mut fewest_left: Option<RateLimitState> = None;
         let mut denied: Option<(DenyReason, RateLimitState)> = None;
-        for limit in &applied {
-            let counts = subjects.get(&limit.subject);
-            let counted: Vec<(i64, i64)> = counts
-                .map(|counts| {
-                    let oldest = limit.span.oldest_counted(now);
-                    counts.buckets.range(oldest..).map(|(start, counter)| (*start, counter.estimate())).collect()
-                })
-                .unwrap_or_default();
-            let used: i64 = counted.iter().map(|(_, count)| count).sum();
+        for limit in applied.iter().flatten() {
+            let oldest = limit.span.oldest_counted(now);
+            let counts = subjects.get(limit.subject.as_str());
+            let counted = || counts.into_iter().flat_map(|counts| counts.buckets.range(oldest..));
+            let used: i64 = counted().map(|(_, counter)| counter.estimate()).sum();
             let state = |remaining: u32, reset_at: i64| RateLimitState {
                 limit: limit.limit,
                 remaining,
@@ -351,6 +405,7 @@ impl Limiter {
             if used + 1 > i64::from(limit.limit) {
                 // Of several used-up limits, the one that frees up last: a client that waits
                 // until the reported reset is admitted by all of them.
+                let counted: Vec<(i64, i64)> = counted().map(|(start, counter)| (*start, counter.estimate())).collect();
                 let reset_at = admitted_again_at(limit.span, &counted, i64::from(limit.limit));
                 if denied.as_ref().is_none_or(|(_, state)| micros(state.reset_at) < reset_at) {
                     denied = Some((limit.reason, state(0, reset_at)));
@@ -358,24 +413,31 @@ impl Limiter {
                 continue;
             }
             let remaining = u32::try_from(i64::from(limit.limit) - used - 1).unwrap_or(0);
-            states.push(state(remaining, limit.span.leaves_at(limit.span.bucket_of(now))));
+            let state = state(remaining, limit.span.leaves_at(limit.span.bucket_of(now)));
+            // The fewest requests left; of limits with as few, the one that frees up last.
+            if fewest_left.as_ref().is_none_or(|fewest| {
+                (state.remaining, std::cmp::Reverse(state.reset_at))
+                    < (fewest.remaining, std::cmp::Reverse(fewest.reset_at))
+            }) {
+                fewest_left = Some(state);
+            }
         }
         if let Some((reason, state)) = denied {
             return LimitDecision::Denied(reason, state);
         }
-        for limit in applied {
+        for limit in applied.iter().flatten() {
             let bucket = limit.span.bucket_of(now);
-            let counts = subjects.entry(limit.subject).or_insert_with(|| SubjectCounts {
-                span: limit.span,
-                buckets: BTreeMap::new(),
-                primed: false,
-            });
+            let counts = match subjects.get_mut(limit.subject.as_str()) {
+                Some(counts) => counts,
+                None => subjects.entry(limit.subject.as_str().to_owned()).or_insert_with(|| SubjectCounts {
+                    span: limit.span,
+                    buckets: BTreeMap::new(),
+                    primed: false,
+                }),
+            };
             counts.buckets.entry(bucket).or_default().pending += 1;
         }
-        // The fewest requests left; of limits with as few, the one that frees up last.
-        LimitDecision::Allowed(
-            states.into_iter().min_by_key(|state| (state.remaining, std::cmp::Reverse(state.reset_at))),
-        )
+        LimitDecision::Allowed(fewest_left)
     }
 
     /// Adds this replica's new counts to the shared ones and reads back the recent totals of

@@ -183,9 +183,60 @@ fn code_label(code: tonic::Code) -> &'static str {
     }
 }
 
-/// Counts and times one gRPC call. Every label is a name keygate chose (see
+/// The series of the gRPC calls keygate serves, resolved once when the server starts (each
+/// code's counter the first time a call ends with it): `keygate_grpc_calls_total` and
+/// `keygate_grpc_call_duration_seconds`. Every label is a name keygate chose (see
 /// [`CallLabels`](crate::grpc::CallLabels)), so clients cannot create series.
-pub fn record_call(labels: crate::grpc::CallLabels, code: tonic::Code, elapsed: std::time::Duration) {
+pub struct CallMetrics {
+    series: std::collections::HashMap<crate::grpc::CallLabels, CallSeries, foldhash::fast::RandomState>,
+}
+
+struct CallSeries {
+    duration: metrics::Histogram,
+    /// By `tonic::Code` as a number (0 to 16).
+    calls: [OnceLock<metrics::Counter>; 17],
+}
+
+impl CallMetrics {
+    /// Series for each of `labels`; install the metrics recorder first.
+    pub fn new(labels: impl IntoIterator<Item = crate::grpc::CallLabels>) -> Self {
+        let series = labels
+            .into_iter()
+            .map(|labels| {
+                let duration = metrics::histogram!(
+                    "keygate_grpc_call_duration_seconds", "service" => labels.service, "method" => labels.method
+                );
+                (labels, CallSeries { duration, calls: std::array::from_fn(|_| OnceLock::new()) })
+            })
+            .collect();
+        Self { series }
+    }
+
+    /// Counts and times one call.
+    pub fn record(&self, labels: crate::grpc::CallLabels, code: tonic::Code, elapsed: std::time::Duration) {
+        let Some(series) = self.series.get(&labels) else {
+            return record_call(labels, code, elapsed);
+        };
+        let counter = series.calls.get(code as usize).map(|counter| {
+            counter.get_or_init(|| {
+                metrics::counter!(
+                    "keygate_grpc_calls_total",
+                    "service" => labels.service,
+                    "method" => labels.method,
+                    "code" => code_label(code)
+                )
+            })
+        });
+        match counter {
+            Some(counter) => counter.increment(1),
+            None => return record_call(labels, code, elapsed),
+        }
+        series.duration.record(elapsed.as_secs_f64());
+    }
+}
+
+/// Counts and times one gRPC call whose series were not resolved beforehand.
+fn record_call(labels: crate::grpc::CallLabels, code: tonic::Code, elapsed: std::time::Duration) {
     metrics::counter!(
         "keygate_grpc_calls_total",
         "service" => labels.service,

@@ -42,14 +42,22 @@ fn traces_configured() -> bool {
 /// Installs the global subscriber (logs, and traces when configured). Must run inside the
 /// Tokio runtime: the OTLP exporter uses it. A second call changes nothing.
 pub fn init(format: LogFormat) -> Telemetry {
-    let filter = || EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use tracing_subscriber::filter::FilterExt;
+    // Log lines are events, each with its own fields (tenant_id, key_id, reason, ...): spans go
+    // to traces only. So with traces off no span is ever built, and a Check formats nothing
+    // unless it logs a line.
+    let filter = || {
+        let levels = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+        levels.and(EventsOnly)
+    };
     let ansi = std::io::stdout().is_terminal();
     let logs = match format {
         LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).with_ansi(ansi).boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer()
             .json()
             .flatten_event(true)
-            .with_current_span(true)
+            .with_current_span(false)
+            .with_span_list(false)
             .with_target(false)
             .boxed(),
     };
@@ -79,8 +87,36 @@ pub fn init(format: LogFormat) -> Telemetry {
         None
     };
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
-    let _ = tracing_subscriber::registry().with(logs.with_filter(filter())).with(trace_layer).try_init();
+    let logs = tracing_subscriber::registry().with(logs.with_filter(filter()));
+    // No `Option` layer: a `None` one would ask for every span, and spans would be built for
+    // nobody.
+    let _ = match trace_layer {
+        Some(traces) => logs.with(traces).try_init(),
+        None => logs.try_init(),
+    };
     Telemetry { traces }
+}
+
+/// The log layer's filter: events only, decided once per callsite (spans are never built for
+/// logs), with no say on levels (`RUST_LOG` decides those).
+struct EventsOnly;
+
+impl<S> tracing_subscriber::layer::Filter<S> for EventsOnly {
+    fn enabled(&self, metadata: &tracing::Metadata<'_>, _: &tracing_subscriber::layer::Context<'_, S>) -> bool {
+        metadata.is_event()
+    }
+
+    fn callsite_enabled(&self, metadata: &'static tracing::Metadata<'static>) -> tracing::subscriber::Interest {
+        if metadata.is_event() {
+            tracing::subscriber::Interest::always()
+        } else {
+            tracing::subscriber::Interest::never()
+        }
+    }
+
+    fn max_level_hint(&self) -> Option<tracing::level_filters::LevelFilter> {
+        Some(tracing::level_filters::LevelFilter::TRACE)
+    }
 }
 
 /// Reads W3C trace context from gRPC request metadata (HTTP/2 headers).
@@ -101,6 +137,10 @@ impl Extractor for HeaderExtractor<'_> {
 pub fn request_span<B>(request: &http::Request<B>, labels: crate::grpc::CallLabels) -> tracing::Span {
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let span = tracing::info_span!("grpc", service = labels.service, method = labels.method);
+    if span.is_disabled() {
+        // No trace is exported: nothing to read the caller's context for.
+        return span;
+    }
     let parent = opentelemetry::global::get_text_map_propagator(|propagator| {
         propagator.extract(&HeaderExtractor(request.headers()))
     });

@@ -15,13 +15,47 @@ use crate::store::{DenialKey, Store, StoreError, UsageKey};
 /// Most buffered entries of one kind (distinct key, day and outcome; or key, reason and minute).
 const MAX_PENDING: usize = 200_000;
 
+/// What one key's Checks left since the last flush: a Check of a key already pending looks it
+/// up by its id and allocates nothing.
+#[derive(Debug, Default)]
+struct KeyUsage {
+    /// Checks per UTC day and outcome (`ALLOWED` or a reason code): nearly always one entry.
+    counts: Vec<(DateTime<Utc>, &'static str, i64)>,
+    last_used: Option<DateTime<Utc>>,
+}
+
 #[derive(Debug, Default)]
 struct Pending {
-    usage: HashMap<UsageKey, i64>,
-    last_used: HashMap<String, DateTime<Utc>>,
+    keys: HashMap<String, KeyUsage, foldhash::fast::RandomState>,
+    /// Entries of `counts` over all keys.
+    usage_entries: usize,
     /// Denied Checks per key, reason and minute: how many, and when the first was.
     denials: HashMap<DenialKey, (i64, DateTime<Utc>)>,
     dropped: u64,
+}
+
+impl Pending {
+    fn add_usage(&mut self, key_id: &str, day: DateTime<Utc>, outcome: &'static str, count: i64) {
+        let usage = match self.keys.get_mut(key_id) {
+            Some(usage) => usage,
+            None => self.keys.entry(key_id.to_owned()).or_default(),
+        };
+        match usage.counts.iter_mut().find(|(at, counted, _)| *at == day && *counted == outcome) {
+            Some((_, _, counted)) => *counted += count,
+            None => {
+                usage.counts.push((day, outcome, count));
+                self.usage_entries += 1;
+            }
+        }
+    }
+
+    fn touch(&mut self, key_id: &str, at: DateTime<Utc>) {
+        let usage = match self.keys.get_mut(key_id) {
+            Some(usage) => usage,
+            None => self.keys.entry(key_id.to_owned()).or_default(),
+        };
+        usage.last_used = Some(usage.last_used.map_or(at, |last| last.max(at)));
+    }
 }
 
 /// Buffers what Checks of known keys leave behind.
@@ -42,19 +76,16 @@ impl UsageRecorder {
         let day = truncate(now, chrono::Duration::days(1));
         let outcome = decision.err().map_or("ALLOWED", DenyReason::code);
         let mut pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if pending.usage.len() >= MAX_PENDING || pending.denials.len() >= MAX_PENDING {
+        if pending.usage_entries >= MAX_PENDING || pending.denials.len() >= MAX_PENDING {
             pending.dropped += 1;
             if pending.dropped.is_power_of_two() {
                 tracing::warn!(dropped = pending.dropped, "usage buffer full: records are being dropped");
             }
             return;
         }
-        *pending.usage.entry(UsageKey { key_id: key.key_id.clone(), day, outcome }).or_default() += 1;
+        pending.add_usage(&key.key_id, day, outcome, 1);
         match decision {
-            Ok(()) => {
-                let last_used = pending.last_used.entry(key.key_id.clone()).or_insert(now);
-                *last_used = (*last_used).max(now);
-            }
+            Ok(()) => pending.touch(&key.key_id, now),
             Err(reason) => {
                 let denial = DenialKey {
                     tenant_id: key.tenant_id.clone(),
@@ -73,10 +104,17 @@ impl UsageRecorder {
     /// merged back into what is pending, and the first error is returned.
     pub async fn flush(&self, store: &Store) -> Result<(), StoreError> {
         let taken = mem::take(&mut *self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        let (mut usage, mut last_used) = (Vec::with_capacity(taken.usage_entries), Vec::new());
+        for (key_id, key_usage) in taken.keys {
+            for (day, outcome, count) in key_usage.counts {
+                usage.push((UsageKey { key_id: key_id.clone(), day, outcome }, count));
+            }
+            if let Some(at) = key_usage.last_used {
+                last_used.push((key_id, at));
+            }
+        }
         // Sorted, so that concurrent batches of several replicas lock rows in one order.
-        let mut usage: Vec<_> = taken.usage.into_iter().collect();
         usage.sort();
-        let mut last_used: Vec<_> = taken.last_used.into_iter().collect();
         last_used.sort();
         let mut denials: Vec<_> = taken.denials.into_iter().collect();
         denials.sort();
@@ -88,13 +126,12 @@ impl UsageRecorder {
         let mut pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         if results.0.is_err() {
             for (key, count) in usage {
-                *pending.usage.entry(key).or_default() += count;
+                pending.add_usage(&key.key_id, key.day, key.outcome, count);
             }
         }
         if results.1.is_err() {
             for (key_id, at) in last_used {
-                let entry = pending.last_used.entry(key_id).or_insert(at);
-                *entry = (*entry).max(at);
+                pending.touch(&key_id, at);
             }
         }
         if results.2.is_err() {

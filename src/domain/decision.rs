@@ -23,6 +23,21 @@ pub enum DenyReason {
 }
 
 impl DenyReason {
+    /// Every reason, in the order of their codes in `keygate.v1.DenyReason`.
+    pub const ALL: [Self; 11] = [
+        Self::KeyMissing,
+        Self::KeyMalformed,
+        Self::KeyUnknown,
+        Self::KeyRevoked,
+        Self::KeyExpired,
+        Self::ScopeMissing,
+        Self::SiteForbidden,
+        Self::PlanRequired,
+        Self::RateLimited,
+        Self::QuotaExceeded,
+        Self::TenantMismatch,
+    ];
+
     /// The status a REST API answers with.
     pub fn http_status(self) -> u16 {
         match self {

@@ -71,6 +71,16 @@ impl ApiKeySecret {
         KeyHash::of(&self.0)
     }
 
+    /// Checks the shape of a presented key, as [`parse`](Self::parse) does, and returns its
+    /// SHA-256 without copying it: the first step of every Check.
+    pub fn digest_of(shapes: &KeyShapes, value: &str) -> Result<KeyDigest, KeyFormatError> {
+        match shapes.check(value) {
+            Ok(()) => Ok(KeyDigest::of(value)),
+            Err(ShapeError::Missing) => Err(KeyFormatError::Missing),
+            Err(ShapeError::Malformed) => Err(KeyFormatError::Malformed),
+        }
+    }
+
     /// The full key, for the one response that returns it.
     pub fn expose(self) -> String {
         self.0
@@ -80,6 +90,43 @@ impl ApiKeySecret {
 impl fmt::Debug for ApiKeySecret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "ApiKeySecret({}…)", self.display_prefix(4))
+    }
+}
+
+/// The SHA-256 of a key as 32 bytes: what the decision cache is keyed by (the database holds
+/// its hex form, [`KeyHash`]).
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyDigest([u8; 32]);
+
+impl KeyDigest {
+    /// The SHA-256 of `text`.
+    pub fn of(text: &str) -> Self {
+        Self(Sha256::digest(text.as_bytes()).into())
+    }
+
+    /// The digest of a hex hash (a [`KeyHash`]); `None` unless it is 64 hex digits.
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let text = text.as_bytes();
+        if text.len() != 64 {
+            return None;
+        }
+        let nibble = |digit: u8| (digit as char).to_digit(16).map(|value| value as u8);
+        let mut bytes = [0u8; 32];
+        for (byte, pair) in bytes.iter_mut().zip(text.chunks_exact(2)) {
+            *byte = nibble(pair[0])? << 4 | nibble(pair[1])?;
+        }
+        Some(Self(bytes))
+    }
+
+    /// Its lowercase hex form, as stored.
+    pub fn to_hash(&self) -> KeyHash {
+        KeyHash(hex(&self.0))
+    }
+}
+
+impl fmt::Debug for KeyDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyDigest({})", hex(&self.0))
     }
 }
 
@@ -136,12 +183,15 @@ fn base64_decode(text: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// Lowercase hex, two digits a byte.
 fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut out, b| {
-        let _ = write!(out, "{b:02x}");
-        out
-    })
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(bytes.len() * 2);
+    for byte in bytes {
+        out.push(DIGITS[usize::from(byte >> 4)] as char);
+        out.push(DIGITS[usize::from(byte & 0xf)] as char);
+    }
+    out
 }
 
 /// A fresh key id: `key_`, 12 hex digits of milliseconds since the epoch (so ids sort by
@@ -173,6 +223,13 @@ mod tests {
         let parsed = ApiKeySecret::parse(&shapes, &text).unwrap();
         assert_eq!(parsed.display_prefix(12), &text[..12]);
         assert_eq!(parsed.hash().as_str(), hex(&Sha256::digest(text.as_bytes())));
+        let digest = ApiKeySecret::digest_of(&shapes, &text).unwrap();
+        assert_eq!(digest.to_hash(), parsed.hash());
+        assert_eq!(KeyDigest::from_hex(parsed.hash().as_str()), Some(digest));
+        assert_eq!(ApiKeySecret::digest_of(&shapes, "kg_live_nope").unwrap_err(), KeyFormatError::Malformed);
+        for bad in ["", "0", &"g".repeat(64), &"0".repeat(63), &format!("{}é", "0".repeat(62))] {
+            assert_eq!(KeyDigest::from_hex(bad), None, "{bad}");
+        }
         assert_eq!(ApiKeySecret::parse(&shapes, "").unwrap_err(), KeyFormatError::Missing);
         assert_eq!(ApiKeySecret::parse(&shapes, "kg_live_nope").unwrap_err(), KeyFormatError::Malformed);
     }

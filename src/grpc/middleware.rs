@@ -39,7 +39,7 @@ pub const MAX_MESSAGE_CHARS: usize = 512;
 const MAX_DETAILS_BYTES: usize = 16 * 1024;
 
 /// The service and method labels of one call: names keygate serves, or `unknown`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct CallLabels {
     pub service: &'static str,
     pub method: &'static str,
@@ -63,8 +63,8 @@ impl CallLabels {
 
 /// Every method keygate serves, by request path: its own services (from the descriptor set, so
 /// new RPCs are known without a list to keep) plus health, reflection and Envoy's ext_authz.
-fn known_calls() -> &'static HashMap<&'static str, CallLabels> {
-    static CALLS: OnceLock<HashMap<&'static str, CallLabels>> = OnceLock::new();
+fn known_calls() -> &'static HashMap<&'static str, CallLabels, foldhash::fast::RandomState> {
+    static CALLS: OnceLock<HashMap<&'static str, CallLabels, foldhash::fast::RandomState>> = OnceLock::new();
     CALLS.get_or_init(|| {
         let mut methods: Vec<(String, String)> = vec![
             ("grpc.health.v1.Health".into(), "Check".into()),
@@ -93,15 +93,23 @@ fn known_calls() -> &'static HashMap<&'static str, CallLabels> {
 }
 
 /// The layer that applies all of the above; see the module documentation.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone)]
 pub struct CallLayer {
     request_timeout: Duration,
+    metrics: Arc<crate::metrics::CallMetrics>,
 }
 
 impl CallLayer {
-    /// Calls may take at most `request_timeout` to answer.
+    /// Calls may take at most `request_timeout` to answer. The metrics series of every known
+    /// method are resolved here: install the metrics recorder first.
     pub fn new(request_timeout: Duration) -> Self {
-        Self { request_timeout }
+        let mut labels: Vec<CallLabels> = known_calls().values().copied().collect();
+        let services: Vec<&'static str> = labels.iter().map(|labels| labels.service).collect();
+        labels.extend(services.into_iter().map(|service| CallLabels { service, method: "unknown" }));
+        labels.push(CallLabels::UNKNOWN);
+        labels.sort_by_key(|labels| (labels.service, labels.method));
+        labels.dedup();
+        Self { request_timeout, metrics: Arc::new(crate::metrics::CallMetrics::new(labels)) }
     }
 }
 
@@ -109,15 +117,16 @@ impl<S> tower_layer::Layer<S> for CallLayer {
     type Service = Call<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Call { inner, request_timeout: self.request_timeout }
+        Call { inner, request_timeout: self.request_timeout, metrics: self.metrics.clone() }
     }
 }
 
 /// See [`CallLayer`].
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct Call<S> {
     inner: S,
     request_timeout: Duration,
+    metrics: Arc<crate::metrics::CallMetrics>,
 }
 
 type Response = http::Response<tonic::body::Body>;
@@ -144,6 +153,7 @@ where
         let validate = (labels.service.starts_with("grpc.reflection.")).then_some(is_reflection_request as Validator);
         let request = request.map(|body| CheckedBody::new(body, validate, invalid.clone()));
         let call = span.in_scope(|| self.inner.call(request));
+        let metrics = self.metrics.clone();
         Box::pin(
             async move {
                 let mut response = match tokio::time::timeout(deadline, call).await {
@@ -155,7 +165,7 @@ where
                     .into_http(),
                 };
                 let code = settle_status(response.headers_mut());
-                crate::metrics::record_call(labels, code, started.elapsed());
+                metrics.record(labels, code, started.elapsed());
                 Ok(response.map(|body| tonic::body::Body::new(SettledBody { inner: body, invalid })))
             }
             .instrument(span),

@@ -71,6 +71,10 @@ impl App {
         if let Some(open_files) = open_files {
             tracing::debug!(open_files, max_connections = config.connections.max_connections, "connection limit");
         }
+        if config.metrics_listen.is_some() {
+            // Installed before anything resolves its series (the cache, the authorizer).
+            crate::metrics::handle();
+        }
         let lookups = Arc::new(LookupLimit::new(config.max_lookups_in_flight as usize, config.database.query_timeout));
         let source = StoreSource { store: store.clone(), lookups: lookups.clone() };
         let core = Arc::new(Core {

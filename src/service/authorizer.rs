@@ -42,31 +42,59 @@ pub struct CheckOutcome {
 #[derive(Clone)]
 pub struct Authorizer {
     core: Arc<Core>,
+    metrics: Arc<DecisionMetrics>,
+}
+
+/// The series a Check records, resolved once: `keygate_decisions_total` by decision (ALLOWED,
+/// then each reason of [`DenyReason::ALL`]) and `keygate_check_duration_seconds`.
+struct DecisionMetrics {
+    decisions: [metrics::Counter; DenyReason::ALL.len() + 1],
+    duration: metrics::Histogram,
+}
+
+impl DecisionMetrics {
+    fn new() -> Self {
+        let decision = |code: &'static str| metrics::counter!("keygate_decisions_total", "decision" => code);
+        Self {
+            decisions: std::array::from_fn(|index| match index.checked_sub(1) {
+                None => decision("ALLOWED"),
+                Some(reason) => decision(DenyReason::ALL[reason].code()),
+            }),
+            duration: metrics::histogram!("keygate_check_duration_seconds"),
+        }
+    }
+
+    fn decided(&self, decision: Result<(), DenyReason>) -> &metrics::Counter {
+        let index =
+            decision.err().map_or(0, |reason| 1 + DenyReason::ALL.iter().position(|r| *r == reason).unwrap_or(0));
+        &self.decisions[index]
+    }
 }
 
 impl Authorizer {
+    /// An authorizer over `core`. Its metrics series are resolved here: install the metrics
+    /// recorder first.
     pub fn new(core: Arc<Core>) -> Self {
-        Self { core }
+        Self { core, metrics: Arc::new(DecisionMetrics::new()) }
     }
 
     /// Decides one Check. A deny is `Ok` with a reason; `Err` only when the store cannot answer
     /// for a key that is not cached (fail closed).
     pub async fn check(&self, request: &CheckRequest) -> ServiceResult<CheckOutcome> {
         let started = std::time::Instant::now();
-        let outcome = self.decide(request).await;
+        let outcome = self.decide(request, started).await;
         if let Ok(outcome) = &outcome {
-            let decision = outcome.decision.err().map_or("ALLOWED", DenyReason::code);
-            metrics::counter!("keygate_decisions_total", "decision" => decision).increment(1);
+            self.metrics.decided(outcome.decision).increment(1);
         }
-        metrics::histogram!("keygate_check_duration_seconds").record(started.elapsed().as_secs_f64());
+        self.metrics.duration.record(started.elapsed().as_secs_f64());
         outcome
     }
 
-    async fn decide(&self, request: &CheckRequest) -> ServiceResult<CheckOutcome> {
+    async fn decide(&self, request: &CheckRequest, started: std::time::Instant) -> ServiceResult<CheckOutcome> {
         let denied = |reason| CheckOutcome { decision: Err(reason), key: None, rate_limit: None };
         let shapes = self.core.shapes.current();
-        let secret = match ApiKeySecret::parse(&shapes, &request.key) {
-            Ok(secret) => secret,
+        let digest = match ApiKeySecret::digest_of(&shapes, &request.key) {
+            Ok(digest) => digest,
             Err(KeyFormatError::Missing) => return Ok(denied(DenyReason::KeyMissing)),
             Err(KeyFormatError::Malformed) => {
                 debug!(reason = "KEY_MALFORMED", "check denied");
@@ -74,19 +102,18 @@ impl Authorizer {
             }
         };
         let core = &self.core;
-        let hash = secret.hash();
-        let Some(key) = core.cache.key(hash.as_str()).await? else {
+        let Some(key) = core.cache.key(&digest, started).await? else {
             if let Some(suppressed) = DENIALS.allow() {
                 let display_prefix = client_text(&shapes.display_prefix(&request.key));
                 info!(reason = "KEY_UNKNOWN", display_prefix, suppressed, "check denied");
             }
             return Ok(denied(DenyReason::KeyUnknown));
         };
-        let Some(tenant) = core.cache.tenant(&key.tenant_id).await? else {
+        let Some(tenant) = core.cache.tenant(&key.tenant_id, started).await? else {
             return Ok(denied(DenyReason::KeyUnknown));
         };
         let site_owner = match &request.site_id {
-            Some(site_id) => core.cache.site_owner(site_id).await?,
+            Some(site_id) => core.cache.site_owner(site_id, started).await?,
             None => None,
         };
         let now = core.clock.now();
