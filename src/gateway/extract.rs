@@ -132,8 +132,8 @@ pub fn extract_key(sources: &KeySources, headers: &HashMap<String, String>, targ
 /// Whether two header names are one to a web framework: case never matters, and CGI-style
 /// servers read `-` and `_` alike.
 fn same_header_name(present: &str, configured: &str) -> bool {
-    let normal = |name: &str| name.to_ascii_lowercase().replace('_', "-");
-    normal(present) == normal(configured)
+    let normal = |byte: u8| if byte == b'_' { b'-' } else { byte.to_ascii_lowercase() };
+    present.len() == configured.len() && present.bytes().zip(configured.bytes()).all(|(a, b)| normal(a) == normal(b))
 }
 
 /// The names a query parameter name can stand for in some web framework: percent-decoded (`+`
@@ -165,6 +165,10 @@ fn canonical_parameter_names(raw: &str) -> Vec<String> {
 
 /// Whether a raw query parameter name spells `name` for some web framework.
 fn spells(raw: &str, name: &str) -> bool {
+    // An empty pair (`a=1&&b=2`, or no query at all) names nothing.
+    if raw.is_empty() {
+        return false;
+    }
     let wanted = canonical_parameter_names(name);
     raw == name || canonical_parameter_names(raw).iter().any(|candidate| wanted.first() == Some(candidate))
 }

@@ -116,9 +116,9 @@ impl Gateway {
 /// (repeated headers joined by commas, as Envoy joins them in `headers`).
 fn headers_of(
     http: &envoy_types::pb::envoy::service::auth::v3::attribute_context::HttpRequest,
-) -> HashMap<String, String> {
+) -> std::borrow::Cow<'_, HashMap<String, String>> {
     if !http.headers.is_empty() {
-        return http.headers.clone();
+        return std::borrow::Cow::Borrowed(&http.headers);
     }
     let mut headers: HashMap<String, String> = HashMap::new();
     for header in http.header_map.iter().flat_map(|map| &map.headers) {
@@ -135,7 +135,7 @@ fn headers_of(
             })
             .or_insert(value);
     }
-    headers
+    std::borrow::Cow::Owned(headers)
 }
 
 #[cfg(test)]

@@ -323,6 +323,41 @@ struct Connection<S> {
     _slots: (ClientSlot, tokio::sync::OwnedSemaphorePermit),
 }
 
+/// The transport as h2 sees it: without vectored writes. h2 copies a DATA frame smaller than
+/// 1 KiB into its write buffer on such a transport (it chains one of 256 bytes or more on a
+/// vectored one, and writes nothing else until that frame is out), so a Check's response,
+/// whose message is often 300 bytes or more (Envoy's headers to add), leaves with its trailers
+/// in one write instead of two. Larger frames still go out whole, in a write of their own.
+struct OneWriteIo<IO>(IO);
+
+impl<IO: AsyncRead + Unpin> AsyncRead for OneWriteIo<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+        buffer: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(context, buffer)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for OneWriteIo<IO> {
+    fn poll_write(mut self: Pin<&mut Self>, context: &mut Context<'_>, bytes: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(context, bytes)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(context)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, context: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(context)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        false
+    }
+}
+
 impl<S> Connection<S> {
     async fn serve<IO, B>(mut self, io: IO)
     where
@@ -341,7 +376,7 @@ impl<S> Connection<S> {
         let activity = Arc::new(Activity::default());
         let budget = ConnectionBudget::new(CONNECTION_BUDGET_BYTES);
         let service = TowerToHyperService::new(Tracked { inner: self.service, activity: activity.clone(), budget });
-        let connection = self.builder.serve_connection(TokioIo::new(io), service);
+        let connection = self.builder.serve_connection(TokioIo::new(OneWriteIo(io)), service);
         tokio::pin!(connection);
         let idle = activity.idle(self.idle_timeout);
         tokio::pin!(idle);
