@@ -186,10 +186,26 @@ pub struct Store {
     migrated: Arc<std::sync::atomic::AtomicBool>,
 }
 
+/// Pings a pooled connection within `timeout`: `Ok(true)` when it answers, an error (the pool
+/// then drops it without further I/O) when it fails or says nothing in time.
+async fn ping_within(
+    connection: &mut sqlx::AnyConnection,
+    timeout: Duration,
+    silent: &'static str,
+) -> Result<bool, sqlx::Error> {
+    use sqlx::Connection;
+    match tokio::time::timeout(timeout, connection.ping()).await {
+        Ok(answered) => answered.map(|()| true),
+        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(std::io::ErrorKind::TimedOut, silent))),
+    }
+}
+
 impl Store {
     /// Creates the pool without connecting: the server starts, reports NOT_SERVING, and
     /// connects and migrates in the background.
     pub fn connect_lazy(database: &crate::config::DatabaseConfig) -> StoreResult<Self> {
+        /// How long a pooled connection may sit unused before it is pinged again before use.
+        const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
         sqlx::any::install_default_drivers();
         let url = database.url.0.as_str();
         let backend = Backend::from_url(url)?;
@@ -211,15 +227,18 @@ impl Store {
             // holds the pool slot for the kernel's TCP timeout (~15 minutes). This one, first,
             // has the query timeout, and an error makes sqlx drop the connection without I/O.
             .after_release(move |connection, _| {
+                Box::pin(ping_within(connection, query_timeout, "a connection given back to the pool did not answer"))
+            })
+            // A connection given back to the pool was pinged then (above): only one that has
+            // been idle since is pinged again before use, not every one on every statement (a
+            // round trip per statement, a thread hand-off on SQLite).
+            .test_before_acquire(false)
+            .before_acquire(move |connection, meta| {
                 Box::pin(async move {
-                    use sqlx::Connection;
-                    match tokio::time::timeout(query_timeout, connection.ping()).await {
-                        Ok(answered) => answered.map(|()| true),
-                        Err(_) => Err(sqlx::Error::Io(std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "a connection given back to the pool did not answer",
-                        ))),
+                    if meta.idle_for < IDLE_BEFORE_PING {
+                        return Ok(true);
                     }
+                    ping_within(connection, query_timeout, "an idle connection did not answer").await
                 })
             })
             .connect_lazy(url)

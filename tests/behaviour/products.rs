@@ -375,7 +375,8 @@ async fn jetrack_documentation_holds_through_envoy() {
         401,
         envelope(401, "Missing API key"),
     );
-    let typo = format!("{}0", &secret[..71]);
+    // One character changed (never to itself: a key ending in `0` stays a typo).
+    let typo = format!("{}{}", &secret[..71], if secret.ends_with('0') { '1' } else { '0' });
     for wrong in [typo.as_str(), &secret[..70]] {
         let response = request(jt.envoy.address, "GET", "/api/v1/account", &[("x-api-key", wrong)]).await.unwrap();
         assert_answer(&response, 401, envelope(401, "Invalid or revoked API key"));

@@ -286,6 +286,10 @@ impl<DB: Database> Floating<DB, Live<DB>> {
             return false;
         }
 
+        // keygate: an `after_release` hook that answers Ok(true) has vetted the connection
+        // itself (keygate's pings it, with a timeout): the ping below would be a second round
+        // trip to the database for every statement.
+        let vetted = self.guard.pool.options.after_release.is_some();
         if let Some(test) = &self.guard.pool.options.after_release {
             let meta = self.metadata();
             match (test)(&mut self.inner.raw, meta).await {
@@ -311,7 +315,11 @@ impl<DB: Database> Floating<DB, Live<DB>> {
         // returned to the pool; also of course, if it was dropped due to an error
         // this is simply a band-aid as SQLx-next connections should be able
         // to recover from cancellations
-        if let Err(error) = self.raw.ping().await {
+        if vetted {
+            // keygate: see above.
+            self.release();
+            true
+        } else if let Err(error) = self.raw.ping().await {
             tracing::warn!(
                 %error,
                 "error occurred while testing the connection on-release",
