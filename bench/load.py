@@ -22,7 +22,8 @@ flood   cached-key throughput (as in grpc, 4 x 16) alone and while `floor flood`
         --client-cpu): the ratio is what cached keys keep under a flood.
 
 Builds what it needs (`cargo build --release --bin keygate --example floor`); needs h2load
-(Debian's nghttp2-client), grpcurl and taskset.
+(Debian's nghttp2-client), grpcurl and taskset. KEYGATE_BINARY measures another keygate build
+(an earlier commit's, for a before-and-after) against the same floor.
 """
 
 import argparse
@@ -45,6 +46,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOKEN = hardening.TOKEN
 SCOPE = "events:read"
 SITE = "shop.example"
+
+
+def keygate_binary():
+    """The keygate measured: KEYGATE_BINARY (an earlier build, say), else this checkout's release
+    build."""
+    return os.environ.get("KEYGATE_BINARY", os.path.join(ROOT, "target/release/keygate"))
 
 
 def run(command, **kwargs):
@@ -97,7 +104,7 @@ def start_keygate(servers, cpu, name, extra_env=None):
                KEYGATE_ADMIN_TOKENS="bench=" + TOKEN, KEYGATE_METRICS_LISTEN="127.0.0.1:%d" % metrics)
     env.pop("RUST_LOG", None)  # the default log level, as deployed
     env.update(extra_env or {})
-    process = servers.start([os.environ.get("KEYGATE_BINARY", os.path.join(ROOT, "target/release/keygate"))], cpu, env, name + ".log")
+    process = servers.start([keygate_binary()], cpu, env, name + ".log")
     for _ in range(400):
         try:
             status, body, _ = hardening.Client(port).call("/grpc.health.v1.Health/Check", b"")
@@ -321,7 +328,7 @@ def memory(args, servers):
     floor = os.path.join(ROOT, "target/release/examples/floor")
     run([floor, "mint", str(args.keys), lines, SITE])
     started = time.monotonic()
-    run([os.environ.get("KEYGATE_BINARY", os.path.join(ROOT, "target/release/keygate")), "import", "--tenant", "acme", lines],
+    run([keygate_binary(), "import", "--tenant", "acme", lines],
         env=dict(os.environ, KEYGATE_ADDR="http://127.0.0.1:%d" % port, KEYGATE_ADMIN_TOKEN=TOKEN))
     imported = time.monotonic() - started
     # A fresh process, so that nothing the import left behind is counted: one Check sets up
