@@ -89,7 +89,7 @@ struct Loaded<V> {
 pub trait Id:
     Hash + Eq + ToOwned<Owned: Borrow<Self> + Hash + Eq + Clone + Send + Sync + 'static> + Send + Sync + 'static
 {
-    /// The id as log text for the store's lookup (a key digest as its hex hash).
+    /// The id as the store looks it up: itself, or a key digest as its hex hash.
     fn load_id(&self) -> std::borrow::Cow<'_, str>;
 }
 

@@ -92,6 +92,17 @@ fn known_calls() -> &'static HashMap<&'static str, CallLabels, foldhash::fast::R
     })
 }
 
+tokio::task_local! {
+    /// The call being served, for log lines that have no other way to say which call they
+    /// belong to (logs carry no spans).
+    static CURRENT_CALL: CallLabels;
+}
+
+/// The labels of the call this task serves (`unknown` outside one).
+pub fn current_call() -> CallLabels {
+    CURRENT_CALL.try_with(|labels| *labels).unwrap_or(CallLabels::UNKNOWN)
+}
+
 /// The layer that applies all of the above; see the module documentation.
 #[derive(Clone)]
 pub struct CallLayer {
@@ -152,11 +163,11 @@ where
         let invalid = Arc::new(AtomicU8::new(FINE));
         let validate = (labels.service.starts_with("grpc.reflection.")).then_some(is_reflection_request as Validator);
         let request = request.map(|body| CheckedBody::new(body, validate, invalid.clone()));
-        let call = span.in_scope(|| self.inner.call(request));
+        let call = CURRENT_CALL.sync_scope(labels, || span.in_scope(|| self.inner.call(request)));
         let metrics = self.metrics.clone();
         Box::pin(
             async move {
-                let mut response = match tokio::time::timeout(deadline, call).await {
+                let mut response = match tokio::time::timeout(deadline, CURRENT_CALL.scope(labels, call)).await {
                     Ok(Ok(response)) => response,
                     Err(_) => tonic::Status::deadline_exceeded(format!(
                         "the call did not complete within its deadline of {} ms",

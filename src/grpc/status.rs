@@ -29,6 +29,8 @@ pub(crate) fn bounded(text: &str, max: usize) -> String {
 
 impl From<ServiceError> for Status {
     fn from(error: ServiceError) -> Self {
+        // Log lines carry no span: the call they belong to is named here.
+        let call = super::middleware::current_call();
         match error {
             ServiceError::InvalidArgument(violations) => {
                 let total = violations.len();
@@ -65,21 +67,21 @@ impl From<ServiceError> for Status {
                 // An outage fails every call: one line per interval says so, with the count.
                 static UNAVAILABLE: Throttle = Throttle::every(Duration::from_secs(10));
                 if let Some(suppressed) = UNAVAILABLE.allow() {
-                    error!(error = %source, suppressed, "store unavailable");
+                    error!(service = call.service, method = call.method, error = %source, suppressed, "store unavailable");
                 }
                 Status::unavailable("the key store is unavailable; retry later")
             }
             ServiceError::DataLoss(detail) => {
                 static DATA_LOSS: Throttle = Throttle::every(Duration::from_secs(1));
                 if let Some(suppressed) = DATA_LOSS.allow() {
-                    error!(error = %detail, suppressed, "stored data is unreadable");
+                    error!(service = call.service, method = call.method, error = %detail, suppressed, "stored data is unreadable");
                 }
                 Status::data_loss("stored data is unreadable; the operator must check the database")
             }
             ServiceError::Internal(detail) => {
                 static INTERNAL: Throttle = Throttle::every(Duration::from_secs(1));
                 if let Some(suppressed) = INTERNAL.allow() {
-                    error!(error = %detail, suppressed, "internal error");
+                    error!(service = call.service, method = call.method, error = %detail, suppressed, "internal error");
                 }
                 Status::internal("internal error")
             }

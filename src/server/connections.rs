@@ -327,7 +327,8 @@ struct Connection<S> {
 /// 1 KiB into its write buffer on such a transport (it chains one of 256 bytes or more on a
 /// vectored one, and writes nothing else until that frame is out), so a Check's response,
 /// whose message is often 300 bytes or more (Envoy's headers to add), leaves with its trailers
-/// in one write instead of two. Larger frames still go out whole, in a write of their own.
+/// in one write instead of two. The price is paid by large responses (a ListKeys page): each
+/// DATA frame of 1 KiB or more goes out in two writes, its first KiB with what precedes it.
 struct OneWriteIo<IO>(IO);
 
 impl<IO: AsyncRead + Unpin> AsyncRead for OneWriteIo<IO> {

@@ -204,8 +204,6 @@ impl Store {
     /// Creates the pool without connecting: the server starts, reports NOT_SERVING, and
     /// connects and migrates in the background.
     pub fn connect_lazy(database: &crate::config::DatabaseConfig) -> StoreResult<Self> {
-        /// How long a pooled connection may sit unused before it is pinged again before use.
-        const IDLE_BEFORE_PING: Duration = Duration::from_secs(1);
         sqlx::any::install_default_drivers();
         let url = database.url.0.as_str();
         let backend = Backend::from_url(url)?;
@@ -229,17 +227,13 @@ impl Store {
             .after_release(move |connection, _| {
                 Box::pin(ping_within(connection, query_timeout, "a connection given back to the pool did not answer"))
             })
-            // A connection given back to the pool was pinged then (above): only one that has
-            // been idle since is pinged again before use, not every one on every statement (a
-            // round trip per statement, a thread hand-off on SQLite).
+            // Every connection is pinged before use, as sqlx would, but within the query timeout
+            // (sqlx's own ping has none). Pinging only connections idle for a while is not
+            // enough: after a database restart every pooled connection is dead, however
+            // recently used, and each would fail one call.
             .test_before_acquire(false)
-            .before_acquire(move |connection, meta| {
-                Box::pin(async move {
-                    if meta.idle_for < IDLE_BEFORE_PING {
-                        return Ok(true);
-                    }
-                    ping_within(connection, query_timeout, "an idle connection did not answer").await
-                })
+            .before_acquire(move |connection, _| {
+                Box::pin(ping_within(connection, query_timeout, "a pooled connection did not answer"))
             })
             .connect_lazy(url)
             .map_err(|error| StoreError::Config(format!("invalid database URL: {}", redact_error(&error))))?;

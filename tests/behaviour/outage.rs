@@ -30,6 +30,8 @@ crate::trials!(
         mysql_hang_is_noticed_in_seconds_and_never_stalls_a_cached_key,
         postgres_transactions_cut_off_halfway_release_their_locks,
         mysql_transactions_cut_off_halfway_release_their_locks,
+        postgres_connections_ended_by_the_database_fail_no_call,
+        mysql_connections_ended_by_the_database_fail_no_call,
     ],
 );
 
@@ -420,5 +422,70 @@ async fn transactions_cut_off_halfway(backend: Backend) {
     eprintln!("{backend:?}: CreateKey works again {:?} after the cut", cut_at.elapsed());
     for _ in 0..20 {
         app.admin.clone().get_tenant(GetTenantRequest { tenant_id: "acme".into() }).await.unwrap();
+    }
+}
+
+async fn postgres_connections_ended_by_the_database_fail_no_call() {
+    connections_ended_by_the_database(Backend::Postgres).await;
+}
+
+async fn mysql_connections_ended_by_the_database_fail_no_call() {
+    connections_ended_by_the_database(Backend::MySql).await;
+}
+
+/// The database ends every connection keygate holds, a fraction of a second after their last
+/// use (a restart, a failover, an administrator): each pooled connection is found dead before
+/// a call uses it, and no admin call and no Check of an uncached key fails.
+async fn connections_ended_by_the_database(backend: Backend) {
+    let Some(app) = spawn_app(backend).await else { return };
+    put_tenant(&app, "acme").await;
+    let mut keys = Vec::new();
+    for _ in 0..10 {
+        keys.push(create_key(&app, key_request("acme", &["events:read"])).await.unwrap().1);
+    }
+    let get_tenant = |app: &TestApp| {
+        let mut admin = app.admin.clone();
+        async move { admin.get_tenant(GetTenantRequest { tenant_id: "acme".into() }).await }
+    };
+    // Several connections in the pool, all used just now.
+    let busy: Vec<_> = (0..8).map(|_| tokio::spawn(get_tenant(&app))).collect();
+    for call in busy {
+        call.await.unwrap().unwrap();
+    }
+    let mut database = sqlx::AnyConnection::connect(&app.database_url).await.unwrap();
+    let ended = match backend {
+        Backend::Postgres => {
+            let ended: Vec<(bool,)> = sqlx::query_as(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            )
+            .fetch_all(&mut database)
+            .await
+            .unwrap();
+            ended.len()
+        }
+        _ => {
+            let ids: Vec<(i64,)> = sqlx::query_as(
+                "SELECT CAST(id AS SIGNED) FROM information_schema.processlist \
+                 WHERE db = DATABASE() AND id <> CONNECTION_ID()",
+            )
+            .fetch_all(&mut database)
+            .await
+            .unwrap();
+            for (id,) in &ids {
+                sqlx::query(sqlx::AssertSqlSafe(format!("KILL {id}"))).execute(&mut database).await.unwrap();
+            }
+            ids.len()
+        }
+    };
+    assert!(ended >= 2, "{backend:?}: keygate held {ended} connections");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..20 {
+        get_tenant(&app).await.expect("an admin call after the database ended the connections");
+    }
+    app.core.cache.invalidate_all();
+    for key in &keys {
+        let checked = try_check(&app, key, "events:read", "").await.expect("a Check of an uncached key");
+        assert!(checked.allowed, "{checked:?}");
     }
 }
