@@ -42,6 +42,15 @@ pub enum KeyFormatError {
     Malformed,
 }
 
+impl From<ShapeError> for KeyFormatError {
+    fn from(error: ShapeError) -> Self {
+        match error {
+            ShapeError::Missing => Self::Missing,
+            ShapeError::Malformed => Self::Malformed,
+        }
+    }
+}
+
 /// A full API key. Exists only between minting and the CreateKey/RotateKey response, in an
 /// ImportKeys request, and while a Check request is decided; `Debug` never prints it.
 pub struct ApiKeySecret(String);
@@ -54,11 +63,8 @@ impl ApiKeySecret {
 
     /// Checks that a presented string has an accepted shape (and checksum), with no I/O.
     pub fn parse(shapes: &KeyShapes, value: &str) -> Result<Self, KeyFormatError> {
-        match shapes.check(value) {
-            Ok(()) => Ok(Self(value.to_owned())),
-            Err(ShapeError::Missing) => Err(KeyFormatError::Missing),
-            Err(ShapeError::Malformed) => Err(KeyFormatError::Malformed),
-        }
+        shapes.check(value)?;
+        Ok(Self(value.to_owned()))
     }
 
     /// The first `chars` characters of the key, safe to show and log.
@@ -74,11 +80,8 @@ impl ApiKeySecret {
     /// Checks the shape of a presented key, as [`parse`](Self::parse) does, and returns its
     /// SHA-256 without copying it: the first step of every Check.
     pub fn digest_of(shapes: &KeyShapes, value: &str) -> Result<KeyDigest, KeyFormatError> {
-        match shapes.check(value) {
-            Ok(()) => Ok(KeyDigest::of(value)),
-            Err(ShapeError::Missing) => Err(KeyFormatError::Missing),
-            Err(ShapeError::Malformed) => Err(KeyFormatError::Malformed),
-        }
+        shapes.check(value)?;
+        Ok(KeyDigest::of(value))
     }
 
     /// The full key, for the one response that returns it.
@@ -141,7 +144,7 @@ impl KeyHash {
 
     /// The SHA-256 of `text`, as a key's hash would be.
     pub fn of(text: &str) -> Self {
-        Self(hex(&Sha256::digest(text.as_bytes())))
+        KeyDigest::of(text).to_hash()
     }
 
     /// A SHA-256 given by someone else (ImportKeys' `secret_sha256`): 64 hex digits, or 32 bytes
