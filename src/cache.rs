@@ -1,8 +1,10 @@
-//! The decision cache: everything Check needs, held in moka caches in front of the store.
+//! The decision cache: everything Check needs, held in memory in front of the store.
 //!
 //! Three entry sets, each invalidated on its own by the admin calls that change it: keys by
-//! hash, tenants by id, site owners by site id. A miss for one entry makes one store query
-//! however many Checks wait for it. "Does not exist" is cached too, for a shorter time and in a
+//! hash, tenants by id, site owners by site id. Tenants and site owners are held in moka
+//! caches; keys, the set that grows to millions, in keygate's own `KeyTable` (about 70 bytes
+//! per entry where moka spends 370), as compact [`CachedKey`] records. A miss for one entry
+//! makes one store query however many Checks wait for it. "Does not exist" is cached too, for a shorter time and in a
 //! separate, bounded set, so a repeated unknown key costs no query and a flood of unknown keys
 //! cannot push known keys out.
 //!
@@ -22,13 +24,15 @@ use std::future::Future;
 use std::hash::Hash;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use indexmap::IndexMap;
 use metrics::Counter;
 use moka::sync::Cache;
 use tokio::sync::OnceCell;
 
+use crate::domain::cached_key::CachedKey;
 use crate::domain::key::KeyDigest;
 use crate::domain::model::{KeyRecord, Tenant};
 use crate::store::{ChangeTarget, StoreError};
@@ -58,6 +62,13 @@ impl Default for CacheSettings {
     }
 }
 
+impl CacheSettings {
+    /// How long a found entry is kept: the TTL and the stale window.
+    fn kept(&self) -> Duration {
+        self.ttl + self.stale_window
+    }
+}
+
 /// One read of the store: `Ok(None)` when the entry does not exist.
 pub type Load<T> = Pin<Box<dyn Future<Output = Result<Option<T>, StoreError>> + Send>>;
 
@@ -83,6 +94,20 @@ struct Loaded<V> {
     /// entry was stored: every later invalidation removes the entry itself, so the
     /// invalidation record need not be read again.
     verified: AtomicBool,
+    /// Set by every hit of a [`KeyTable`] entry, cleared when eviction passes it over.
+    touched: AtomicBool,
+}
+
+impl<V> Loaded<V> {
+    fn new(value: V, generation: u64) -> Self {
+        Self {
+            value,
+            generation,
+            loaded_at: Instant::now(),
+            verified: AtomicBool::new(false),
+            touched: AtomicBool::new(false),
+        }
+    }
 }
 
 /// How an entry set is looked up: `str` ids (tenants, sites) or key digests.
@@ -110,6 +135,200 @@ pub trait Value: Clone + Send + Sync + 'static {}
 
 impl<V: Clone + Send + Sync + 'static> Value for V {}
 
+/// Where an entry set keeps the values it found.
+trait Found<I: Id + ?Sized, V>: Send + Sync {
+    fn get(&self, id: &I) -> Option<Arc<Loaded<V>>>;
+    fn insert(&self, id: I::Owned, loaded: Arc<Loaded<V>>);
+    fn invalidate(&self, id: &I);
+    fn invalidate_all(&self);
+    /// Entries held, once expired ones are dropped.
+    fn entry_count(&self) -> u64;
+}
+
+/// Tenants and site owners, a few per tenant: moka, bounded by TinyLFU.
+type Moka<I, V> = Cache<<I as ToOwned>::Owned, Arc<Loaded<V>>, Hasher>;
+
+impl<I: Id + ?Sized, V: Value> Found<I, V> for Moka<I, V> {
+    fn get(&self, id: &I) -> Option<Arc<Loaded<V>>> {
+        Cache::get(self, id)
+    }
+
+    fn insert(&self, id: I::Owned, loaded: Arc<Loaded<V>>) {
+        Cache::insert(self, id, loaded);
+    }
+
+    fn invalidate(&self, id: &I) {
+        Cache::invalidate(self, id);
+    }
+
+    fn invalidate_all(&self) {
+        Cache::invalidate_all(self);
+    }
+
+    fn entry_count(&self) -> u64 {
+        self.run_pending_tasks();
+        Cache::entry_count(self)
+    }
+}
+
+/// A moka set of found entries of at most `capacity`, kept for `kept` (the TTL and the stale
+/// window: the TTL is enforced on read), counting its evictions for room.
+fn moka<I: Id + ?Sized, V: Value>(name: &'static str, capacity: u64, kept: Duration) -> Moka<I, V> {
+    let evictions = metrics::counter!("keygate_cache_evictions_total", "cache" => name);
+    let evicted = move |_: Arc<I::Owned>, _: Arc<Loaded<V>>, cause: moka::notification::RemovalCause| {
+        if cause == moka::notification::RemovalCause::Size {
+            evictions.increment(1);
+        }
+    };
+    Cache::builder()
+        .max_capacity(capacity)
+        .time_to_live(kept)
+        .eviction_listener(evicted)
+        .build_with_hasher(Hasher::default())
+}
+
+/// The found keys, the one set that grows to millions of entries: a hash table split into
+/// shards behind their own locks, about 70 bytes per entry beside the entry itself (moka
+/// spends about 370: its access and write orders, its frequency sketch and its timers).
+///
+/// Each shard holds at most its share of the capacity. A full shard makes room with a sampled
+/// CLOCK: of up to [`EVICTION_SAMPLES`] entries drawn at random, the first one past the TTL
+/// and stale window goes, else the first not read since eviction last passed it over (each
+/// one passed over loses its mark), else the last one drawn. Entries past the stale window are
+/// also dropped when read, and when the entry count is taken (each metrics scrape).
+struct KeyTable<V> {
+    shards: Box<[RwLock<Shard<V>>]>,
+    /// Picks a key's shard; seeded at random, like the shards' own tables.
+    hasher: Hasher,
+    per_shard: usize,
+    kept: Duration,
+    evictions: Counter,
+}
+
+/// How many entries a full [`KeyTable`] shard draws to pick one to evict.
+const EVICTION_SAMPLES: usize = 8;
+
+/// Shards of a [`KeyTable`] of at least 1 024 entries (one below that).
+const KEY_SHARDS: usize = 64;
+
+struct Shard<V> {
+    entries: IndexMap<KeyDigest, Arc<Loaded<V>>, Hasher>,
+    /// xorshift64 state: which entries eviction draws.
+    draw: u64,
+}
+
+impl<V> Shard<V> {
+    fn next_draw(&mut self) -> u64 {
+        self.draw ^= self.draw << 13;
+        self.draw ^= self.draw >> 7;
+        self.draw ^= self.draw << 17;
+        self.draw
+    }
+
+    /// Removes one entry of a full shard (see [`KeyTable`]); true when it was removed for room
+    /// rather than past its stale window.
+    fn evict_one(&mut self, now: Instant, kept: Duration) -> bool {
+        let mut victim = None;
+        for _ in 0..EVICTION_SAMPLES {
+            let len = self.entries.len() as u64;
+            if len == 0 {
+                return false;
+            }
+            let index = (self.next_draw() % len) as usize;
+            let Some((_, loaded)) = self.entries.get_index(index) else { break };
+            if now.saturating_duration_since(loaded.loaded_at) >= kept {
+                self.entries.swap_remove_index(index);
+                return false;
+            }
+            victim = Some(index);
+            if !loaded.touched.swap(false, Ordering::Relaxed) {
+                break;
+            }
+        }
+        victim.and_then(|index| self.entries.swap_remove_index(index)).is_some()
+    }
+}
+
+impl<V> KeyTable<V> {
+    fn new(name: &'static str, capacity: u64, kept: Duration) -> Self {
+        let capacity = usize::try_from(capacity).unwrap_or(usize::MAX).max(1);
+        let shards = if capacity >= 16 * KEY_SHARDS { KEY_SHARDS } else { 1 };
+        let hasher = Hasher::default();
+        let seeds = std::hash::BuildHasher::hash_one(&hasher, name);
+        Self {
+            shards: (0..shards as u64)
+                .map(|shard| {
+                    // xorshift needs a state other than 0.
+                    let draw = (seeds ^ shard.wrapping_mul(0x9e37_79b9_7f4a_7c15)) | 1;
+                    RwLock::new(Shard { entries: IndexMap::with_hasher(Hasher::default()), draw })
+                })
+                .collect(),
+            hasher,
+            per_shard: capacity.div_ceil(shards),
+            kept,
+            evictions: metrics::counter!("keygate_cache_evictions_total", "cache" => name),
+        }
+    }
+
+    fn shard(&self, id: &KeyDigest) -> &RwLock<Shard<V>> {
+        let hash = std::hash::BuildHasher::hash_one(&self.hasher, id);
+        &self.shards[(hash >> 32) as usize % self.shards.len()]
+    }
+
+    fn read(lock: &RwLock<Shard<V>>) -> std::sync::RwLockReadGuard<'_, Shard<V>> {
+        lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(lock: &RwLock<Shard<V>>) -> std::sync::RwLockWriteGuard<'_, Shard<V>> {
+        lock.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl<V: Value> Found<KeyDigest, V> for KeyTable<V> {
+    fn get(&self, id: &KeyDigest) -> Option<Arc<Loaded<V>>> {
+        let loaded = Self::read(self.shard(id)).entries.get(id).cloned()?;
+        // Written only when it changes, so that hits of one key on several cores do not
+        // contend for its cache line.
+        if !loaded.touched.load(Ordering::Relaxed) {
+            loaded.touched.store(true, Ordering::Relaxed);
+        }
+        Some(loaded)
+    }
+
+    fn insert(&self, id: KeyDigest, loaded: Arc<Loaded<V>>) {
+        let mut shard = Self::write(self.shard(&id));
+        if shard.entries.len() >= self.per_shard
+            && !shard.entries.contains_key(&id)
+            && shard.evict_one(Instant::now(), self.kept)
+        {
+            self.evictions.increment(1);
+        }
+        shard.entries.insert(id, loaded);
+    }
+
+    fn invalidate(&self, id: &KeyDigest) {
+        Self::write(self.shard(id)).entries.swap_remove(id);
+    }
+
+    fn invalidate_all(&self) {
+        for shard in &self.shards {
+            // The memory goes too: a table emptied after a change feed gap starts small again.
+            Self::write(shard).entries = IndexMap::with_hasher(Hasher::default());
+        }
+    }
+
+    fn entry_count(&self) -> u64 {
+        let now = Instant::now();
+        let mut count = 0;
+        for shard in &self.shards {
+            let mut shard = Self::write(shard);
+            shard.entries.retain(|_, loaded| now.saturating_duration_since(loaded.loaded_at) < self.kept);
+            count += shard.entries.len() as u64;
+        }
+        count
+    }
+}
+
 /// Cache hit and miss counters of one entry set, resolved once.
 struct EntryMetrics {
     hits: Counter,
@@ -122,7 +341,7 @@ struct Entries<I: Id + ?Sized, V> {
     /// The cache's name in metrics: `keys`, `tenants` or `sites`.
     name: &'static str,
     load: fn(&dyn Source, &str) -> Load<V>,
-    found: Cache<I::Owned, Arc<Loaded<V>>, Hasher>,
+    found: Box<dyn Found<I, V>>,
     /// Store reads under way, one per id however many Checks wait for it.
     loading: Mutex<std::collections::HashMap<I::Owned, Arc<Loading<V>>, Hasher>>,
     /// Ids whose background refresh is under way, so that one runs at a time.
@@ -135,24 +354,18 @@ struct Entries<I: Id + ?Sized, V> {
 }
 
 impl<I: Id + ?Sized, V: Value> Entries<I, V> {
-    fn new(name: &'static str, settings: &CacheSettings, load: fn(&dyn Source, &str) -> Load<V>) -> Self {
-        let kept = settings.ttl + settings.stale_window;
-        let longest = kept.max(settings.negative_ttl) + Duration::from_secs(1);
-        let evictions = metrics::counter!("keygate_cache_evictions_total", "cache" => name);
-        let evicted = move |_: Arc<I::Owned>, _: Arc<Loaded<V>>, cause: moka::notification::RemovalCause| {
-            if cause == moka::notification::RemovalCause::Size {
-                evictions.increment(1);
-            }
-        };
+    /// An empty set that keeps what it finds in `found`.
+    fn new(
+        name: &'static str,
+        settings: &CacheSettings,
+        load: fn(&dyn Source, &str) -> Load<V>,
+        found: Box<dyn Found<I, V>>,
+    ) -> Self {
+        let longest = settings.kept().max(settings.negative_ttl) + Duration::from_secs(1);
         Self {
             name,
             load,
-            // Found entries are kept through the stale window; `ttl` is enforced on read.
-            found: Cache::builder()
-                .max_capacity(settings.capacity)
-                .time_to_live(kept)
-                .eviction_listener(evicted)
-                .build_with_hasher(Hasher::default()),
+            found,
             loading: Mutex::default(),
             refreshing: Mutex::default(),
             absent: Cache::builder()
@@ -177,6 +390,12 @@ impl<I: Id + ?Sized, V: Value> Entries<I, V> {
     fn clear(&self) {
         self.found.invalidate_all();
         self.absent.invalidate_all();
+    }
+
+    /// The set's name and how many entries it holds (found and absent).
+    fn size(&self) -> (&'static str, u64) {
+        self.absent.run_pending_tasks();
+        (self.name, self.found.entry_count() + self.absent.entry_count())
     }
 
     /// Claims the background refresh of `id`; false when one is under way already.
@@ -245,7 +464,7 @@ impl<I: Id + ?Sized, V> Drop for Waiting<'_, I, V> {
 
 struct Inner {
     source: Arc<dyn Source>,
-    keys: Entries<KeyDigest, Arc<KeyRecord>>,
+    keys: Entries<KeyDigest, Arc<CachedKey>>,
     tenants: Entries<str, Arc<Tenant>>,
     site_owners: Entries<str, Arc<str>>,
     /// Counts invalidations; loads remember it so a racing invalidation can overrule them.
@@ -289,25 +508,40 @@ impl DecisionCache {
     pub fn new(settings: &CacheSettings, source: Arc<dyn Source>) -> Self {
         Self(Arc::new(Inner {
             source,
-            keys: Entries::new("keys", settings, |source, id| {
-                let load = source.key(id);
-                Box::pin(async move { Ok(load.await?.map(Arc::new)) })
-            }),
-            tenants: Entries::new("tenants", settings, |source, id| {
-                let load = source.tenant(id);
-                Box::pin(async move { Ok(load.await?.map(Arc::new)) })
-            }),
-            site_owners: Entries::new("sites", settings, |source, id| {
-                let load = source.site_owner(id);
-                Box::pin(async move { Ok(load.await?.map(Arc::from)) })
-            }),
+            keys: Entries::new(
+                "keys",
+                settings,
+                |source, id| {
+                    let load = source.key(id);
+                    Box::pin(async move { Ok(load.await?.map(|key| Arc::new(CachedKey::from(&key)))) })
+                },
+                Box::new(KeyTable::new("keys", settings.capacity, settings.kept())),
+            ),
+            tenants: Entries::new(
+                "tenants",
+                settings,
+                |source, id| {
+                    let load = source.tenant(id);
+                    Box::pin(async move { Ok(load.await?.map(Arc::new)) })
+                },
+                Box::new(moka::<str, _>("tenants", settings.capacity, settings.kept())),
+            ),
+            site_owners: Entries::new(
+                "sites",
+                settings,
+                |source, id| {
+                    let load = source.site_owner(id);
+                    Box::pin(async move { Ok(load.await?.map(Arc::from)) })
+                },
+                Box::new(moka::<str, _>("sites", settings.capacity, settings.kept())),
+            ),
             generation: AtomicU64::new(0),
             everything_invalidated_at: AtomicU64::new(0),
         }))
     }
 
     /// The key with this SHA-256, as of `now` (one clock reading serves a Check's lookups).
-    pub async fn key(&self, digest: &KeyDigest, now: Instant) -> Result<Option<Arc<KeyRecord>>, StoreError> {
+    pub async fn key(&self, digest: &KeyDigest, now: Instant) -> Result<Option<Arc<CachedKey>>, StoreError> {
         self.get(|inner| &inner.keys, digest, now).await
     }
 
@@ -408,9 +642,7 @@ impl DecisionCache {
             let generation = inner.generation.load(Ordering::Acquire);
             match entries.read(&*inner.source, id.borrow()).await {
                 Ok(Some(value)) => {
-                    let loaded =
-                        Loaded { value, generation, loaded_at: Instant::now(), verified: AtomicBool::new(false) };
-                    entries.found.insert(id.clone(), Arc::new(loaded));
+                    entries.found.insert(id.clone(), Arc::new(Loaded::new(value, generation)));
                     // An invalidation that raced with the read wins.
                     if inner.is_stale(entries, id.borrow(), generation) {
                         entries.found.invalidate(id.borrow());
@@ -444,24 +676,10 @@ impl DecisionCache {
         }
     }
 
-    /// Entries held per cache (found and absent), once moka's pending bookkeeping is done.
+    /// Entries held per cache (found and absent), once expired ones are dropped.
     pub async fn sizes(&self) -> [(&'static str, u64); 3] {
         let inner = &*self.0;
-        inner.keys.found.run_pending_tasks();
-        inner.keys.absent.run_pending_tasks();
-        inner.tenants.found.run_pending_tasks();
-        inner.tenants.absent.run_pending_tasks();
-        inner.site_owners.found.run_pending_tasks();
-        inner.site_owners.absent.run_pending_tasks();
-        let size = |found: u64, absent: u64| found + absent;
-        [
-            (inner.keys.name, size(inner.keys.found.entry_count(), inner.keys.absent.entry_count())),
-            (inner.tenants.name, size(inner.tenants.found.entry_count(), inner.tenants.absent.entry_count())),
-            (
-                inner.site_owners.name,
-                size(inner.site_owners.found.entry_count(), inner.site_owners.absent.entry_count()),
-            ),
-        ]
+        [inner.keys.size(), inner.tenants.size(), inner.site_owners.size()]
     }
 
     /// Drops everything, for a replica that may have missed changes.
@@ -516,9 +734,7 @@ enum Miss {
 /// Reads an entry from the store, remembering the generation at which the read began.
 async fn load_entry<V>(load: Load<V>, generation: u64) -> Result<Arc<Loaded<V>>, Miss> {
     match load.await {
-        Ok(Some(value)) => {
-            Ok(Arc::new(Loaded { value, generation, loaded_at: Instant::now(), verified: AtomicBool::new(false) }))
-        }
+        Ok(Some(value)) => Ok(Arc::new(Loaded::new(value, generation))),
         Ok(None) => Err(Miss::Absent),
         Err(error) => Err(Miss::Store(error)),
     }
@@ -582,6 +798,67 @@ mod tests {
 
     fn down() -> StoreError {
         StoreError::Unreachable("down".into())
+    }
+
+    fn digest(index: u32) -> KeyDigest {
+        KeyDigest::of(&index.to_string())
+    }
+
+    fn loaded(index: u32) -> Arc<Loaded<u32>> {
+        Arc::new(Loaded::new(index, 0))
+    }
+
+    #[test]
+    fn a_full_key_table_keeps_to_its_capacity_and_keeps_the_keys_in_use() {
+        let table = KeyTable::<u32>::new("keys", 8_192, Duration::from_secs(60));
+        let read = |index: u32| table.get(&digest(index)).map(|loaded| loaded.value);
+        for index in 0..4_096 {
+            table.insert(digest(index), loaded(index));
+        }
+        // While keys 0..2 048 are in use, 8 192 keys come and go once each (a scan, or a flood
+        // of keys that are each Checked once) and keys 2 048..4 096 are never read again.
+        for index in 4_096..12_288 {
+            if index % 64 == 0 {
+                for in_use in 0..2_048 {
+                    read(in_use);
+                }
+            }
+            table.insert(digest(index), loaded(index));
+        }
+        let held = table.entry_count();
+        assert!((8_000..=8_192 + KEY_SHARDS as u64).contains(&held), "{held} entries");
+        let kept_in_use = (0..2_048).filter(|index| read(*index) == Some(*index)).count();
+        let kept_idle = (2_048..4_096).filter(|index| read(*index) == Some(*index)).count();
+        assert!(kept_in_use > 1_900, "{kept_in_use} of the 2 048 keys in use kept");
+        // The idle ones fare as the passing ones do: about 6 144 of the 10 240 never read since.
+        assert!(kept_idle < 1_500, "{kept_idle} of the 2 048 idle keys kept");
+    }
+
+    #[test]
+    fn key_table_entries_past_their_time_are_dropped_first_and_when_counted() {
+        let table = KeyTable::<u32>::new("keys", 8, Duration::from_millis(30));
+        for index in 0..8 {
+            table.insert(digest(index), loaded(index));
+        }
+        std::thread::sleep(Duration::from_millis(40));
+        table.insert(digest(8), loaded(8));
+        assert_eq!(table.entry_count(), 1, "only the new entry is current");
+        assert_eq!(table.get(&digest(8)).map(|loaded| loaded.value), Some(8));
+    }
+
+    #[test]
+    fn a_key_table_forgets_what_is_invalidated() {
+        let table = KeyTable::<u32>::new("keys", 100_000, Duration::from_secs(60));
+        for index in 0..1_000 {
+            table.insert(digest(index), loaded(index));
+        }
+        table.invalidate(&digest(7));
+        assert!(table.get(&digest(7)).is_none());
+        assert_eq!(table.entry_count(), 999);
+        table.insert(digest(7), loaded(70));
+        assert_eq!(table.get(&digest(7)).map(|loaded| loaded.value), Some(70), "replaced, not duplicated");
+        table.invalidate_all();
+        assert_eq!(table.entry_count(), 0);
     }
 
     #[tokio::test]

@@ -26,8 +26,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
+use crate::domain::cached_key::CachedKey;
 use crate::domain::decision::DenyReason;
-use crate::domain::model::{KeyRecord, Tenant};
+use crate::domain::model::Tenant;
 use crate::store::{CountKey, Store, StoreError};
 
 /// How often counts are shared.
@@ -217,14 +218,14 @@ struct Applied {
 
 /// The limits of a key: its per-minute limit (its own, else its tenant's default for keys), its
 /// tenant's shared rate limit and its tenant's daily quota, those that are set (0 means none).
-fn limits_of(key: &KeyRecord, tenant: &Tenant) -> impl Iterator<Item = Applied> {
+fn limits_of(key: &CachedKey, tenant: &Tenant) -> impl Iterator<Item = Applied> {
     let per_minute =
-        if key.rate_limit_per_minute > 0 { key.rate_limit_per_minute } else { tenant.rate_limit_per_minute };
+        if key.rate_limit_per_minute() > 0 { key.rate_limit_per_minute() } else { tenant.rate_limit_per_minute };
     let window = tenant.shared_rate_limit_window;
     let key_limit = (per_minute > 0).then(|| Applied {
         limit: per_minute,
         span: Span::MINUTE,
-        subject: SubjectName::of(&["key:", &key.key_id]),
+        subject: SubjectName::of(&["key:", key.key_id()]),
         window: RateLimitWindow::Minute,
         kind: RateLimitSubject::Key,
         reason: DenyReason::RateLimited,
@@ -249,8 +250,8 @@ fn limits_of(key: &KeyRecord, tenant: &Tenant) -> impl Iterator<Item = Applied> 
 }
 
 /// Whether any limit applies to `key`.
-fn any_limit(key: &KeyRecord, tenant: &Tenant) -> bool {
-    key.rate_limit_per_minute > 0
+fn any_limit(key: &CachedKey, tenant: &Tenant) -> bool {
+    key.rate_limit_per_minute() > 0
         || tenant.rate_limit_per_minute > 0
         || tenant.shared_rate_limit > 0
         || tenant.daily_request_quota > 0
@@ -325,7 +326,7 @@ impl Limiter {
     /// read yet (and is not reading already), each with the oldest bucket the decision needs;
     /// `None` when there are none. Read them with [`Store::request_counts_since`] and hand them
     /// to [`prime`](Self::prime), or to [`priming_failed`](Self::priming_failed).
-    pub fn unprimed(&self, key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) -> Option<Vec<(String, i64)>> {
+    pub fn unprimed(&self, key: &CachedKey, tenant: &Tenant, now: DateTime<Utc>) -> Option<Vec<(String, i64)>> {
         if !any_limit(key, tenant) {
             return None;
         }
@@ -348,7 +349,7 @@ impl Limiter {
 
     /// Takes the shared totals read for `needed` (subjects and the buckets since) and marks the
     /// subjects as known.
-    pub fn prime(&self, key: &KeyRecord, tenant: &Tenant, needed: &[(String, i64)], totals: Vec<(CountKey, i64)>) {
+    pub fn prime(&self, key: &CachedKey, tenant: &Tenant, needed: &[(String, i64)], totals: Vec<(CountKey, i64)>) {
         let spans: HashMap<String, Span> =
             limits_of(key, tenant).map(|applied| (applied.subject.as_str().to_owned(), applied.span)).collect();
         let mut subjects = self.lock();
@@ -378,7 +379,7 @@ impl Limiter {
 
     /// Decides whether `key` may make one more request at `now` and, if so, counts it against
     /// every limit that applies. A denied request is not counted.
-    pub fn check_and_count(&self, key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) -> LimitDecision {
+    pub fn check_and_count(&self, key: &CachedKey, tenant: &Tenant, now: DateTime<Utc>) -> LimitDecision {
         if !any_limit(key, tenant) {
             return LimitDecision::Allowed(None);
         }
@@ -535,8 +536,8 @@ mod tests {
     use super::*;
     use crate::domain::key::Environment;
 
-    fn key(per_minute: u32) -> KeyRecord {
-        KeyRecord {
+    fn key(per_minute: u32) -> CachedKey {
+        CachedKey::from(&crate::domain::model::KeyRecord {
             key_id: "key_1".into(),
             tenant_id: "acme".into(),
             key_hash: String::new(),
@@ -552,7 +553,7 @@ mod tests {
             revoked_at: None,
             last_used_at: None,
             rotated_from_key_id: None,
-        }
+        })
     }
 
     fn tenant(quota: u32) -> Tenant {

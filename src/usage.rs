@@ -1,15 +1,20 @@
 //! Last use, daily usage and denied-Check audit events, recorded without a write per Check:
 //! counted in memory and written in batches every flush interval (and when the server stops).
 //! What cannot be written stays pending for the next flush.
+//!
+//! An allowed Check, nearly every Check, is counted in its cached key record itself
+//! ([`AllowedCount`](crate::domain::cached_key::AllowedCount)); the recorder lists each
+//! record once per flush and reads the counts out of it when it writes.
 
 use std::collections::HashMap;
 use std::mem;
-use std::sync::Mutex;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, DurationRound, Utc};
 
+use crate::domain::cached_key::CachedKey;
 use crate::domain::decision::DenyReason;
-use crate::domain::model::KeyRecord;
 use crate::store::{DenialKey, Store, StoreError, UsageKey};
 
 /// Most buffered entries of one kind (distinct key, day and outcome; or key, reason and minute).
@@ -32,6 +37,9 @@ struct Pending {
     /// Denied Checks per key, reason and minute: how many, and when the first was.
     denials: HashMap<DenialKey, (i64, DateTime<Utc>)>,
     dropped: u64,
+    /// Records whose [`AllowedCount`](crate::domain::cached_key::AllowedCount) holds counts
+    /// to write, each once.
+    counted: Vec<Arc<CachedKey>>,
 }
 
 impl Pending {
@@ -72,7 +80,13 @@ impl UsageRecorder {
     /// Records one decided Check of `key` at `now`. While the database cannot be written, at
     /// most `MAX_PENDING` entries of each kind are kept; beyond that new ones are dropped (and
     /// counted in the log) rather than growing memory without bound.
-    pub fn record(&self, key: &KeyRecord, decision: Result<(), DenyReason>, now: DateTime<Utc>) {
+    pub fn record(&self, key: &Arc<CachedKey>, decision: Result<(), DenyReason>, now: DateTime<Utc>) {
+        if decision.is_ok() && key.allowed.count(now) {
+            if !key.allowed.listed.load(Ordering::SeqCst) && !key.allowed.listed.swap(true, Ordering::SeqCst) {
+                self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).counted.push(key.clone());
+            }
+            return;
+        }
         let day = truncate(now, chrono::Duration::days(1));
         let outcome = decision.err().map_or("ALLOWED", DenyReason::code);
         let mut pending = self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -83,13 +97,13 @@ impl UsageRecorder {
             }
             return;
         }
-        pending.add_usage(&key.key_id, day, outcome, 1);
+        pending.add_usage(key.key_id(), day, outcome, 1);
         match decision {
-            Ok(()) => pending.touch(&key.key_id, now),
+            Ok(()) => pending.touch(key.key_id(), now),
             Err(reason) => {
                 let denial = DenialKey {
-                    tenant_id: key.tenant_id.clone(),
-                    key_id: key.key_id.clone(),
+                    tenant_id: key.tenant_id().to_owned(),
+                    key_id: key.key_id().to_owned(),
                     reason: reason.code(),
                     minute: truncate(now, chrono::Duration::minutes(1)),
                 };
@@ -103,7 +117,18 @@ impl UsageRecorder {
     /// Writes everything pending. Each kind is written in one transaction; a kind that fails is
     /// merged back into what is pending, and the first error is returned.
     pub async fn flush(&self, store: &Store) -> Result<(), StoreError> {
-        let taken = mem::take(&mut *self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        let mut taken = mem::take(&mut *self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+        for key in mem::take(&mut taken.counted) {
+            // Unlisted first: a Check counted after the take lists the record again.
+            key.allowed.listed.store(false, Ordering::SeqCst);
+            let (counted, last_used) = key.allowed.take();
+            if let Some((day, count)) = counted {
+                taken.add_usage(key.key_id(), day, "ALLOWED", count);
+            }
+            if let Some(at) = last_used {
+                taken.touch(key.key_id(), at);
+            }
+        }
         let (mut usage, mut last_used) = (Vec::with_capacity(taken.usage_entries), Vec::new());
         for (key_id, key_usage) in taken.keys {
             for (day, outcome, count) in key_usage.counts {

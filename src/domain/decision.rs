@@ -2,7 +2,8 @@
 
 use chrono::{DateTime, Utc};
 
-use super::model::{KeyRecord, KeyState, Tenant};
+use super::cached_key::CachedKey;
+use super::model::{KeyState, Tenant};
 use super::scope::{Scope, ScopePolicy};
 
 /// Why a Check was denied. Each reason has a fixed HTTP status and a message safe for end users.
@@ -88,7 +89,7 @@ impl DenyReason {
 
 /// What a Check asks, once its key has been found.
 pub struct CheckInput<'a> {
-    pub key: &'a KeyRecord,
+    pub key: &'a CachedKey,
     pub tenant: &'a Tenant,
     pub required_scope: &'a Scope,
     /// `None` when the request touches no single site.
@@ -109,21 +110,22 @@ pub fn decide(input: &CheckInput<'_>, policy: &ScopePolicy) -> Result<(), DenyRe
         KeyState::Expired => return Err(DenyReason::KeyExpired),
         KeyState::Active => {}
     }
-    if input.requested_tenant.is_some_and(|requested| requested != input.key.tenant_id) {
+    if input.requested_tenant.is_some_and(|requested| requested != input.key.tenant_id()) {
         return Err(DenyReason::TenantMismatch);
     }
     if !input.tenant.api_access_enabled {
         return Err(DenyReason::PlanRequired);
     }
-    if !policy.grants(&input.key.scopes, input.required_scope) {
+    if !policy.grants(input.key.scopes(), input.required_scope) {
         return Err(DenyReason::ScopeMissing);
     }
     match input.site_id {
-        None if input.key.site_ids.is_empty() => Ok(()),
+        None if input.key.site_ids().len() == 0 => Ok(()),
         None => Err(DenyReason::SiteForbidden),
         Some(site_id) => {
             let owned = input.site_owner == Some(input.tenant.tenant_id.as_str());
-            let listed = input.key.site_ids.is_empty() || input.key.site_ids.iter().any(|s| s == site_id);
+            let mut sites = input.key.site_ids();
+            let listed = sites.len() == 0 || sites.any(|listed| listed == site_id);
             if owned && listed { Ok(()) } else { Err(DenyReason::SiteForbidden) }
         }
     }
@@ -132,6 +134,8 @@ pub fn decide(input: &CheckInput<'_>, policy: &ScopePolicy) -> Result<(), DenyRe
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
+
+    use crate::domain::model::KeyRecord;
 
     use chrono::Duration;
 
@@ -182,8 +186,9 @@ mod tests {
         owner: Option<&str>,
     ) -> Result<(), DenyReason> {
         let scope = Scope::parse(scope).unwrap();
+        let key = CachedKey::from(key);
         let input = CheckInput {
-            key,
+            key: &key,
             tenant,
             required_scope: &scope,
             site_id: site,
@@ -238,7 +243,7 @@ mod tests {
         let scope = Scope::parse("events:read").unwrap();
         let mut no_plan = tenant();
         no_plan.api_access_enabled = false;
-        let key = key(&[]);
+        let key = CachedKey::from(&key(&[]));
         let decide_for = |requested: Option<&str>, tenant: &Tenant| {
             let input = CheckInput {
                 key: &key,

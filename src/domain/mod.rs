@@ -1,6 +1,7 @@
 //! keygate's rules, free of I/O: key format, scopes, validation and the Check decision.
 
 pub mod audit;
+pub mod cached_key;
 pub mod clock;
 pub mod decision;
 pub mod key;

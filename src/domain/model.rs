@@ -90,6 +90,21 @@ pub enum KeyState {
     Revoked,
 }
 
+impl KeyState {
+    /// The state at `now` of a key with these expiry and revocation times: revoked once
+    /// `revoked_at` is reached (a rotation's grace period ends then), else expired once
+    /// `expires_at` is.
+    pub fn at(now: DateTime<Utc>, expires_at: Option<DateTime<Utc>>, revoked_at: Option<DateTime<Utc>>) -> Self {
+        if revoked_at.is_some_and(|revoked_at| revoked_at <= now) {
+            Self::Revoked
+        } else if expires_at.is_some_and(|expires_at| expires_at <= now) {
+            Self::Expired
+        } else {
+            Self::Active
+        }
+    }
+}
+
 /// A stored key: everything but the secret.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct KeyRecord {
@@ -116,13 +131,7 @@ pub struct KeyRecord {
 impl KeyRecord {
     /// The state at `now`: expiry and grace periods are judged when asked, never stored.
     pub fn state(&self, now: DateTime<Utc>) -> KeyState {
-        if self.revoked_at.is_some_and(|revoked_at| revoked_at <= now) {
-            KeyState::Revoked
-        } else if self.expires_at.is_some_and(|expires_at| expires_at <= now) {
-            KeyState::Expired
-        } else {
-            KeyState::Active
-        }
+        KeyState::at(now, self.expires_at, self.revoked_at)
     }
 }
 

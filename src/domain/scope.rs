@@ -40,11 +40,28 @@ impl Scope {
     }
 
     fn resource(&self) -> &str {
-        self.0.split_once(':').map_or("*", |(resource, _)| resource)
+        resource(&self.0)
     }
 
     fn action(&self) -> &str {
-        self.0.split_once(':').map_or("*", |(_, action)| action)
+        action(&self.0)
+    }
+}
+
+/// The resource of a well-formed scope (`*` for `*`).
+fn resource(scope: &str) -> &str {
+    scope.split_once(':').map_or("*", |(resource, _)| resource)
+}
+
+/// The action of a well-formed scope (`*` for `*`).
+fn action(scope: &str) -> &str {
+    scope.split_once(':').map_or("*", |(_, action)| action)
+}
+
+/// A scope is looked up by its text (the catalogue checks a cached key's scopes as `&str`).
+impl std::borrow::Borrow<str> for Scope {
+    fn borrow(&self) -> &str {
+        &self.0
     }
 }
 
@@ -92,25 +109,30 @@ impl ScopePolicy {
     ///
     /// A held scope the catalogue does not allow (a key created before the catalogue changed)
     /// grants nothing: fail closed, so that no stored wildcard reaches a route meant for no key.
-    pub fn grants(&self, held: &[Scope], required: &Scope) -> bool {
-        held.iter().any(|scope| self.allows(scope) && self.scope_grants(scope, required))
+    /// `held` are well-formed scopes (a key's, as stored).
+    pub fn grants<'a>(&self, held: impl IntoIterator<Item = &'a str>, required: &Scope) -> bool {
+        held.into_iter().any(|scope| self.allows_text(scope) && self.scope_grants(scope, required))
     }
 
-    fn scope_grants(&self, held: &Scope, required: &Scope) -> bool {
-        if held.as_str() == "*" || held == required {
+    fn scope_grants(&self, held: &str, required: &Scope) -> bool {
+        if held == "*" || held == required.as_str() {
             return true;
         }
-        if held.resource() != required.resource() {
+        if resource(held) != required.resource() {
             return false;
         }
-        held.action() == "*"
-            || self.implied_actions.get(held.action()).is_some_and(|implied| implied.contains(required.action()))
+        let held = action(held);
+        held == "*" || self.implied_actions.get(held).is_some_and(|implied| implied.contains(required.action()))
     }
 
     /// Whether the catalogue (if any) allows a key to hold `scope`: only the scopes it lists.
     /// A wildcard (`*`, `goals:*`) is allowed only when listed itself: a wildcard grants scopes
     /// outside the catalogue too (a route may require one so that no key can reach it).
     pub fn allows(&self, scope: &Scope) -> bool {
+        self.allows_text(scope.as_str())
+    }
+
+    fn allows_text(&self, scope: &str) -> bool {
         self.catalogue.as_ref().is_none_or(|catalogue| catalogue.contains(scope))
     }
 }
@@ -144,6 +166,10 @@ mod tests {
         values.iter().map(|v| Scope::parse(v).unwrap()).collect()
     }
 
+    fn held<'a>(values: &'a [&'a str]) -> impl Iterator<Item = &'a str> {
+        values.iter().copied()
+    }
+
     fn required(value: &str) -> Scope {
         Scope::parse(value).unwrap()
     }
@@ -151,26 +177,26 @@ mod tests {
     #[test]
     fn exact_and_wildcard_scopes_grant() {
         let policy = ScopePolicy::default();
-        assert!(policy.grants(&scopes(&["events:read"]), &required("events:read")));
-        assert!(policy.grants(&scopes(&["events:*"]), &required("events:write")));
-        assert!(policy.grants(&scopes(&["*"]), &required("sites:delete")));
-        assert!(!policy.grants(&scopes(&["events:*"]), &required("sites:read")));
-        assert!(!policy.grants(&scopes(&[]), &required("sites:read")));
+        assert!(policy.grants(held(&["events:read"]), &required("events:read")));
+        assert!(policy.grants(held(&["events:*"]), &required("events:write")));
+        assert!(policy.grants(held(&["*"]), &required("sites:delete")));
+        assert!(!policy.grants(held(&["events:*"]), &required("sites:read")));
+        assert!(!policy.grants(held(&[]), &required("sites:read")));
     }
 
     #[test]
     fn write_does_not_imply_read_by_default() {
         let policy = ScopePolicy::default();
-        assert!(!policy.grants(&scopes(&["goals:write"]), &required("goals:read")));
+        assert!(!policy.grants(held(&["goals:write"]), &required("goals:read")));
     }
 
     #[test]
     fn configured_implications_are_transitive_and_per_resource() {
         let policy = ScopePolicy::new(&parse_implications("admin>write, write>read").unwrap(), None);
-        assert!(policy.grants(&scopes(&["goals:admin"]), &required("goals:read")));
-        assert!(policy.grants(&scopes(&["goals:write"]), &required("goals:read")));
-        assert!(!policy.grants(&scopes(&["goals:read"]), &required("goals:write")));
-        assert!(!policy.grants(&scopes(&["goals:admin"]), &required("sites:read")));
+        assert!(policy.grants(held(&["goals:admin"]), &required("goals:read")));
+        assert!(policy.grants(held(&["goals:write"]), &required("goals:read")));
+        assert!(!policy.grants(held(&["goals:read"]), &required("goals:write")));
+        assert!(!policy.grants(held(&["goals:admin"]), &required("sites:read")));
     }
 
     #[test]
@@ -209,10 +235,10 @@ mod tests {
     #[test]
     fn a_held_scope_the_catalogue_no_longer_lists_grants_nothing() {
         let policy = ScopePolicy::new(&[], Some(scopes(&["v1:read"])));
-        assert!(!policy.grants(&scopes(&["*"]), &required("v1:write")));
-        assert!(!policy.grants(&scopes(&["v1:*"]), &required("v1:read")));
-        assert!(policy.grants(&scopes(&["*", "v1:read"]), &required("v1:read")));
-        assert!(ScopePolicy::default().grants(&scopes(&["*"]), &required("v1:write")), "no catalogue: as held");
+        assert!(!policy.grants(held(&["*"]), &required("v1:write")));
+        assert!(!policy.grants(held(&["v1:*"]), &required("v1:read")));
+        assert!(policy.grants(held(&["*", "v1:read"]), &required("v1:read")));
+        assert!(ScopePolicy::default().grants(held(&["*"]), &required("v1:write")), "no catalogue: as held");
     }
 
     #[test]

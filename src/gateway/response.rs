@@ -78,11 +78,11 @@ pub fn decided(
     let names = &answers.headers;
     match (outcome.decision, &outcome.key) {
         (Ok(()), Some(key)) => {
-            let scopes = key.scopes.iter().map(|scope| scope.as_str()).collect::<Vec<_>>().join(",");
+            let scopes = key.scopes().collect::<Vec<_>>().join(",");
             let mut ok = OkHttpResponse {
                 headers: vec![
-                    header(&names.tenant_id, key.tenant_id.clone()),
-                    header(&names.key_id, key.key_id.clone()),
+                    header(&names.tenant_id, key.tenant_id().to_owned()),
+                    header(&names.key_id, key.key_id().to_owned()),
                     header(&names.scopes, scopes),
                 ],
                 response_headers_to_add: outcome.rate_limit.as_ref().map(rate_limit_headers).unwrap_or_default(),

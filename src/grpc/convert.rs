@@ -347,14 +347,14 @@ pub fn check_response(
         ..Default::default()
     };
     if let Some(key) = &outcome.key {
-        response.tenant_id = key.tenant_id.clone();
-        response.key_id = key.key_id.clone();
-        response.key_name = key.name.clone();
-        response.scopes = key.scopes.iter().map(|scope| scope.as_str().to_owned()).collect();
-        response.site_ids = key.site_ids.clone();
-        response.environment = environment_proto(key.environment).into();
-        response.metadata = key.metadata.clone().into_iter().collect();
-        response.expires_at = key.expires_at.map(timestamp);
+        response.tenant_id = key.tenant_id().to_owned();
+        response.key_id = key.key_id().to_owned();
+        response.key_name = key.name().to_owned();
+        response.scopes = key.scopes().map(str::to_owned).collect();
+        response.site_ids = key.site_ids().map(str::to_owned).collect();
+        response.environment = environment_proto(key.environment()).into();
+        response.metadata = key.metadata().map(|(name, value)| (name.to_owned(), value.to_owned())).collect();
+        response.expires_at = key.expires_at().map(timestamp);
     }
     response.rate_limit = outcome.rate_limit.as_ref().map(|limit| {
         use crate::service::RateLimitSubject;

@@ -20,8 +20,8 @@ pub(crate) fn record_decision(outcome: &crate::service::CheckOutcome) {
     let span = tracing::Span::current();
     span.record("reason", outcome.decision.err().map_or("ALLOWED", crate::domain::decision::DenyReason::code));
     if let Some(key) = &outcome.key {
-        span.record("tenant_id", key.tenant_id.as_str());
-        span.record("key_id", key.key_id.as_str());
+        span.record("tenant_id", key.tenant_id());
+        span.record("key_id", key.key_id());
     }
 }
 

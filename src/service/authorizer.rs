@@ -6,9 +6,10 @@ use chrono::{DateTime, Utc};
 use tracing::{debug, info};
 
 use super::{Core, ServiceResult};
+use crate::domain::cached_key::CachedKey;
 use crate::domain::decision::{CheckInput, DenyReason, decide};
 use crate::domain::key::{ApiKeySecret, KeyFormatError};
-use crate::domain::model::{KeyRecord, Tenant};
+use crate::domain::model::Tenant;
 use crate::domain::scope::Scope;
 use crate::limits::{LimitDecision, RateLimitState};
 use crate::telemetry::{Throttle, client_text};
@@ -34,7 +35,7 @@ pub struct CheckRequest {
 #[derive(Debug)]
 pub struct CheckOutcome {
     pub decision: Result<(), DenyReason>,
-    pub key: Option<Arc<KeyRecord>>,
+    pub key: Option<Arc<CachedKey>>,
     pub rate_limit: Option<RateLimitState>,
 }
 
@@ -109,7 +110,7 @@ impl Authorizer {
             }
             return Ok(denied(DenyReason::KeyUnknown));
         };
-        let Some(tenant) = core.cache.tenant(&key.tenant_id, started).await? else {
+        let Some(tenant) = core.cache.tenant(key.tenant_id(), started).await? else {
             return Ok(denied(DenyReason::KeyUnknown));
         };
         let site_owner = match &request.site_id {
@@ -139,12 +140,14 @@ impl Authorizer {
         };
         core.usage.record(&key, decision, now);
         match decision {
-            Ok(()) => debug!(tenant_id = %key.tenant_id, key_id = %key.key_id, scope = %request.scope, "check allowed"),
+            Ok(()) => {
+                debug!(tenant_id = key.tenant_id(), key_id = key.key_id(), scope = %request.scope, "check allowed")
+            }
             // The site id is left out: behind Envoy it is a request header value.
             Err(reason) => {
                 if let Some(suppressed) = DENIALS.allow() {
                     info!(
-                        tenant_id = %key.tenant_id, key_id = %key.key_id, reason = reason.code(), scope = %request.scope,
+                        tenant_id = key.tenant_id(), key_id = key.key_id(), reason = reason.code(), scope = %request.scope,
                         suppressed, "check denied"
                     );
                 }
@@ -158,7 +161,7 @@ impl Authorizer {
     /// on its own and the Check waits for it at most [`PRIMING_WAIT`]: when the store is slow or
     /// cannot answer, the decision goes on with this replica's own counts (and later Checks get
     /// the shared ones once the read lands), so no Check of a cached key waits on the store.
-    async fn prime_limits(&self, key: &KeyRecord, tenant: &Tenant, now: DateTime<Utc>) {
+    async fn prime_limits(&self, key: &Arc<CachedKey>, tenant: &Arc<Tenant>, now: DateTime<Utc>) {
         let Some(needed) = self.core.limiter.unprimed(key, tenant, now) else { return };
         let (core, key, tenant) = (self.core.clone(), key.clone(), tenant.clone());
         let priming = tokio::spawn(async move {
