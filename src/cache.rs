@@ -130,10 +130,34 @@ impl Id for KeyDigest {
     }
 }
 
-/// What the cache holds: cheap to clone (an `Arc`).
-pub trait Value: Clone + Send + Sync + 'static {}
+/// What the cache holds.
+pub trait Value: Send + Sync + 'static {}
 
-impl<V: Clone + Send + Sync + 'static> Value for V {}
+impl<V: Send + Sync + 'static> Value for V {}
+
+/// A value as the cache holds it, sharing the cache's own allocation (one per entry): derefs
+/// to the value. Cheap to clone (an `Arc`).
+pub struct Cached<V>(Arc<Loaded<V>>);
+
+impl<V> Clone for Cached<V> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<V> std::ops::Deref for Cached<V> {
+    type Target = V;
+
+    fn deref(&self) -> &V {
+        &self.0.value
+    }
+}
+
+impl<V: std::fmt::Debug> std::fmt::Debug for Cached<V> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.value.fmt(f)
+    }
+}
 
 /// Where an entry set keeps the values it found.
 trait Found<I: Id + ?Sized, V>: Send + Sync {
@@ -464,7 +488,7 @@ impl<I: Id + ?Sized, V> Drop for Waiting<'_, I, V> {
 
 struct Inner {
     source: Arc<dyn Source>,
-    keys: Entries<KeyDigest, Arc<CachedKey>>,
+    keys: Entries<KeyDigest, CachedKey>,
     tenants: Entries<str, Arc<Tenant>>,
     site_owners: Entries<str, Arc<str>>,
     /// Counts invalidations; loads remember it so a racing invalidation can overrule them.
@@ -513,7 +537,7 @@ impl DecisionCache {
                 settings,
                 |source, id| {
                     let load = source.key(id);
-                    Box::pin(async move { Ok(load.await?.map(|key| Arc::new(CachedKey::from(&key)))) })
+                    Box::pin(async move { Ok(load.await?.map(|key| CachedKey::from(&key))) })
                 },
                 Box::new(KeyTable::new("keys", settings.capacity, settings.kept())),
             ),
@@ -541,18 +565,18 @@ impl DecisionCache {
     }
 
     /// The key with this SHA-256, as of `now` (one clock reading serves a Check's lookups).
-    pub async fn key(&self, digest: &KeyDigest, now: Instant) -> Result<Option<Arc<CachedKey>>, StoreError> {
+    pub async fn key(&self, digest: &KeyDigest, now: Instant) -> Result<Option<Cached<CachedKey>>, StoreError> {
         self.get(|inner| &inner.keys, digest, now).await
     }
 
     /// The tenant with this id, as of `now`.
     pub async fn tenant(&self, tenant_id: &str, now: Instant) -> Result<Option<Arc<Tenant>>, StoreError> {
-        self.get(|inner| &inner.tenants, tenant_id, now).await
+        Ok(self.get(|inner| &inner.tenants, tenant_id, now).await?.map(|tenant| Arc::clone(&tenant)))
     }
 
     /// The tenant that owns this site, as of `now`.
     pub async fn site_owner(&self, site_id: &str, now: Instant) -> Result<Option<Arc<str>>, StoreError> {
-        self.get(|inner| &inner.site_owners, site_id, now).await
+        Ok(self.get(|inner| &inner.site_owners, site_id, now).await?.map(|owner| Arc::clone(&owner)))
     }
 
     async fn get<I: Id + ?Sized, V: Value>(
@@ -560,7 +584,7 @@ impl DecisionCache {
         select: Select<I, V>,
         id: &I,
         now: Instant,
-    ) -> Result<Option<V>, StoreError> {
+    ) -> Result<Option<Cached<V>>, StoreError> {
         let inner = &*self.0;
         let entries = select(inner);
         // The hot path: a fresh entry already checked against invalidations. Anything else
@@ -571,7 +595,7 @@ impl DecisionCache {
             && now.saturating_duration_since(loaded.loaded_at) < entries.ttl
         {
             entries.metrics.hits.increment(1);
-            return Ok(Some(loaded.value.clone()));
+            return Ok(Some(Cached(loaded)));
         }
         Box::pin(self.get_slowly(select, id, now)).await
     }
@@ -582,7 +606,7 @@ impl DecisionCache {
         select: Select<I, V>,
         id: &I,
         now: Instant,
-    ) -> Result<Option<V>, StoreError> {
+    ) -> Result<Option<Cached<V>>, StoreError> {
         let inner = &*self.0;
         let entries = select(inner);
         let load = || entries.read(&*inner.source, id);
@@ -594,11 +618,11 @@ impl DecisionCache {
                     entries.found.invalidate(id);
                 } else if age < entries.ttl {
                     entries.metrics.hits.increment(1);
-                    return Ok(Some(loaded.value.clone()));
+                    return Ok(Some(Cached(loaded)));
                 } else if age < entries.ttl + entries.stale_window {
                     entries.metrics.stale_hits.increment(1);
                     self.refresh_in_background(select, id);
-                    return Ok(Some(loaded.value.clone()));
+                    return Ok(Some(Cached(loaded)));
                 } else {
                     entries.found.invalidate(id);
                 }
@@ -614,7 +638,7 @@ impl DecisionCache {
             let generation = inner.generation.load(Ordering::Acquire);
             let loaded = entries.load_once(id, || load_entry(load(), generation)).await;
             match loaded {
-                Ok(loaded) if !inner.is_outdated(entries, id, &loaded) => return Ok(Some(loaded.value.clone())),
+                Ok(loaded) if !inner.is_outdated(entries, id, &loaded) => return Ok(Some(Cached(loaded))),
                 Ok(_) => entries.found.invalidate(id),
                 Err(miss) => match &miss {
                     Miss::Store(error) => return Err(error.clone()),
@@ -626,7 +650,8 @@ impl DecisionCache {
                 },
             }
         }
-        load().await
+        // Not stored: its generation is never compared.
+        Ok(load().await?.map(|value| Cached(Arc::new(Loaded::new(value, 0)))))
     }
 
     /// Reads an entry past its TTL again, in the background; until that read succeeds, the

@@ -8,11 +8,12 @@
 
 use std::collections::HashMap;
 use std::mem;
+use std::sync::Mutex;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 
 use chrono::{DateTime, DurationRound, Utc};
 
+use crate::cache::Cached;
 use crate::domain::cached_key::CachedKey;
 use crate::domain::decision::DenyReason;
 use crate::store::{DenialKey, Store, StoreError, UsageKey};
@@ -39,7 +40,7 @@ struct Pending {
     dropped: u64,
     /// Records whose [`AllowedCount`](crate::domain::cached_key::AllowedCount) holds counts
     /// to write, each once.
-    counted: Vec<Arc<CachedKey>>,
+    counted: Vec<Cached<CachedKey>>,
 }
 
 impl Pending {
@@ -80,7 +81,7 @@ impl UsageRecorder {
     /// Records one decided Check of `key` at `now`. While the database cannot be written, at
     /// most `MAX_PENDING` entries of each kind are kept; beyond that new ones are dropped (and
     /// counted in the log) rather than growing memory without bound.
-    pub fn record(&self, key: &Arc<CachedKey>, decision: Result<(), DenyReason>, now: DateTime<Utc>) {
+    pub fn record(&self, key: &Cached<CachedKey>, decision: Result<(), DenyReason>, now: DateTime<Utc>) {
         if decision.is_ok() && key.allowed.count(now) {
             if !key.allowed.listed.load(Ordering::SeqCst) && !key.allowed.listed.swap(true, Ordering::SeqCst) {
                 self.pending.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).counted.push(key.clone());

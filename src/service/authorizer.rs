@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use tracing::{debug, info};
 
 use super::{Core, ServiceResult};
+use crate::cache::Cached;
 use crate::domain::cached_key::CachedKey;
 use crate::domain::decision::{CheckInput, DenyReason, decide};
 use crate::domain::key::{ApiKeySecret, KeyFormatError};
@@ -35,7 +36,7 @@ pub struct CheckRequest {
 #[derive(Debug)]
 pub struct CheckOutcome {
     pub decision: Result<(), DenyReason>,
-    pub key: Option<Arc<CachedKey>>,
+    pub key: Option<Cached<CachedKey>>,
     pub rate_limit: Option<RateLimitState>,
 }
 
@@ -161,7 +162,7 @@ impl Authorizer {
     /// on its own and the Check waits for it at most [`PRIMING_WAIT`]: when the store is slow or
     /// cannot answer, the decision goes on with this replica's own counts (and later Checks get
     /// the shared ones once the read lands), so no Check of a cached key waits on the store.
-    async fn prime_limits(&self, key: &Arc<CachedKey>, tenant: &Arc<Tenant>, now: DateTime<Utc>) {
+    async fn prime_limits(&self, key: &Cached<CachedKey>, tenant: &Arc<Tenant>, now: DateTime<Utc>) {
         let Some(needed) = self.core.limiter.unprimed(key, tenant, now) else { return };
         let (core, key, tenant) = (self.core.clone(), key.clone(), tenant.clone());
         let priming = tokio::spawn(async move {

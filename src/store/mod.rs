@@ -224,8 +224,16 @@ impl Store {
             // transaction dropped halfway), with no timeout: on a black-holed network that ping
             // holds the pool slot for the kernel's TCP timeout (~15 minutes). This one, first,
             // has the query timeout, and an error makes sqlx drop the connection without I/O.
+            // SQLite is not pinged: its connection is a thread of this process that runs
+            // commands in order (a queued rollback runs before the next user's statements),
+            // and it cannot be cut off; a ping would only cost two thread hand-offs.
             .after_release(move |connection, _| {
-                Box::pin(ping_within(connection, query_timeout, "a connection given back to the pool did not answer"))
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        return Ok(true);
+                    }
+                    ping_within(connection, query_timeout, "a connection given back to the pool did not answer").await
+                })
             })
             // Every connection is pinged before use, as sqlx would, but within the query timeout
             // (sqlx's own ping has none). Pinging only connections idle for a while is not
@@ -233,7 +241,12 @@ impl Store {
             // recently used, and each would fail one call.
             .test_before_acquire(false)
             .before_acquire(move |connection, _| {
-                Box::pin(ping_within(connection, query_timeout, "a pooled connection did not answer"))
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        return Ok(true);
+                    }
+                    ping_within(connection, query_timeout, "a pooled connection did not answer").await
+                })
             })
             .connect_lazy(url)
             .map_err(|error| StoreError::Config(format!("invalid database URL: {}", redact_error(&error))))?;
