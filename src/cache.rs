@@ -89,7 +89,9 @@ type Hasher = foldhash::fast::RandomState;
 struct Loaded<V> {
     value: V,
     generation: u64,
-    loaded_at: Instant,
+    /// When the store read ended, in nanoseconds since [`epoch`] (8 bytes where an `Instant`
+    /// takes 16: one per cached key).
+    loaded_at: u64,
     /// Set once a lookup found no invalidation of its id newer than `generation` while the
     /// entry was stored: every later invalidation removes the entry itself, so the
     /// invalidation record need not be read again.
@@ -98,12 +100,28 @@ struct Loaded<V> {
     touched: AtomicBool,
 }
 
+/// The instant entries' load times count from: the first time one is asked for.
+fn epoch() -> Instant {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(Instant::now)
+}
+
+/// `at` in nanoseconds since [`epoch`] (0 before it; 584 years fit).
+fn since_epoch(at: Instant) -> u64 {
+    u64::try_from(at.saturating_duration_since(epoch()).as_nanos()).unwrap_or(u64::MAX)
+}
+
 impl<V> Loaded<V> {
+    /// How long before `now` the entry was loaded (zero if after it).
+    fn age(&self, now: Instant) -> Duration {
+        Duration::from_nanos(since_epoch(now).saturating_sub(self.loaded_at))
+    }
+
     fn new(value: V, generation: u64) -> Self {
         Self {
             value,
             generation,
-            loaded_at: Instant::now(),
+            loaded_at: since_epoch(Instant::now()),
             verified: AtomicBool::new(false),
             touched: AtomicBool::new(false),
         }
@@ -260,7 +278,7 @@ impl<V> Shard<V> {
             }
             let index = (self.next_draw() % len) as usize;
             let Some((_, loaded)) = self.entries.get_index(index) else { break };
-            if now.saturating_duration_since(loaded.loaded_at) >= kept {
+            if loaded.age(now) >= kept {
                 self.entries.swap_remove_index(index);
                 return false;
             }
@@ -346,7 +364,7 @@ impl<V: Value> Found<KeyDigest, V> for KeyTable<V> {
         let mut count = 0;
         for shard in &self.shards {
             let mut shard = Self::write(shard);
-            shard.entries.retain(|_, loaded| now.saturating_duration_since(loaded.loaded_at) < self.kept);
+            shard.entries.retain(|_, loaded| loaded.age(now) < self.kept);
             count += shard.entries.len() as u64;
         }
         count
@@ -592,7 +610,7 @@ impl DecisionCache {
         if let Some(loaded) = entries.found.get(id)
             && loaded.verified.load(Ordering::Acquire)
             && loaded.generation >= inner.everything_invalidated_at.load(Ordering::Acquire)
-            && now.saturating_duration_since(loaded.loaded_at) < entries.ttl
+            && loaded.age(now) < entries.ttl
         {
             entries.metrics.hits.increment(1);
             return Ok(Some(Cached(loaded)));
@@ -613,7 +631,7 @@ impl DecisionCache {
         // Invalidations are rare (admin calls), so a few rounds always settle.
         for _ in 0..3 {
             if let Some(loaded) = entries.found.get(id) {
-                let age = now.saturating_duration_since(loaded.loaded_at);
+                let age = loaded.age(now);
                 if inner.is_outdated(entries, id, &loaded) {
                     entries.found.invalidate(id);
                 } else if age < entries.ttl {

@@ -24,17 +24,19 @@ pub struct CachedKey {
     /// The key id, the tenant id, the name, each scope, each site id, then each metadata
     /// entry's key and value, back to back.
     text: Box<str>,
-    /// Where each piece of `text` ends, in bytes: `3 + scopes + sites + 2 × metadata entries`.
-    ends: Box<[u32]>,
+    /// Where each piece of `text` ends: `3 + scopes + sites + 2 × metadata entries` of them.
+    ends: Ends,
     /// Index in `ends` of the first site id.
-    sites_start: u32,
+    sites_start: u16,
     /// Index in `ends` of the first metadata key.
-    metadata_start: u32,
+    metadata_start: u16,
     environment: Environment,
     /// 0 means the tenant's default.
     rate_limit_per_minute: u32,
-    expires_at: Option<DateTime<Utc>>,
-    revoked_at: Option<DateTime<Utc>>,
+    /// Microseconds since the epoch; [`NEVER`] for none.
+    expires_at: i64,
+    /// Microseconds since the epoch; [`NEVER`] for none.
+    revoked_at: i64,
     /// Allowed Checks not yet handed to the usage recorder.
     pub allowed: AllowedCount,
 }
@@ -96,6 +98,49 @@ impl AllowedCount {
 /// The pieces before the scopes: key id, tenant id, name.
 const FIXED: u32 = 3;
 
+/// No expiry, no revocation.
+const NEVER: i64 = i64::MAX;
+
+/// How many text pieces a record holds inline: a key with up to 9 scopes, sites and metadata
+/// entries' names and values together, and under 64 KiB of text.
+const INLINE_ENDS: usize = 12;
+
+/// Where each piece of a record's text ends, in bytes: inline for most keys (see
+/// [`INLINE_ENDS`]), else in an allocation of its own.
+#[derive(Debug)]
+enum Ends {
+    Inline { len: u8, ends: [u16; INLINE_ENDS] },
+    Heap(Box<[u32]>),
+}
+
+impl Ends {
+    fn new(ends: Vec<u32>) -> Self {
+        let short = |end: &u32| u16::try_from(*end).is_ok();
+        if ends.len() <= INLINE_ENDS && ends.iter().all(short) {
+            let mut inline = [0; INLINE_ENDS];
+            for (slot, end) in inline.iter_mut().zip(&ends) {
+                *slot = u16::try_from(*end).unwrap_or(0);
+            }
+            return Self::Inline { len: ends.len() as u8, ends: inline };
+        }
+        Self::Heap(ends.into_boxed_slice())
+    }
+
+    fn get(&self, index: usize) -> Option<u32> {
+        match self {
+            Self::Inline { len, ends } => ends[..usize::from(*len)].get(index).copied().map(u32::from),
+            Self::Heap(ends) => ends.get(index).copied(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Inline { len, .. } => usize::from(*len),
+            Self::Heap(ends) => ends.len(),
+        }
+    }
+}
+
 impl From<&KeyRecord> for CachedKey {
     fn from(key: &KeyRecord) -> Self {
         let scopes = key.scopes.iter().map(|scope| scope.as_str());
@@ -110,16 +155,20 @@ impl From<&KeyRecord> for CachedKey {
             // one would read back as empty pieces, which grant nothing.
             ends.push(u32::try_from(text.len()).unwrap_or(u32::MAX));
         }
-        let count = |len: usize| u32::try_from(len).unwrap_or(u32::MAX);
+        // At most 64 scopes and 100 sites are accepted; a record beyond u16 pieces reads back
+        // short (fewer scopes and sites: less access, never more).
+        let count = |len: usize| u16::try_from(len).unwrap_or(u16::MAX);
+        let sites_start = (FIXED as u16).saturating_add(count(key.scopes.len()));
+        let micros = |at: Option<DateTime<Utc>>| at.map_or(NEVER, |at| at.timestamp_micros().min(NEVER - 1));
         Self {
             text: text.into_boxed_str(),
-            ends: ends.into_boxed_slice(),
-            sites_start: FIXED.saturating_add(count(key.scopes.len())),
-            metadata_start: FIXED.saturating_add(count(key.scopes.len())).saturating_add(count(key.site_ids.len())),
+            ends: Ends::new(ends),
+            sites_start,
+            metadata_start: sites_start.saturating_add(count(key.site_ids.len())),
             environment: key.environment,
             rate_limit_per_minute: key.rate_limit_per_minute,
-            expires_at: key.expires_at,
-            revoked_at: key.revoked_at,
+            expires_at: micros(key.expires_at),
+            revoked_at: micros(key.revoked_at),
             allowed: AllowedCount::default(),
         }
     }
@@ -131,9 +180,9 @@ impl CachedKey {
         let index = index as usize;
         let start = match index.checked_sub(1) {
             None => 0,
-            Some(previous) => self.ends.get(previous).copied().unwrap_or(0) as usize,
+            Some(previous) => self.ends.get(previous).unwrap_or(0) as usize,
         };
-        let end = self.ends.get(index).copied().unwrap_or(0) as usize;
+        let end = self.ends.get(index).unwrap_or(0) as usize;
         self.text.get(start..end).unwrap_or_default()
     }
 
@@ -156,19 +205,20 @@ impl CachedKey {
     /// The key's scopes, in the order they were stored (each well-formed, as CreateKey and
     /// UpdateKey accept them).
     pub fn scopes(&self) -> impl ExactSizeIterator<Item = &str> + Clone {
-        self.pieces(FIXED, self.sites_start)
+        self.pieces(FIXED, u32::from(self.sites_start))
     }
 
     /// The sites the key is restricted to; none means every site of its tenant.
     pub fn site_ids(&self) -> impl ExactSizeIterator<Item = &str> + Clone {
-        self.pieces(self.sites_start, self.metadata_start)
+        self.pieces(u32::from(self.sites_start), u32::from(self.metadata_start))
     }
 
     /// The key's metadata entries, ordered by name.
     pub fn metadata(&self) -> impl Iterator<Item = (&str, &str)> {
-        let count = (self.ends.len() as u32).saturating_sub(self.metadata_start) / 2;
-        (0..count).map(|entry| {
-            let at = self.metadata_start + entry * 2;
+        let start = u32::from(self.metadata_start);
+        let count = u32::try_from(self.ends.len()).unwrap_or(u32::MAX).saturating_sub(start) / 2;
+        (0..count).map(move |entry| {
+            let at = start + entry * 2;
             (self.piece(at), self.piece(at + 1))
         })
     }
@@ -183,12 +233,19 @@ impl CachedKey {
     }
 
     pub fn expires_at(&self) -> Option<DateTime<Utc>> {
-        self.expires_at
+        (self.expires_at != NEVER).then(|| DateTime::from_timestamp_micros(self.expires_at)).flatten()
     }
 
-    /// The state at `now`, judged as [`KeyRecord::state`] judges it.
+    /// The state at `now`, judged as [`KeyState::at`] judges it.
     pub fn state(&self, now: DateTime<Utc>) -> KeyState {
-        KeyState::at(now, self.expires_at, self.revoked_at)
+        let now = now.timestamp_micros();
+        if self.revoked_at <= now {
+            KeyState::Revoked
+        } else if self.expires_at <= now {
+            KeyState::Expired
+        } else {
+            KeyState::Active
+        }
     }
 }
 
@@ -212,7 +269,8 @@ mod tests {
             metadata: metadata.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect::<BTreeMap<_, _>>(),
             rate_limit_per_minute: 7,
             created_at: Utc::now(),
-            expires_at: Some(Utc::now() + chrono::Duration::days(1)),
+            // As the store keeps times: to the microsecond.
+            expires_at: DateTime::from_timestamp_micros((Utc::now() + chrono::Duration::days(1)).timestamp_micros()),
             revoked_at: None,
             last_used_at: None,
             rotated_from_key_id: None,
@@ -225,6 +283,8 @@ mod tests {
             (&["events:read", "events:write", "stats:read"][..], &["shop.example"][..], &[][..]),
             (&[][..], &[][..], &[("plan", "pro"), ("", ""), ("région", "eu-west")][..]),
             (&["*"][..], &["a", "", "c"][..], &[("k", "")][..]),
+            // More pieces than a record holds inline.
+            (&["a:b", "c:d"][..], &["1", "2", "3", "4", "5", "6", "7", "8", "9", "10"][..], &[("k", "v")][..]),
         ] {
             let key = record(scopes, sites, metadata);
             let cached = CachedKey::from(&key);
@@ -257,6 +317,16 @@ mod tests {
         assert_eq!(cached.allowed.take(), (None, None), "taken once");
         assert!(cached.allowed.count(day + chrono::Duration::days(1)));
         assert_eq!(cached.allowed.take().0, Some((day + chrono::Duration::days(1), 1)));
+    }
+
+    #[test]
+    fn a_record_with_over_64_kib_of_text_reads_back_whole() {
+        let mut key = record(&["events:read"], &["shop.example"], &[]);
+        key.name = "n".repeat(70_000);
+        let cached = CachedKey::from(&key);
+        assert_eq!(cached.name(), key.name);
+        assert_eq!(cached.scopes().collect::<Vec<_>>(), ["events:read"]);
+        assert_eq!(cached.site_ids().collect::<Vec<_>>(), ["shop.example"]);
     }
 
     #[test]
