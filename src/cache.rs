@@ -183,7 +183,7 @@ trait Found<I: Id + ?Sized, V>: Send + Sync {
     fn insert(&self, id: I::Owned, loaded: Arc<Loaded<V>>);
     fn invalidate(&self, id: &I);
     fn invalidate_all(&self);
-    /// Entries held, once expired ones are dropped.
+    /// Entries held (moka's once its expired ones are dropped).
     fn entry_count(&self) -> u64;
 }
 
@@ -233,16 +233,19 @@ fn moka<I: Id + ?Sized, V: Value>(name: &'static str, capacity: u64, kept: Durat
 /// shards behind their own locks, about 70 bytes per entry beside the entry itself (moka
 /// spends about 370: its access and write orders, its frequency sketch and its timers).
 ///
-/// Each shard holds at most its share of the capacity. A full shard makes room with a sampled
-/// CLOCK: of up to [`EVICTION_SAMPLES`] entries drawn at random, the first one past the TTL
-/// and stale window goes, else the first not read since eviction last passed it over (each
-/// one passed over loses its mark), else the last one drawn. Entries past the stale window are
-/// also dropped when read, and when the entry count is taken (each metrics scrape).
+/// The table holds at most its capacity (a few more while inserts into different shards race,
+/// at most one per shard). A new key in a full table makes room in its own shard with a
+/// sampled CLOCK: of [`EVICTION_SAMPLES`] entries drawn at random, one past the TTL and stale
+/// window goes, else the first not read since eviction last passed it over (each one passed
+/// over loses its mark), else the last one drawn. Entries past the stale window are also
+/// dropped when read.
 struct KeyTable<V> {
     shards: Box<[RwLock<Shard<V>>]>,
     /// Picks a key's shard; seeded at random, like the shards' own tables.
     hasher: Hasher,
-    per_shard: usize,
+    capacity: usize,
+    /// Entries in all shards, changed under the lock of the shard that changes.
+    held: std::sync::atomic::AtomicUsize,
     kept: Duration,
     evictions: Counter,
 }
@@ -267,27 +270,27 @@ impl<V> Shard<V> {
         self.draw
     }
 
-    /// Removes one entry of a full shard (see [`KeyTable`]); true when it was removed for room
-    /// rather than past its stale window.
-    fn evict_one(&mut self, now: Instant, kept: Duration) -> bool {
-        let mut victim = None;
+    /// Removes one entry (see [`KeyTable`]): `Some(true)` when it was removed for room,
+    /// `Some(false)` when it was past its stale window, `None` when the shard is empty.
+    fn evict_one(&mut self, now: Instant, kept: Duration) -> Option<bool> {
+        let len = self.entries.len() as u64;
+        if len == 0 {
+            return None;
+        }
+        let (mut untouched, mut last) = (None, None);
         for _ in 0..EVICTION_SAMPLES {
-            let len = self.entries.len() as u64;
-            if len == 0 {
-                return false;
-            }
             let index = (self.next_draw() % len) as usize;
             let Some((_, loaded)) = self.entries.get_index(index) else { break };
             if loaded.age(now) >= kept {
                 self.entries.swap_remove_index(index);
-                return false;
+                return Some(false);
             }
-            victim = Some(index);
-            if !loaded.touched.swap(false, Ordering::Relaxed) {
-                break;
+            last = Some(index);
+            if untouched.is_none() && !loaded.touched.swap(false, Ordering::Relaxed) {
+                untouched = Some(index);
             }
         }
-        victim.and_then(|index| self.entries.swap_remove_index(index)).is_some()
+        untouched.or(last).and_then(|index| self.entries.swap_remove_index(index)).map(|_| true)
     }
 }
 
@@ -306,7 +309,8 @@ impl<V> KeyTable<V> {
                 })
                 .collect(),
             hasher,
-            per_shard: capacity.div_ceil(shards),
+            capacity,
+            held: Default::default(),
             kept,
             evictions: metrics::counter!("keygate_cache_evictions_total", "cache" => name),
         }
@@ -339,35 +343,39 @@ impl<V: Value> Found<KeyDigest, V> for KeyTable<V> {
 
     fn insert(&self, id: KeyDigest, loaded: Arc<Loaded<V>>) {
         let mut shard = Self::write(self.shard(&id));
-        if shard.entries.len() >= self.per_shard
-            && !shard.entries.contains_key(&id)
-            && shard.evict_one(Instant::now(), self.kept)
-        {
-            self.evictions.increment(1);
+        if self.held.load(Ordering::Relaxed) >= self.capacity && !shard.entries.contains_key(&id) {
+            // An empty shard of a full table evicts nothing: other shards' inserts make room.
+            if let Some(for_room) = shard.evict_one(Instant::now(), self.kept) {
+                self.held.fetch_sub(1, Ordering::Relaxed);
+                if for_room {
+                    self.evictions.increment(1);
+                }
+            }
         }
-        shard.entries.insert(id, loaded);
+        if shard.entries.insert(id, loaded).is_none() {
+            self.held.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn invalidate(&self, id: &KeyDigest) {
-        Self::write(self.shard(id)).entries.swap_remove(id);
+        if Self::write(self.shard(id)).entries.swap_remove(id).is_some() {
+            self.held.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 
     fn invalidate_all(&self) {
         for shard in &self.shards {
+            let mut shard = Self::write(shard);
+            self.held.fetch_sub(shard.entries.len(), Ordering::Relaxed);
             // The memory goes too: a table emptied after a change feed gap starts small again.
-            Self::write(shard).entries = IndexMap::with_hasher(Hasher::default());
+            shard.entries = IndexMap::with_hasher(Hasher::default());
         }
     }
 
+    /// Entries held, those past their stale window included until they are met: read without
+    /// a lock (every metrics scrape asks).
     fn entry_count(&self) -> u64 {
-        let now = Instant::now();
-        let mut count = 0;
-        for shard in &self.shards {
-            let mut shard = Self::write(shard);
-            shard.entries.retain(|_, loaded| loaded.age(now) < self.kept);
-            count += shard.entries.len() as u64;
-        }
-        count
+        self.held.load(Ordering::Relaxed) as u64
     }
 }
 
@@ -869,7 +877,7 @@ mod tests {
             table.insert(digest(index), loaded(index));
         }
         let held = table.entry_count();
-        assert!((8_000..=8_192 + KEY_SHARDS as u64).contains(&held), "{held} entries");
+        assert!((8_192..=8_192 + KEY_SHARDS as u64).contains(&held), "{held} entries");
         let kept_in_use = (0..2_048).filter(|index| read(*index) == Some(*index)).count();
         let kept_idle = (2_048..4_096).filter(|index| read(*index) == Some(*index)).count();
         assert!(kept_in_use > 1_900, "{kept_in_use} of the 2 048 keys in use kept");
@@ -878,15 +886,34 @@ mod tests {
     }
 
     #[test]
-    fn key_table_entries_past_their_time_are_dropped_first_and_when_counted() {
+    fn a_key_table_makes_room_with_entries_past_their_time_first() {
         let table = KeyTable::<u32>::new("keys", 8, Duration::from_millis(30));
-        for index in 0..8 {
+        for index in 0..6 {
             table.insert(digest(index), loaded(index));
         }
         std::thread::sleep(Duration::from_millis(40));
-        table.insert(digest(8), loaded(8));
-        assert_eq!(table.entry_count(), 1, "only the new entry is current");
-        assert_eq!(table.get(&digest(8)).map(|loaded| loaded.value), Some(8));
+        // Two current entries, never read: eviction's first choice but for expired ones.
+        for index in 6..9 {
+            table.insert(digest(index), loaded(index));
+        }
+        assert_eq!(table.entry_count(), 8);
+        for index in 6..9 {
+            assert_eq!(table.get(&digest(index)).map(|loaded| loaded.value), Some(index));
+        }
+    }
+
+    #[test]
+    fn a_working_set_as_large_as_the_capacity_fits() {
+        for capacity in [1_000, 1_024, 10_000] {
+            let table = KeyTable::<u32>::new("keys", capacity, Duration::from_secs(60));
+            for index in 0..capacity as u32 {
+                table.insert(digest(index), loaded(index));
+            }
+            let kept = (0..capacity as u32).filter(|index| table.get(&digest(*index)).is_some()).count();
+            assert_eq!(kept as u64, capacity);
+            table.insert(digest(u32::MAX), loaded(0));
+            assert_eq!(table.entry_count(), capacity, "one in, one out");
+        }
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! A key as Check needs it: what the decision and its answer read, and nothing else, in three
-//! allocations (the record, one buffer of all its text, and where each piece of text ends).
+//! A key as Check needs it: what the decision and its answer read, and nothing else, in two
+//! allocations (the record, inside the cache's entry, and one buffer of all its text; where
+//! each piece of text ends is kept in the record, or in a third allocation for keys with many
+//! scopes, sites and metadata entries).
 //!
 //! The decision cache holds one per cached key, so its size is most of what a cached key
 //! costs: a key with three scopes, one site and no metadata takes about 290 bytes here, where
@@ -27,9 +29,9 @@ pub struct CachedKey {
     /// Where each piece of `text` ends: `3 + scopes + sites + 2 × metadata entries` of them.
     ends: Ends,
     /// Index in `ends` of the first site id.
-    sites_start: u16,
+    sites_start: u32,
     /// Index in `ends` of the first metadata key.
-    metadata_start: u16,
+    metadata_start: u32,
     environment: Environment,
     /// 0 means the tenant's default.
     rate_limit_per_minute: u32,
@@ -66,26 +68,28 @@ impl AllowedCount {
     /// elsewhere.
     pub fn count(&self, now: DateTime<Utc>) -> bool {
         let day = u64::try_from(now.timestamp().div_euclid(86_400)).unwrap_or(0) & ((1 << (64 - COUNT_BITS)) - 1);
-        let mut current = self.day_and_count.load(Ordering::Relaxed);
+        let mut current = self.day_and_count.load(Ordering::SeqCst);
         loop {
             let count = current & ((1 << COUNT_BITS) - 1);
             if (current != 0 && current >> COUNT_BITS != day) || count == (1 << COUNT_BITS) - 1 {
                 return false;
             }
             let next = (day << COUNT_BITS) | (count + 1);
-            match self.day_and_count.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed) {
+            // Sequentially consistent, as the recorder's `listed` flag is: a count that lands
+            // after a flush took the record's counts sees the record unlisted, and lists it.
+            match self.day_and_count.compare_exchange_weak(current, next, Ordering::SeqCst, Ordering::SeqCst) {
                 Ok(_) => break,
                 Err(actual) => current = actual,
             }
         }
-        self.last_used.fetch_max(now.timestamp_micros(), Ordering::Relaxed);
+        self.last_used.fetch_max(now.timestamp_micros(), Ordering::SeqCst);
         true
     }
 
     /// Takes what is counted: the day (midnight UTC) and its count, and the last use.
     pub fn take(&self) -> Taken {
         let day_and_count = self.day_and_count.swap(0, Ordering::SeqCst);
-        let last_used = self.last_used.swap(0, Ordering::Relaxed);
+        let last_used = self.last_used.swap(0, Ordering::SeqCst);
         let counted = (day_and_count != 0).then(|| {
             let day = i64::try_from(day_and_count >> COUNT_BITS).unwrap_or(0);
             let midnight = DateTime::from_timestamp(day * 86_400, 0).unwrap_or_default();
@@ -155,10 +159,9 @@ impl From<&KeyRecord> for CachedKey {
             // one would read back as empty pieces, which grant nothing.
             ends.push(u32::try_from(text.len()).unwrap_or(u32::MAX));
         }
-        // At most 64 scopes and 100 sites are accepted; a record beyond u16 pieces reads back
-        // short (fewer scopes and sites: less access, never more).
-        let count = |len: usize| u16::try_from(len).unwrap_or(u16::MAX);
-        let sites_start = (FIXED as u16).saturating_add(count(key.scopes.len()));
+        // A record of 4 billion pieces cannot be loaded in the first place.
+        let count = |len: usize| u32::try_from(len).unwrap_or(u32::MAX);
+        let sites_start = FIXED.saturating_add(count(key.scopes.len()));
         let micros = |at: Option<DateTime<Utc>>| at.map_or(NEVER, |at| at.timestamp_micros().min(NEVER - 1));
         Self {
             text: text.into_boxed_str(),
@@ -205,17 +208,17 @@ impl CachedKey {
     /// The key's scopes, in the order they were stored (each well-formed, as CreateKey and
     /// UpdateKey accept them).
     pub fn scopes(&self) -> impl ExactSizeIterator<Item = &str> + Clone {
-        self.pieces(FIXED, u32::from(self.sites_start))
+        self.pieces(FIXED, self.sites_start)
     }
 
     /// The sites the key is restricted to; none means every site of its tenant.
     pub fn site_ids(&self) -> impl ExactSizeIterator<Item = &str> + Clone {
-        self.pieces(u32::from(self.sites_start), u32::from(self.metadata_start))
+        self.pieces(self.sites_start, self.metadata_start)
     }
 
     /// The key's metadata entries, ordered by name.
     pub fn metadata(&self) -> impl Iterator<Item = (&str, &str)> {
-        let start = u32::from(self.metadata_start);
+        let start = self.metadata_start;
         let count = u32::try_from(self.ends.len()).unwrap_or(u32::MAX).saturating_sub(start) / 2;
         (0..count).map(move |entry| {
             let at = start + entry * 2;
@@ -327,6 +330,17 @@ mod tests {
         assert_eq!(cached.name(), key.name);
         assert_eq!(cached.scopes().collect::<Vec<_>>(), ["events:read"]);
         assert_eq!(cached.site_ids().collect::<Vec<_>>(), ["shop.example"]);
+    }
+
+    #[test]
+    fn a_key_with_more_pieces_than_u16_counts_keeps_its_site_restriction() {
+        let scopes: Vec<String> = (0..70_000).map(|index| format!("s{index}:read")).collect();
+        let mut key = record(&[], &["shop.example"], &[("plan", "pro")]);
+        key.scopes = scopes.iter().map(|scope| Scope::parse(scope).unwrap()).collect();
+        let cached = CachedKey::from(&key);
+        assert_eq!(cached.scopes().len(), 70_000);
+        assert_eq!(cached.site_ids().collect::<Vec<_>>(), ["shop.example"]);
+        assert_eq!(cached.metadata().collect::<Vec<_>>(), [("plan", "pro")]);
     }
 
     #[test]
