@@ -233,8 +233,8 @@ fn moka<I: Id + ?Sized, V: Value>(name: &'static str, capacity: u64, kept: Durat
 /// shards behind their own locks, about 70 bytes per entry beside the entry itself (moka
 /// spends about 370: its access and write orders, its frequency sketch and its timers).
 ///
-/// The table holds at most its capacity (a few more while inserts into different shards race,
-/// at most one per shard). A new key in a full table makes room in its own shard with a
+/// The table holds at most its capacity: inserts into different shards that race can leave it
+/// a few over (at most one per shard), and the next inserts take it back down. A new key in a full table makes room in its own shard with a
 /// sampled CLOCK: of [`EVICTION_SAMPLES`] entries drawn at random, one past the TTL and stale
 /// window goes, else the first not read since eviction last passed it over (each one passed
 /// over loses its mark), else the last one drawn. Entries past the stale window are also
@@ -343,9 +343,14 @@ impl<V: Value> Found<KeyDigest, V> for KeyTable<V> {
 
     fn insert(&self, id: KeyDigest, loaded: Arc<Loaded<V>>) {
         let mut shard = Self::write(self.shard(&id));
-        if self.held.load(Ordering::Relaxed) >= self.capacity && !shard.entries.contains_key(&id) {
-            // An empty shard of a full table evicts nothing: other shards' inserts make room.
-            if let Some(for_room) = shard.evict_one(Instant::now(), self.kept) {
+        if !shard.entries.contains_key(&id) {
+            // One out for the one coming in, and one more while racing inserts (or an insert
+            // into an empty shard of a full table) have left the table over its capacity.
+            for _ in 0..2 {
+                if self.held.load(Ordering::Relaxed) < self.capacity {
+                    break;
+                }
+                let Some(for_room) = shard.evict_one(Instant::now(), self.kept) else { break };
                 self.held.fetch_sub(1, Ordering::Relaxed);
                 if for_room {
                     self.evictions.increment(1);
@@ -358,7 +363,9 @@ impl<V: Value> Found<KeyDigest, V> for KeyTable<V> {
     }
 
     fn invalidate(&self, id: &KeyDigest) {
-        if Self::write(self.shard(id)).entries.swap_remove(id).is_some() {
+        // The count changes under the shard's lock, as every change of it does.
+        let mut shard = Self::write(self.shard(id));
+        if shard.entries.swap_remove(id).is_some() {
             self.held.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -914,6 +921,26 @@ mod tests {
             table.insert(digest(u32::MAX), loaded(0));
             assert_eq!(table.entry_count(), capacity, "one in, one out");
         }
+    }
+
+    #[test]
+    fn a_key_table_over_its_capacity_comes_back_down() {
+        let table = KeyTable::<u32>::new("keys", 2_048, Duration::from_secs(60));
+        std::thread::scope(|scope| {
+            for thread in 0..8 {
+                let table = &table;
+                scope.spawn(move || {
+                    for index in 0..2_000 {
+                        table.insert(digest(thread * 10_000 + index), loaded(index));
+                    }
+                });
+            }
+        });
+        assert!(table.entry_count() <= 2_048 + 64, "{} entries", table.entry_count());
+        for index in 0..200 {
+            table.insert(digest(1_000_000 + index), loaded(index));
+        }
+        assert_eq!(table.entry_count(), 2_048, "later inserts take the overshoot back");
     }
 
     #[test]
