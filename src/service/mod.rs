@@ -108,16 +108,20 @@ pub struct LookupLimit {
     wait: std::time::Duration,
     in_flight: std::sync::atomic::AtomicUsize,
     peak: std::sync::atomic::AtomicUsize,
+    /// `keygate_store_lookup_duration_seconds`, resolved once.
+    duration: metrics::Histogram,
 }
 
 impl LookupLimit {
-    /// At most `in_flight` lookups at once; a lookup waits at most `wait` for its turn.
+    /// At most `in_flight` lookups at once; a lookup waits at most `wait` for its turn. Its
+    /// metrics series is resolved here: install the metrics recorder first.
     pub fn new(in_flight: usize, wait: std::time::Duration) -> Self {
         Self {
             permits: tokio::sync::Semaphore::new(in_flight.max(1)),
             wait,
             in_flight: Default::default(),
             peak: Default::default(),
+            duration: metrics::histogram!("keygate_store_lookup_duration_seconds"),
         }
     }
 
@@ -152,7 +156,7 @@ impl LookupLimit {
                 self.wait.as_millis()
             )))
         });
-        metrics::histogram!("keygate_store_lookup_duration_seconds").record(started.elapsed().as_secs_f64());
+        self.duration.record(started.elapsed().as_secs_f64());
         result
     }
 }
