@@ -4,9 +4,11 @@
 //! hash, tenants by id, site owners by site id. Tenants and site owners are held in moka
 //! caches; keys, the set that grows to millions, in keygate's own `KeyTable` (about 70 bytes
 //! per entry where moka spends 370), as compact [`CachedKey`] records. A miss for one entry
-//! makes one store query however many Checks wait for it. "Does not exist" is cached too, for a shorter time and in a
-//! separate, bounded set, so a repeated unknown key costs no query and a flood of unknown keys
-//! cannot push known keys out.
+//! makes one store query however many Checks wait for it. A key missing from the cache is
+//! looked up only if the known-keys filter ([`KnownKeys`]) may hold it, so a made-up key costs
+//! no query. "Does not exist" is cached too, for a shorter time and in a separate, bounded set,
+//! so a repeated unknown id costs no query and a flood of unknown ids cannot push known entries
+//! out.
 //!
 //! An invalidation always wins against a load that raced with it: every loaded entry remembers
 //! the invalidation generation at which its store read began, every invalidation records its
@@ -35,6 +37,7 @@ use tokio::sync::OnceCell;
 use crate::domain::cached_key::CachedKey;
 use crate::domain::key::KeyDigest;
 use crate::domain::model::{KeyRecord, Tenant};
+use crate::known::KnownKeys;
 use crate::store::{ChangeTarget, StoreError};
 
 /// Sizes and lifetimes of the cache.
@@ -524,6 +527,8 @@ struct Inner {
     keys: Entries<KeyDigest, CachedKey>,
     tenants: Entries<str, Arc<Tenant>>,
     site_owners: Entries<str, Arc<str>>,
+    /// Which keys the store holds: a key missing from it is unknown without a query.
+    known: KnownKeys,
     /// Counts invalidations; loads remember it so a racing invalidation can overrule them.
     generation: AtomicU64,
     /// The generation of the last [`invalidate_all`](DecisionCache::invalidate_all): older
@@ -592,14 +597,33 @@ impl DecisionCache {
                 },
                 Box::new(moka::<str, _>("sites", settings.capacity, settings.kept())),
             ),
+            known: KnownKeys::new(),
             generation: AtomicU64::new(0),
             everything_invalidated_at: AtomicU64::new(0),
         }))
     }
 
     /// The key with this SHA-256, as of `now` (one clock reading serves a Check's lookups).
+    /// A digest missing from the cache is looked up only if the known-keys filter may hold it
+    /// (see [`KnownKeys::may_exist`]), so a made-up key costs no store query.
     pub async fn key(&self, digest: &KeyDigest, now: Instant) -> Result<Option<Cached<CachedKey>>, StoreError> {
-        self.get(|inner| &inner.keys, digest, now).await
+        let select: Select<KeyDigest, CachedKey> = |inner| &inner.keys;
+        if let Some(hit) = self.fresh(select, digest, now) {
+            return Ok(Some(hit));
+        }
+        Box::pin(async move {
+            if !self.0.known.may_exist(digest).await {
+                return Ok(None);
+            }
+            self.get_slowly(select, digest, now).await
+        })
+        .await
+    }
+
+    /// Keys the store holds, as far as this replica knows: asked on every key missing from the
+    /// cache, built and fed by the change feed's follower.
+    pub fn known(&self) -> &KnownKeys {
+        &self.0.known
     }
 
     /// The tenant with this id, as of `now`.
@@ -618,19 +642,27 @@ impl DecisionCache {
         id: &I,
         now: Instant,
     ) -> Result<Option<Cached<V>>, StoreError> {
+        // Anything but a fresh hit takes the slow path, boxed so that a Check's future stays
+        // small.
+        match self.fresh(select, id, now) {
+            Some(hit) => Ok(Some(hit)),
+            None => Box::pin(self.get_slowly(select, id, now)).await,
+        }
+    }
+
+    /// The hot path: a fresh entry already checked against invalidations.
+    fn fresh<I: Id + ?Sized, V: Value>(&self, select: Select<I, V>, id: &I, now: Instant) -> Option<Cached<V>> {
         let inner = &*self.0;
         let entries = select(inner);
-        // The hot path: a fresh entry already checked against invalidations. Anything else
-        // takes the slow path, boxed so that a Check's future stays small.
-        if let Some(loaded) = entries.found.get(id)
-            && loaded.verified.load(Ordering::Acquire)
+        let loaded = entries.found.get(id)?;
+        if loaded.verified.load(Ordering::Acquire)
             && loaded.generation >= inner.everything_invalidated_at.load(Ordering::Acquire)
             && loaded.age(now) < entries.ttl
         {
             entries.metrics.hits.increment(1);
-            return Ok(Some(Cached(loaded)));
+            return Some(Cached(loaded));
         }
-        Box::pin(self.get_slowly(select, id, now)).await
+        None
     }
 
     /// [`get`](Self::get) past its hot path: stale, unverified, absent or missing entries.
@@ -745,6 +777,8 @@ impl DecisionCache {
         let inner = &*self.0;
         let generation = inner.generation.fetch_add(1, Ordering::AcqRel) + 1;
         inner.everything_invalidated_at.store(generation, Ordering::Release);
+        // Changes may have been missed: keys too, until the follower builds the filter again.
+        inner.known.forget();
         inner.keys.clear();
         inner.tenants.clear();
         inner.site_owners.clear();
@@ -762,11 +796,16 @@ impl DecisionCache {
         }
     }
 
-    /// Drops a key (by its hex hash) after RevokeKey, RotateKey or UpdateKey. A hash that is not
+    /// Drops a key (by its hex hash) after CreateKey, RevokeKey, RotateKey, UpdateKey or
+    /// ImportKeys, and records it in the known-keys filter. A hash that is not
     /// 64 hex digits drops every entry: keygate never writes one, so something is wrong.
     pub async fn invalidate_key(&self, key_hash: &str) {
         match KeyDigest::from_hex(key_hash) {
-            Some(digest) => self.invalidate(|inner| &inner.keys, &digest).await,
+            Some(digest) => {
+                // Created, rotated in, imported or changed: stored, in any case.
+                self.0.known.add(&digest);
+                self.invalidate(|inner| &inner.keys, &digest).await
+            }
             None => self.invalidate_all(),
         }
     }

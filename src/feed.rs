@@ -2,7 +2,10 @@
 //! anywhere and drops the cache entries they touch, so a revoke on one replica is denied by all
 //! of them within about one poll interval. The feed is in commit order with no holes, so a
 //! replica that falls behind (a slow poll, a database outage) catches up from where it stopped;
-//! one that finds changes pruned before it read them drops its whole cache.
+//! one that finds changes pruned before it read them drops its whole cache. The follower also
+//! keeps the known-keys filter ([`crate::known`]) current: it builds it at start and after the
+//! whole cache was dropped, adds the keys the feed announces, and polls early when a Check of a
+//! key the filter lacks waits for a poll.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -30,6 +33,8 @@ impl Default for FeedSettings {
 }
 
 const BATCH: i64 = 1000;
+/// Shortest time between two polls asked for by Checks of keys the known-keys filter lacks.
+const WANTED_POLL_GAP: Duration = Duration::from_millis(10);
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Where a replica starts following the feed: the current head, with a clean cache (Checks
@@ -40,7 +45,18 @@ pub async fn start(core: &Core) -> Result<i64, crate::store::StoreError> {
     core.shapes.set_earlier(&core.store.key_formats().await?);
     let head = core.store.feed_head().await?;
     core.cache.invalidate_all();
+    // Every key committed up to `head` is in the scan; those committed since are in the feed.
+    build_known_keys(&core.store, &core.cache).await?;
     Ok(head)
+}
+
+/// Builds the known-keys filter from every stored key hash and starts answering from it.
+async fn build_known_keys(store: &Store, cache: &DecisionCache) -> Result<(), crate::store::StoreError> {
+    let started = std::time::Instant::now();
+    let filter = crate::known::build(store).await?;
+    info!(bytes = filter.bytes(), took_ms = started.elapsed().as_millis() as u64, "known-keys filter built");
+    cache.known().install(filter);
+    Ok(())
 }
 
 /// Follows the feed from `last_seen` until the task is aborted.
@@ -51,8 +67,18 @@ pub async fn follow(core: Arc<Core>, settings: FeedSettings, mut last_seen: i64)
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_prune = tokio::time::Instant::now();
     let mut failing = false;
+    let known = cache.known();
+    known.set_poll_interval(settings.poll_interval);
+    // Polls that Checks of unknown keys ask for are at least this far apart.
+    let gap = settings.poll_interval.min(WANTED_POLL_GAP);
+    let mut last_poll = tokio::time::Instant::now();
     loop {
-        ticker.tick().await;
+        tokio::select! {
+            _ = ticker.tick() => {}
+            () = known.poll_wanted() => tokio::time::sleep_until(last_poll + gap).await,
+        }
+        last_poll = tokio::time::Instant::now();
+        let poll = known.poll_begins();
         match catch_up(store, cache, core.clock.as_ref(), last_seen).await {
             Ok((seen, formats_changed)) => {
                 if formats_changed {
@@ -80,6 +106,14 @@ pub async fn follow(core: Arc<Core>, settings: FeedSettings, mut last_seen: i64)
                     last_seen = seen;
                 }
                 failing = false;
+                // Built at start and after the whole cache was dropped; holds every key
+                // committed up to `last_seen`, and the next polls add those committed since.
+                if !known.is_built()
+                    && let Err(error) = build_known_keys(store, cache).await
+                {
+                    warn!(%error, "cannot build the known-keys filter; will retry");
+                }
+                known.poll_applied(poll);
             }
             Err(error) => {
                 if !failing {
@@ -119,7 +153,14 @@ pub async fn catch_up(
         }
         for change in &changes {
             // This replica's own changes were applied when they were made: no lag to measure.
-            if !store.take_own_change(change.seq) {
+            // Its new keys go into the filter again, in case it was being built meanwhile.
+            if store.take_own_change(change.seq) {
+                if let crate::store::ChangeTarget::Key(hash) = &change.target
+                    && let Some(digest) = crate::domain::key::KeyDigest::from_hex(hash)
+                {
+                    cache.known().add(&digest);
+                }
+            } else {
                 formats_changed |= matches!(change.target, crate::store::ChangeTarget::KeyFormat(_));
                 cache.apply(&change.target).await;
                 // Measured on the clock that stamped the change.
@@ -145,6 +186,7 @@ mod tests {
     use crate::config::{DatabaseConfig, DatabaseUrl};
     use crate::domain::audit::{AuditEntry, AuditEventType};
     use crate::domain::clock::SystemClock;
+    use crate::domain::key::KeyDigest;
     use crate::domain::model::TenantChanges;
     use crate::service::{LookupLimit, StoreSource};
     use chrono::Utc;
@@ -202,6 +244,65 @@ mod tests {
         assert_eq!(seen, store.feed_head().await.unwrap());
         let tenant = cache.tenant("acme", std::time::Instant::now()).await.unwrap().unwrap();
         assert!(!tenant.api_access_enabled, "the cached tenant was dropped and read again");
+    }
+
+    fn key_record(secret: &str) -> crate::domain::model::KeyRecord {
+        crate::domain::model::KeyRecord {
+            key_id: format!("key_{secret}"),
+            tenant_id: "acme".into(),
+            key_hash: KeyDigest::of(secret).to_hash().as_str().to_owned(),
+            name: secret.into(),
+            display_prefix: "kg_live_abcd".into(),
+            scopes: vec![crate::domain::scope::Scope::parse("events:read").unwrap()],
+            site_ids: Vec::new(),
+            environment: crate::domain::key::Environment::Live,
+            metadata: Default::default(),
+            rate_limit_per_minute: 0,
+            created_at: Utc::now(),
+            expires_at: None,
+            revoked_at: None,
+            last_used_at: None,
+            rotated_from_key_id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_known_keys_filter_follows_the_feed_and_is_built_again_after_a_hole() {
+        let (_dir, store) = migrated_store().await;
+        let cache = cache_of(&store);
+        let now = Utc::now();
+        store.put_tenant("acme", &TenantChanges::default(), now, &audit("acme")).await.unwrap();
+        let insert = |secret: &'static str| {
+            let store = store.clone();
+            async move {
+                let (key, audit) = (key_record(secret), audit("acme"));
+                let outcome = store.insert_key(&key, "kg_{env}_{base62:32}", 100, now, &audit).await.unwrap();
+                assert!(matches!(outcome, crate::store::InsertKeyOutcome::Inserted));
+            }
+        };
+        insert("first").await;
+        let last_seen = store.feed_head().await.unwrap();
+        assert_eq!(cache.known().may_hold(&KeyDigest::of("first")), None, "not built yet");
+        build_known_keys(&store, &cache).await.unwrap();
+        assert_eq!(cache.known().may_hold(&KeyDigest::of("first")), Some(true));
+        assert_eq!(cache.known().may_hold(&KeyDigest::of("never stored")), Some(false));
+
+        // Inserted by this replica's own store (no cache call): the feed brings it.
+        insert("second").await;
+        assert_eq!(cache.known().may_hold(&KeyDigest::of("second")), Some(false));
+        let (last_seen, _) = catch_up(&store, &cache, &SystemClock, last_seen).await.unwrap();
+        assert_eq!(cache.known().may_hold(&KeyDigest::of("second")), Some(true));
+
+        // Changes pruned unread: the filter may lack keys, so it is dropped with the cache.
+        insert("third").await;
+        store.prune_changes(now + chrono::Duration::seconds(1)).await.unwrap();
+        store.put_tenant("globex", &TenantChanges::default(), now, &audit("globex")).await.unwrap();
+        catch_up(&store, &cache, &SystemClock, last_seen).await.unwrap();
+        assert!(!cache.known().is_built(), "a filter that may lack keys must not answer");
+        build_known_keys(&store, &cache).await.unwrap();
+        for secret in ["first", "second", "third"] {
+            assert_eq!(cache.known().may_hold(&KeyDigest::of(secret)), Some(true), "{secret}");
+        }
     }
 
     #[tokio::test]

@@ -13,6 +13,7 @@ pub mod domain;
 pub mod feed;
 pub mod gateway;
 pub mod grpc;
+pub mod known;
 pub mod limits;
 pub mod metrics;
 pub mod server;

@@ -121,6 +121,11 @@ impl KeyDigest {
         Some(Self(bytes))
     }
 
+    /// The 32 bytes of the SHA-256.
+    pub fn bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
     /// Its lowercase hex form, as stored.
     pub fn to_hash(&self) -> KeyHash {
         KeyHash(hex(&self.0))

@@ -224,7 +224,8 @@ impl KeyService {
             .detail("display_prefix", &record.display_prefix)
             .detail("scopes", record.scopes.iter().map(Scope::as_str).collect::<Vec<_>>().join(","));
         match self.core.store.insert_key(&record, shapes.minting.notation(), limit, now, &audit).await? {
-            InsertKeyOutcome::Inserted => {}
+            // Usable at once on this replica (others learn of it from the feed).
+            InsertKeyOutcome::Inserted => self.core.cache.invalidate_key(&record.key_hash).await,
             InsertKeyOutcome::TenantMissing => return Err(tenant_not_found(&record.tenant_id)),
             InsertKeyOutcome::LimitReached { limit, active } => {
                 let revoke = active - i64::from(limit) + 1;
@@ -379,7 +380,7 @@ impl KeyService {
         // Whatever happened, the old key's cached state may be out of date now.
         self.core.cache.invalidate_key(&old.key_hash).await;
         match outcome {
-            RotateOutcome::Rotated => {}
+            RotateOutcome::Rotated => self.core.cache.invalidate_key(&successor.key_hash).await,
             RotateOutcome::Conflict => {
                 return Err(ServiceError::FailedPrecondition(format!("key {key_id} was rotated or revoked already")));
             }

@@ -41,7 +41,8 @@ impl Store {
             }
             self.insert_key_in(&mut tx, key).await?;
             self.record_in(&mut tx, audit, now).await?;
-            let mut changes = Vec::new();
+            // Other replicas learn of the key through the feed (their known-keys filters).
+            let mut changes = vec![ChangeTarget::Key(key.key_hash.clone())];
             if self.record_key_format_in(&mut tx, format, now).await? {
                 changes.push(ChangeTarget::KeyFormat(format.to_owned()));
             }
@@ -130,6 +131,33 @@ impl Store {
                 .fetch_optional(&self.pool)
                 .await?;
             row.as_ref().map(key_from_row).transpose()
+        })
+        .await
+    }
+
+    /// How many keys are stored, revoked and expired ones included. Not counted in
+    /// [`query_count`](Store::query_count): it is the feed's work, not an API call's.
+    pub async fn key_count(&self) -> StoreResult<u64> {
+        self.bounded(async {
+            let (count,): (i64,) =
+                sqlx::query_as(self.backend.sql("SELECT COUNT(*) FROM api_keys")).fetch_one(&self.pool).await?;
+            Ok(count.max(0) as u64)
+        })
+        .await
+    }
+
+    /// At most `limit` key hashes greater than `after`, in order: one page of the scan that
+    /// builds the known-keys filter. Not counted in [`query_count`](Store::query_count).
+    pub async fn key_hashes_after(&self, after: &str, limit: i64) -> StoreResult<Vec<String>> {
+        self.bounded(async {
+            let hashes: Vec<(String,)> = sqlx::query_as(
+                self.backend.sql("SELECT key_hash FROM api_keys WHERE key_hash > ? ORDER BY key_hash LIMIT ?"),
+            )
+            .bind(after.to_owned())
+            .bind(limit)
+            .fetch_all(&self.pool)
+            .await?;
+            Ok(hashes.into_iter().map(|(hash,)| hash).collect())
         })
         .await
     }
@@ -338,7 +366,8 @@ impl Store {
             }
             self.insert_key_in(&mut tx, successor).await?;
             self.record_in(&mut tx, audit, successor.created_at).await?;
-            let mut changes = vec![ChangeTarget::Key(old.key_hash.clone())];
+            let mut changes =
+                vec![ChangeTarget::Key(old.key_hash.clone()), ChangeTarget::Key(successor.key_hash.clone())];
             if self.record_key_format_in(&mut tx, format, successor.created_at).await? {
                 changes.push(ChangeTarget::KeyFormat(format.to_owned()));
             }

@@ -64,6 +64,8 @@ async fn metrics_count_decisions_cache_store_admin_calls_and_invalidation_lag() 
     while check(&replica, &secret, "events:read", "").await.allowed {
         assert!(started.elapsed() < std::time::Duration::from_secs(2));
     }
+    // Cached again, as revoked.
+    assert_eq!(check(&app, &secret, "events:read", "").await.reason(), keygate::proto::DenyReason::KeyRevoked);
 
     let after = Scrape::of(&app).await;
     let moved = |name: &str, labels: &[(&str, &str)]| after.value(name, labels) - before.value(name, labels);
@@ -73,6 +75,7 @@ async fn metrics_count_decisions_cache_store_admin_calls_and_invalidation_lag() 
     assert!(moved("keygate_check_duration_seconds_count", &[]) >= 5.0);
     assert!(moved("keygate_cache_hits_total", &[("cache", "keys")]) >= 3.0);
     assert!(moved("keygate_cache_misses_total", &[("cache", "keys")]) >= 2.0);
+    assert!(moved("keygate_unknown_keys_filtered_total", &[]) >= 1.0, "the unknown key was answered by the filter");
     assert!(after.value("keygate_cache_entries", &[("cache", "keys")]) >= 1.0);
     assert!(moved("keygate_store_queries_total", &[]) >= 3.0);
     assert!(moved("keygate_store_lookup_duration_seconds_count", &[]) >= 2.0);

@@ -11,6 +11,7 @@ crate::trials!(
     every_backend: [
         a_revocation_on_one_replica_is_denied_by_another_within_a_second,
         every_change_that_can_deny_reaches_the_other_replica,
+        keys_minted_on_one_replica_pass_on_another_at_the_first_check_and_made_up_keys_cost_no_query,
     ],
     once: [],
 );
@@ -106,4 +107,49 @@ async fn every_change_that_can_deny_reaches_the_other_replica(backend: Backend) 
 fn a_now(app: &TestApp) -> i64 {
     use keygate::domain::clock::Clock;
     app.clock.now().timestamp()
+}
+
+/// The known-keys filter answers made-up keys without a query; a key minted, rotated in or
+/// imported on another replica must still pass at its very first Check (the Check waits for a
+/// feed poll that began after it arrived).
+async fn keys_minted_on_one_replica_pass_on_another_at_the_first_check_and_made_up_keys_cost_no_query(
+    backend: Backend,
+) {
+    let imported_shape = ["--imported-key-formats", "tga_{hex:64}"];
+    let Some(a) = spawn_app_with(backend, &imported_shape).await else { return };
+    let b = spawn_replica(&a, &imported_shape).await;
+    put_tenant(&a, "acme").await;
+    let shape = keygate::domain::key_format::KeyShapes::default().minting;
+    let made_up = || shape.mint(keygate::domain::key::Environment::Live).unwrap();
+    for round in 0..20 {
+        let before = b.store.query_count();
+        let unknown = check(&b, &made_up(), "events:read", "").await;
+        assert_eq!(unknown.reason(), DenyReason::KeyUnknown, "round {round}");
+        assert_eq!(b.store.query_count(), before, "round {round}: a made-up key made a store query");
+
+        let (key, secret) = create_key(&a, key_request("acme", &["events:read"])).await.unwrap();
+        let first = check(&b, &secret, "events:read", "").await;
+        assert!(first.allowed, "round {round}: a key created on A, first Check on B: {first:?}");
+
+        let rotate = RotateKeyRequest { tenant_id: "acme".into(), key_id: key.key_id, grace_period: None };
+        let rotated = a.admin.clone().rotate_key(rotate).await.unwrap().into_inner();
+        let first = check(&b, &rotated.secret, "events:read", "").await;
+        assert!(first.allowed, "round {round}: a successor rotated in on A, first Check on B: {first:?}");
+        // Under the tenant's limit of 10 working keys.
+        crate::keys::revoke(&a, "acme", &rotated.key.unwrap().key_id).await.unwrap();
+    }
+    let imported = format!("tga_{}", "5e".repeat(32));
+    let request = ImportKeysRequest {
+        tenant_id: "acme".into(),
+        keys: vec![ImportedKey {
+            credential: Some(imported_key::Credential::Secret(imported.clone())),
+            name: "imported".into(),
+            scopes: vec!["events:read".into()],
+            ..Default::default()
+        }],
+        validate_only: false,
+    };
+    a.admin.clone().import_keys(request).await.unwrap();
+    let first = check(&b, &imported, "events:read", "").await;
+    assert!(first.allowed, "a key imported on A, first Check on B: {first:?}");
 }
