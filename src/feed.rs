@@ -35,6 +35,13 @@ impl Default for FeedSettings {
 const BATCH: i64 = 1000;
 /// Shortest time between two polls asked for by Checks of keys the known-keys filter lacks.
 const WANTED_POLL_GAP: Duration = Duration::from_millis(10);
+/// How often the known-keys filter is built anew from the database.
+const REBUILD_EVERY: Duration = Duration::from_secs(3600);
+/// How often the keys created lately are read into the known-keys filter, for keys whose
+/// creation reached no feed (a replica of an earlier version during a rolling upgrade).
+const RECONCILE_EVERY: Duration = Duration::from_secs(10);
+/// How far the replicas' clocks (which stamp key ids) may disagree, with time to commit.
+const RECONCILE_SLACK: Duration = Duration::from_secs(120);
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Where a replica starts following the feed: the current head, with a clean cache (Checks
@@ -45,18 +52,33 @@ pub async fn start(core: &Core) -> Result<i64, crate::store::StoreError> {
     core.shapes.set_earlier(&core.store.key_formats().await?);
     let head = core.store.feed_head().await?;
     core.cache.invalidate_all();
-    // Every key committed up to `head` is in the scan; those committed since are in the feed.
-    build_known_keys(&core.store, &core.cache).await?;
     Ok(head)
 }
 
-/// Builds the known-keys filter from every stored key hash and starts answering from it.
-async fn build_known_keys(store: &Store, cache: &DecisionCache) -> Result<(), crate::store::StoreError> {
-    let started = std::time::Instant::now();
-    let filter = crate::known::build(store).await?;
-    info!(bytes = filter.bytes(), took_ms = started.elapsed().as_millis() as u64, "known-keys filter built");
-    cache.known().install(filter);
-    Ok(())
+/// Builds the known-keys filter from every stored key hash, in a task of its own so that the
+/// follower keeps applying changes meanwhile (they reach the new filter through
+/// [`KnownKeys::add`](crate::known::KnownKeys::add)). Call right after changes up to some feed
+/// position were applied: keys committed up to there are in the scan.
+fn build_known_keys(store: &Store, cache: &DecisionCache) {
+    let Some(number) = cache.known().begin_build() else { return };
+    let (store, cache) = (store.clone(), cache.clone());
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        match crate::known::build(&store).await {
+            Ok(filter) => {
+                info!(
+                    bytes = filter.bytes(),
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "known-keys filter built"
+                );
+                cache.known().install(number, filter);
+            }
+            Err(error) => {
+                warn!(%error, "cannot build the known-keys filter; will retry");
+                cache.known().build_failed(number);
+            }
+        }
+    });
 }
 
 /// Follows the feed from `last_seen` until the task is aborted.
@@ -72,6 +94,7 @@ pub async fn follow(core: Arc<Core>, settings: FeedSettings, mut last_seen: i64)
     // Polls that Checks of unknown keys ask for are at least this far apart.
     let gap = settings.poll_interval.min(WANTED_POLL_GAP);
     let mut last_poll = tokio::time::Instant::now();
+    let (mut last_build, mut last_reconcile) = (last_poll, last_poll);
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -106,12 +129,19 @@ pub async fn follow(core: Arc<Core>, settings: FeedSettings, mut last_seen: i64)
                     last_seen = seen;
                 }
                 failing = false;
-                // Built at start and after the whole cache was dropped; holds every key
-                // committed up to `last_seen`, and the next polls add those committed since.
-                if !known.is_built()
-                    && let Err(error) = build_known_keys(store, cache).await
-                {
-                    warn!(%error, "cannot build the known-keys filter; will retry");
+                // Built at start, after the whole cache was dropped, and every hour (which also
+                // folds its growth layers into one); holds every key committed up to
+                // `last_seen`, and later polls add those committed since.
+                if !known.is_built() || last_build.elapsed() >= REBUILD_EVERY {
+                    last_build = tokio::time::Instant::now();
+                    build_known_keys(store, cache);
+                }
+                if known.is_built() && last_reconcile.elapsed() >= RECONCILE_EVERY {
+                    last_reconcile = tokio::time::Instant::now();
+                    let since = core.clock.now() - RECONCILE_EVERY - RECONCILE_SLACK;
+                    if let Err(error) = crate::known::reconcile(store, known, since).await {
+                        debug!(%error, "cannot read the keys created lately; will retry");
+                    }
                 }
                 known.poll_applied(poll);
             }
@@ -266,6 +296,12 @@ mod tests {
         }
     }
 
+    /// Builds the filter as the follower's task does, and waits for it.
+    async fn build_now(store: &Store, cache: &DecisionCache) {
+        let number = cache.known().begin_build().unwrap();
+        cache.known().install(number, crate::known::build(store).await.unwrap());
+    }
+
     #[tokio::test]
     async fn the_known_keys_filter_follows_the_feed_and_is_built_again_after_a_hole() {
         let (_dir, store) = migrated_store().await;
@@ -283,7 +319,7 @@ mod tests {
         insert("first").await;
         let last_seen = store.feed_head().await.unwrap();
         assert_eq!(cache.known().may_hold(&KeyDigest::of("first")), None, "not built yet");
-        build_known_keys(&store, &cache).await.unwrap();
+        build_now(&store, &cache).await;
         assert_eq!(cache.known().may_hold(&KeyDigest::of("first")), Some(true));
         assert_eq!(cache.known().may_hold(&KeyDigest::of("never stored")), Some(false));
 
@@ -299,7 +335,7 @@ mod tests {
         store.put_tenant("globex", &TenantChanges::default(), now, &audit("globex")).await.unwrap();
         catch_up(&store, &cache, &SystemClock, last_seen).await.unwrap();
         assert!(!cache.known().is_built(), "a filter that may lack keys must not answer");
-        build_known_keys(&store, &cache).await.unwrap();
+        build_now(&store, &cache).await;
         for secret in ["first", "second", "third"] {
             assert_eq!(cache.known().may_hold(&KeyDigest::of(secret)), Some(true), "{secret}");
         }

@@ -15,9 +15,13 @@
 //! the follower to poll at once rather than at its interval, and every Check waiting meanwhile
 //! shares that poll; polls asked for are at least 10 ms apart, so a flood of made-up keys costs
 //! at most 100 feed reads a second, and each of its Checks waits about 10 ms.
-//! Until the filter is built (at start, and again whenever the whole cache is dropped), while
-//! the feed cannot be read, or when the wait runs past its limit, a Check takes the usual
-//! lookup: the filter can make an unknown key cheaper, never a real key unknown.
+//! The follower builds the filter in a task of its own (at start, after the whole cache was
+//! dropped, and every hour), so changes keep being applied meanwhile; and every 10 s it reads
+//! the keys created lately (key ids begin with their creation time), for keys whose creation
+//! reached no feed: those minted by a replica of an earlier version during a rolling upgrade.
+//! Until the filter is built, while the feed cannot be read, or when the wait runs past its
+//! limit, a Check takes the usual lookup: the filter can make an unknown key cheaper, never a
+//! key that reached the feed unknown.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{RwLock, RwLockReadGuard};
@@ -124,12 +128,23 @@ impl DigestFilter {
     }
 }
 
+/// The filter answering now, and the build under way.
+#[derive(Default)]
+struct State {
+    /// `None` until built, and again from the moment the whole cache is dropped until a build
+    /// is installed: every miss takes the usual lookup meanwhile.
+    filter: Option<DigestFilter>,
+    /// A build under way: its number, and the digests added since it began (its scan may have
+    /// passed them), which [`KnownKeys::install`] adds to the new filter.
+    building: Option<(u64, Vec<KeyDigest>)>,
+}
+
 /// The filter of the keys the database holds, and the feed polls it waits for. Shared by the
 /// decision cache (which asks it) and the feed's follower (which builds and feeds it).
 pub struct KnownKeys {
-    /// `None` until built, and again from the moment the whole cache is dropped until the
-    /// follower has built it again: every miss takes the usual lookup meanwhile.
-    filter: RwLock<Option<DigestFilter>>,
+    state: RwLock<State>,
+    /// Numbers builds, so that one begun before [`forget`](Self::forget) is not installed.
+    builds: AtomicU64,
     /// Feed polls begun, and (below) the newest one whose changes are applied.
     polls_begun: AtomicU64,
     polls_applied: watch::Sender<u64>,
@@ -147,11 +162,13 @@ impl Default for KnownKeys {
 }
 
 impl KnownKeys {
-    /// Not built yet: every key takes the usual lookup until [`install`](Self::install). Its
-    /// counter `keygate_unknown_keys_filtered_total` is resolved here.
+    /// Not built yet: every key takes the usual lookup until a build is
+    /// [installed](Self::install). Its counter `keygate_unknown_keys_filtered_total` is resolved
+    /// here.
     pub fn new() -> Self {
         Self {
-            filter: RwLock::new(None),
+            state: RwLock::default(),
+            builds: AtomicU64::new(0),
             polls_begun: AtomicU64::new(0),
             polls_applied: watch::Sender::new(0),
             wanted: Notify::new(),
@@ -160,51 +177,89 @@ impl KnownKeys {
         }
     }
 
-    fn read(&self) -> RwLockReadGuard<'_, Option<DigestFilter>> {
-        self.filter.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Option<DigestFilter>> {
-        self.filter.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state.write().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Whether the filter is built.
+    /// Whether a filter is answering.
     pub fn is_built(&self) -> bool {
-        self.read().is_some()
+        self.read().filter.is_some()
     }
 
     /// Whether the filter may hold `digest`; `None` while it is not built.
     pub fn may_hold(&self, digest: &KeyDigest) -> Option<bool> {
-        self.read().as_ref().map(|filter| filter.contains(digest))
+        self.read().filter.as_ref().map(|filter| filter.contains(digest))
     }
 
-    /// Starts answering from `filter`, which holds every key committed up to the feed position
-    /// the follower has applied.
-    pub fn install(&self, filter: DigestFilter) {
-        *self.write() = Some(filter);
+    /// Begins a build, unless one is under way: returns its number, for
+    /// [`install`](Self::install). The filter in place (if any) keeps answering meanwhile.
+    /// Build from a scan that starts after this call and after the feed's changes up to some
+    /// position were applied; changes after that position arrive through [`add`](Self::add).
+    pub fn begin_build(&self) -> Option<u64> {
+        let mut state = self.write();
+        if state.building.is_some() {
+            return None;
+        }
+        let number = self.builds.fetch_add(1, Ordering::Relaxed) + 1;
+        state.building = Some((number, Vec::new()));
+        Some(number)
     }
 
-    /// Stops answering from the filter (the whole cache was dropped: changes may have been
-    /// missed); the follower builds it again.
+    /// Starts answering from `filter`, the build numbered `number`, with every digest added
+    /// since it began; a build overtaken by [`forget`](Self::forget) is dropped.
+    pub fn install(&self, number: u64, mut filter: DigestFilter) {
+        let mut state = self.write();
+        match state.building.take() {
+            Some((building, added)) if building == number => {
+                for digest in &added {
+                    filter.insert(digest);
+                }
+                state.filter = Some(filter);
+            }
+            other => state.building = other,
+        }
+    }
+
+    /// The build numbered `number` failed: a later call to [`begin_build`](Self::begin_build)
+    /// may begin another.
+    pub fn build_failed(&self, number: u64) {
+        let mut state = self.write();
+        if state.building.as_ref().is_some_and(|(building, _)| *building == number) {
+            state.building = None;
+        }
+    }
+
+    /// Stops answering from the filter and drops any build under way (the whole cache was
+    /// dropped: changes may have been missed); the follower builds it again.
     pub fn forget(&self) {
-        *self.write() = None;
+        *self.write() = State::default();
     }
 
     /// Records that a key with this digest is stored (created, rotated in, imported, or
-    /// changed). Idempotent; a no-op while the filter is not built.
+    /// changed). Idempotent; a no-op while no filter is built or being built.
     pub fn add(&self, digest: &KeyDigest) {
-        let full = match &*self.read() {
-            Some(filter) => filter.add(digest),
-            None => return,
+        let (full, building) = {
+            let state = self.read();
+            (state.filter.as_ref().is_some_and(|filter| filter.add(digest)), state.building.is_some())
         };
-        if full && let Some(filter) = &mut *self.write() {
-            filter.grow();
+        if full || building {
+            let mut state = self.write();
+            if let Some((_, added)) = &mut state.building {
+                added.push(*digest);
+            }
+            if full && let Some(filter) = &mut state.filter {
+                filter.grow();
+            }
         }
     }
 
     /// The filter's size in bytes (0 while not built).
     pub fn bytes(&self) -> usize {
-        self.read().as_ref().map_or(0, DigestFilter::bytes)
+        self.read().filter.as_ref().map_or(0, DigestFilter::bytes)
     }
 
     /// Sets how long a Check of an unknown key waits for the next feed poll: twice the poll
@@ -283,6 +338,37 @@ pub async fn build(store: &Store) -> StoreResult<DigestFilter> {
     }
 }
 
+/// Keys created at most this many more than [`RECONCILE_LIMIT`] since the last look make the
+/// follower rebuild instead.
+const RECONCILE_LIMIT: usize = 100_000;
+
+/// Adds every key created since `since` (by its key id, which begins with its creation time):
+/// keys whose creation reached no feed, those minted by a replica of an earlier version during a
+/// rolling upgrade in particular. Returns how many keys it read; past 100 000 it stops and
+/// forgets the filter, so that the follower builds it again.
+pub async fn reconcile(store: &Store, known: &KnownKeys, since: chrono::DateTime<chrono::Utc>) -> StoreResult<usize> {
+    // Every id minted at or after `since` sorts after this one.
+    let mut after = crate::domain::key::key_id_floor(since.timestamp_millis());
+    let mut read = 0;
+    loop {
+        let page = store.keys_minted_after(&after, SCAN_PAGE).await?;
+        for (_, hash) in &page {
+            if let Some(digest) = KeyDigest::from_hex(hash) {
+                known.add(&digest);
+            }
+        }
+        read += page.len();
+        if read > RECONCILE_LIMIT {
+            known.forget();
+            return Ok(read);
+        }
+        match page.last() {
+            Some((last, _)) if page.len() as i64 == SCAN_PAGE => after.clone_from(last),
+            _ => return Ok(read),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -328,7 +414,7 @@ mod tests {
         known.set_poll_interval(Duration::from_secs(10));
         // Not built: everything may exist, at once.
         assert!(known.may_exist(&digest(1)).await);
-        known.install(DigestFilter::with_capacity(0));
+        known.install(known.begin_build().unwrap(), DigestFilter::with_capacity(0));
         let poll = known.poll_begins();
         let waiting = tokio::spawn({
             let known = known.clone();
@@ -357,11 +443,42 @@ mod tests {
         assert!(!waiting.await.unwrap());
     }
 
+    #[test]
+    fn digests_added_during_a_build_are_in_the_filter_it_installs() {
+        let known = KnownKeys::new();
+        let first = known.begin_build().unwrap();
+        assert_eq!(known.begin_build(), None, "one build at a time");
+        // The scan has passed these.
+        known.add(&digest(1));
+        let mut scanned = DigestFilter::with_capacity(0);
+        scanned.insert(&digest(2));
+        known.install(first, scanned);
+        assert_eq!(known.may_hold(&digest(1)), Some(true));
+        assert_eq!(known.may_hold(&digest(2)), Some(true));
+
+        // A rebuild: the filter in place keeps answering, and both get what is added meanwhile.
+        let second = known.begin_build().unwrap();
+        known.add(&digest(3));
+        assert_eq!(known.may_hold(&digest(3)), Some(true));
+        known.install(second, DigestFilter::with_capacity(0));
+        assert_eq!(known.may_hold(&digest(3)), Some(true));
+        assert_eq!(known.may_hold(&digest(1)), Some(false), "the new filter is the new scan's");
+
+        // A build overtaken by forget() is not installed: it may lack what was missed.
+        let third = known.begin_build().unwrap();
+        known.forget();
+        known.install(third, DigestFilter::with_capacity(0));
+        assert!(!known.is_built());
+        let fourth = known.begin_build().unwrap();
+        known.build_failed(fourth);
+        assert!(known.begin_build().is_some(), "a failed build lets another begin");
+    }
+
     #[tokio::test(start_paused = true)]
     async fn without_a_poll_the_store_decides() {
         let known = KnownKeys::new();
         known.set_poll_interval(Duration::from_millis(100));
-        known.install(DigestFilter::with_capacity(0));
+        known.install(known.begin_build().unwrap(), DigestFilter::with_capacity(0));
         // The feed cannot be read: no poll is ever applied.
         assert!(known.may_exist(&digest(3)).await);
         known.forget();

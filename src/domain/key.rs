@@ -210,6 +210,11 @@ pub fn new_key_id(now_millis: i64) -> Result<String, rand::rngs::SysError> {
     Ok(format!("key_{:012x}{}", now_millis.max(0), hex(&random)))
 }
 
+/// The greatest string below every key id minted at `millis` or later (see [`new_key_id`]).
+pub fn key_id_floor(millis: i64) -> String {
+    format!("key_{:012x}", millis.max(0))
+}
+
 /// A fresh admin or caller token: 32 random bytes as 64 hex characters.
 pub fn new_admin_token() -> Result<String, rand::rngs::SysError> {
     let mut random = [0u8; 32];

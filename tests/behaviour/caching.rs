@@ -36,6 +36,7 @@ async fn a_made_up_key_costs_no_store_query(backend: Backend) {
     put_tenant(&app, "acme").await;
     let (_, secret) = create_key(&app, key_request("acme", &["events:read"])).await.unwrap();
     let shape = keygate::domain::key_format::KeyShapes::default().minting;
+    known_keys_built(&app).await;
     let before = app.store.query_count();
     for _ in 0..10 {
         let made_up = shape.mint(keygate::domain::key::Environment::Live).unwrap();
@@ -81,6 +82,7 @@ async fn a_flood_of_unknown_keys_costs_no_lookup_and_cached_keys_keep_working(ba
     let shape = keygate::domain::key_format::KeyShapes::default().minting;
     let environment = keygate::domain::key::Environment::Live;
     let unknown: Vec<String> = (0..400).map(|_| shape.mint(environment).unwrap()).collect();
+    known_keys_built(&app).await;
     let before = app.store.query_count();
 
     let flood: Vec<_> = unknown

@@ -263,6 +263,16 @@ async fn start(database_url: &str, flags: &[&str], clock: Arc<ManualClock>) -> T
 }
 
 /// Starts keygate on `backend` with default settings.
+/// Waits until `app`'s known-keys filter answers (the feed's follower builds it in a task of
+/// its own after start); until then a made-up key is looked up as any missing key is.
+pub async fn known_keys_built(app: &TestApp) {
+    let started = std::time::Instant::now();
+    while !app.core.cache.known().is_built() {
+        assert!(started.elapsed() < Duration::from_secs(10), "the known-keys filter was not built in 10 s");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 pub async fn spawn_app(backend: Backend) -> Option<TestApp> {
     spawn_app_with(backend, &[]).await
 }
