@@ -37,11 +37,13 @@ const BATCH: i64 = 1000;
 const WANTED_POLL_GAP: Duration = Duration::from_millis(10);
 /// How often the known-keys filter is built anew from the database.
 const REBUILD_EVERY: Duration = Duration::from_secs(3600);
-/// How often the keys created lately are read into the known-keys filter, for keys whose
-/// creation reached no feed (a replica of an earlier version during a rolling upgrade).
+/// How often the keys created since the last read are read into the known-keys filter, for keys
+/// whose creation reached no feed (a replica of an earlier version during a rolling upgrade).
 const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 /// How far the replicas' clocks (which stamp key ids) may disagree, with time to commit.
-const RECONCILE_SLACK: Duration = Duration::from_secs(120);
+const RECONCILE_SLACK: Duration = Duration::from_secs(300);
+/// Shortest time between two builds of the known-keys filter while none answers.
+const BUILD_RETRY: Duration = Duration::from_secs(5);
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 
 /// Where a replica starts following the feed: the current head, with a clean cache (Checks
@@ -64,8 +66,8 @@ fn build_known_keys(store: &Store, cache: &DecisionCache) {
     let (store, cache) = (store.clone(), cache.clone());
     tokio::spawn(async move {
         let started = std::time::Instant::now();
-        match crate::known::build(&store).await {
-            Ok(filter) => {
+        match crate::known::build(&store, cache.known(), number).await {
+            Ok(Some(filter)) => {
                 info!(
                     bytes = filter.bytes(),
                     took_ms = started.elapsed().as_millis() as u64,
@@ -73,12 +75,33 @@ fn build_known_keys(store: &Store, cache: &DecisionCache) {
                 );
                 cache.known().install(number, filter);
             }
+            // Overtaken by a dropped cache: the follower begins another.
+            Ok(None) => {}
             Err(error) => {
                 warn!(%error, "cannot build the known-keys filter; will retry");
                 cache.known().build_failed(number);
             }
         }
     });
+}
+
+/// Reads the keys created since `since` into the known-keys filter (see
+/// [`crate::known::reconcile`]); true when the read succeeded.
+async fn reconcile_known_keys(store: &Store, cache: &DecisionCache, since: chrono::DateTime<chrono::Utc>) -> bool {
+    match crate::known::reconcile(store, cache.known(), since).await {
+        Ok(0) => true,
+        Ok(new) => {
+            info!(
+                keys = new,
+                "keys created without a change-feed entry (by a replica of an earlier version?) added to the known-keys filter"
+            );
+            true
+        }
+        Err(error) => {
+            warn!(%error, "cannot read the keys created lately; will retry");
+            false
+        }
+    }
 }
 
 /// Follows the feed from `last_seen` until the task is aborted.
@@ -94,7 +117,10 @@ pub async fn follow(core: Arc<Core>, settings: FeedSettings, mut last_seen: i64)
     // Polls that Checks of unknown keys ask for are at least this far apart.
     let gap = settings.poll_interval.min(WANTED_POLL_GAP);
     let mut last_poll = tokio::time::Instant::now();
-    let (mut last_build, mut last_reconcile) = (last_poll, last_poll);
+    let mut last_build: Option<tokio::time::Instant> = None;
+    let mut last_reconcile = last_poll;
+    // Keys created since then (less the slack) are read into the known-keys filter.
+    let mut reconciled_from = core.clock.now();
     loop {
         tokio::select! {
             _ = ticker.tick() => {}
@@ -129,21 +155,26 @@ pub async fn follow(core: Arc<Core>, settings: FeedSettings, mut last_seen: i64)
                     last_seen = seen;
                 }
                 failing = false;
-                // Built at start, after the whole cache was dropped, and every hour (which also
-                // folds its growth layers into one); holds every key committed up to
-                // `last_seen`, and later polls add those committed since.
-                if !known.is_built() || last_build.elapsed() >= REBUILD_EVERY {
-                    last_build = tokio::time::Instant::now();
+                // Built at start, after the whole cache was dropped (retried at most every 5 s),
+                // and every hour, which also folds its growth layers into one; holds every key
+                // committed up to `last_seen`, and later polls add those committed since.
+                let since_build = last_build.map(|at| at.elapsed());
+                if since_build
+                    .is_none_or(|elapsed| elapsed >= REBUILD_EVERY || (!known.is_built() && elapsed >= BUILD_RETRY))
+                {
+                    last_build = Some(tokio::time::Instant::now());
                     build_known_keys(store, cache);
                 }
-                if known.is_built() && last_reconcile.elapsed() >= RECONCILE_EVERY {
+                known.poll_applied(poll);
+                // Also while a build is under way (the keys read go to its list too); a failed
+                // read leaves the window open for the next one.
+                if last_reconcile.elapsed() >= RECONCILE_EVERY {
                     last_reconcile = tokio::time::Instant::now();
-                    let since = core.clock.now() - RECONCILE_EVERY - RECONCILE_SLACK;
-                    if let Err(error) = crate::known::reconcile(store, known, since).await {
-                        debug!(%error, "cannot read the keys created lately; will retry");
+                    let now = core.clock.now();
+                    if reconcile_known_keys(store, cache, reconciled_from - RECONCILE_SLACK).await {
+                        reconciled_from = now;
                     }
                 }
-                known.poll_applied(poll);
             }
             Err(error) => {
                 if !failing {
@@ -299,7 +330,7 @@ mod tests {
     /// Builds the filter as the follower's task does, and waits for it.
     async fn build_now(store: &Store, cache: &DecisionCache) {
         let number = cache.known().begin_build().unwrap();
-        cache.known().install(number, crate::known::build(store).await.unwrap());
+        cache.known().install(number, crate::known::build(store, cache.known(), number).await.unwrap().unwrap());
     }
 
     #[tokio::test]
@@ -339,6 +370,18 @@ mod tests {
         for secret in ["first", "second", "third"] {
             assert_eq!(cache.known().may_hold(&KeyDigest::of(secret)), Some(true), "{secret}");
         }
+
+        // A build whose scan is done, then a key committed with no feed entry (a replica of an
+        // earlier version): the reconciliation under way reaches the filter the build installs.
+        let number = cache.known().begin_build().unwrap();
+        let scanned = crate::known::build(&store, cache.known(), number).await.unwrap().unwrap();
+        let (key, audit) = (key_record("fourth"), audit("acme"));
+        store.insert_key(&key, "kg_{env}_{base62:32}", 100, now, &audit).await.unwrap();
+        store.prune_changes(now + chrono::Duration::seconds(10)).await.unwrap();
+        let new = crate::known::reconcile(&store, cache.known(), now - chrono::Duration::minutes(5)).await.unwrap();
+        assert_eq!(new, 1, "the filter in place lacked only the fourth key");
+        cache.known().install(number, scanned);
+        assert_eq!(cache.known().may_hold(&KeyDigest::of("fourth")), Some(true));
     }
 
     #[tokio::test]

@@ -17,8 +17,9 @@
 //! at most 100 feed reads a second, and each of its Checks waits about 10 ms.
 //! The follower builds the filter in a task of its own (at start, after the whole cache was
 //! dropped, and every hour), so changes keep being applied meanwhile; and every 10 s it reads
-//! the keys created lately (key ids begin with their creation time), for keys whose creation
-//! reached no feed: those minted by a replica of an earlier version during a rolling upgrade.
+//! the keys created since its last successful look, 5 minutes back for clock skew (key ids
+//! begin with their creation time), for keys whose creation reached no feed: those minted by a
+//! replica of an earlier version during a rolling upgrade.
 //! Until the filter is built, while the feed cannot be read, or when the wait runs past its
 //! limit, a Check takes the usual lookup: the filter can make an unknown key cheaper, never a
 //! key that reached the feed unknown.
@@ -242,19 +243,38 @@ impl KnownKeys {
     /// Records that a key with this digest is stored (created, rotated in, imported, or
     /// changed). Idempotent; a no-op while no filter is built or being built.
     pub fn add(&self, digest: &KeyDigest) {
-        let (full, building) = {
+        let full = {
             let state = self.read();
-            (state.filter.as_ref().is_some_and(|filter| filter.add(digest)), state.building.is_some())
+            // No build under way: one that begins after this scans the key (it is committed).
+            state.building.is_none().then(|| state.filter.as_ref().is_some_and(|filter| filter.add(digest)))
         };
-        if full || building {
-            let mut state = self.write();
-            if let Some((_, added)) = &mut state.building {
-                added.push(*digest);
+        let mut state = match full {
+            Some(false) => return,
+            Some(true) => self.write(),
+            // A build is under way: added to the filter answering now and to the build's list
+            // under the lock `install` takes, so the digest reaches whichever filter answers
+            // next (the build's scan may have passed it).
+            None => {
+                let mut state = self.write();
+                let State { filter, building } = &mut *state;
+                if filter.as_ref().is_some_and(|filter| filter.add(digest)) {
+                    filter.as_mut().expect("checked").grow();
+                }
+                if let Some((_, added)) = building {
+                    added.push(*digest);
+                }
+                return;
             }
-            if full && let Some(filter) = &mut state.filter {
-                filter.grow();
-            }
+        };
+        if let Some(filter) = &mut state.filter {
+            filter.grow();
         }
+    }
+
+    /// Whether the build numbered `number` is still the one under way (not overtaken by
+    /// [`forget`](Self::forget)): its scan stops early otherwise.
+    pub fn is_building(&self, number: u64) -> bool {
+        self.read().building.as_ref().is_some_and(|(building, _)| *building == number)
     }
 
     /// The filter's size in bytes (0 while not built).
@@ -317,14 +337,18 @@ impl KnownKeys {
     }
 }
 
-/// Builds the filter of every key hash the store holds, a page at a time. Hashes that are not
-/// 64 hex digits (keygate never writes one) cannot match a lookup and are left out.
-pub async fn build(store: &Store) -> StoreResult<DigestFilter> {
+/// Builds the filter of every key hash the store holds, a page at a time, for the build
+/// numbered `number`; `None` when that build was overtaken (the scan stops early). Hashes that
+/// are not 64 hex digits (keygate never writes one) cannot match a lookup and are left out.
+pub async fn build(store: &Store, known: &KnownKeys, number: u64) -> StoreResult<Option<DigestFilter>> {
     let expected = store.key_count().await?;
     // Room for growth before a second layer is needed.
     let mut filter = DigestFilter::with_capacity(expected + expected / 4);
     let mut after = String::new();
     loop {
+        if !known.is_building(number) {
+            return Ok(None);
+        }
         let page = store.key_hashes_after(&after, SCAN_PAGE).await?;
         for hash in &page {
             if let Some(digest) = KeyDigest::from_hex(hash) {
@@ -333,38 +357,30 @@ pub async fn build(store: &Store) -> StoreResult<DigestFilter> {
         }
         match page.last() {
             Some(last) if page.len() as i64 == SCAN_PAGE => after.clone_from(last),
-            _ => return Ok(filter),
+            _ => return Ok(Some(filter)),
         }
     }
 }
 
-/// Keys created at most this many more than [`RECONCILE_LIMIT`] since the last look make the
-/// follower rebuild instead.
-const RECONCILE_LIMIT: usize = 100_000;
-
-/// Adds every key created since `since` (by its key id, which begins with its creation time):
-/// keys whose creation reached no feed, those minted by a replica of an earlier version during a
-/// rolling upgrade in particular. Returns how many keys it read; past 100 000 it stops and
-/// forgets the filter, so that the follower builds it again.
+/// Adds every key created since `since` (by its key id, which begins with its creation time in
+/// milliseconds) a page at a time: keys whose creation reached no feed, those minted by a replica
+/// of an earlier version during a rolling upgrade in particular. Returns how many of them the
+/// filter did not hold.
 pub async fn reconcile(store: &Store, known: &KnownKeys, since: chrono::DateTime<chrono::Utc>) -> StoreResult<usize> {
     // Every id minted at or after `since` sorts after this one.
     let mut after = crate::domain::key::key_id_floor(since.timestamp_millis());
-    let mut read = 0;
+    let mut new = 0;
     loop {
         let page = store.keys_minted_after(&after, SCAN_PAGE).await?;
         for (_, hash) in &page {
             if let Some(digest) = KeyDigest::from_hex(hash) {
+                new += usize::from(known.may_hold(&digest) == Some(false));
                 known.add(&digest);
             }
         }
-        read += page.len();
-        if read > RECONCILE_LIMIT {
-            known.forget();
-            return Ok(read);
-        }
         match page.last() {
             Some((last, _)) if page.len() as i64 == SCAN_PAGE => after.clone_from(last),
-            _ => return Ok(read),
+            _ => return Ok(new),
         }
     }
 }
@@ -472,6 +488,25 @@ mod tests {
         let fourth = known.begin_build().unwrap();
         known.build_failed(fourth);
         assert!(known.begin_build().is_some(), "a failed build lets another begin");
+    }
+
+    #[test]
+    fn no_digest_is_lost_to_an_install_racing_with_it() {
+        let known = std::sync::Arc::new(KnownKeys::new());
+        for round in 0..200u64 {
+            let number = known.begin_build().unwrap();
+            let adding = std::thread::spawn({
+                let known = known.clone();
+                move || (0..500).for_each(|n| known.add(&digest(round * 1_000 + n)))
+            });
+            for _ in 0..round % 50 {
+                std::thread::yield_now();
+            }
+            known.install(number, DigestFilter::with_capacity(0));
+            adding.join().unwrap();
+            let lost = (0..500).filter(|n| known.may_hold(&digest(round * 1_000 + n)) != Some(true)).count();
+            assert_eq!(lost, 0, "round {round}: digests added while the build was installed were lost");
+        }
     }
 
     #[tokio::test(start_paused = true)]
