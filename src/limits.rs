@@ -20,10 +20,11 @@
 //! ([`Limiter::unprimed`], [`Limiter::prime`]). Only while the database cannot answer does it
 //! decide on its own counts.
 
-use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use chrono::{DateTime, Utc};
 
 use crate::domain::cached_key::CachedKey;
@@ -273,19 +274,70 @@ impl Counter {
     }
 }
 
-/// The buckets of one subject.
-#[derive(Debug)]
-struct SubjectCounts {
-    span: Span,
-    buckets: BTreeMap<i64, Counter>,
+/// The buckets of one subject, oldest first (at most [`BUCKETS`] of them, so a sorted `Vec`:
+/// one small allocation where a `BTreeMap` node took about 400 bytes).
+#[derive(Debug, Default)]
+struct Counts {
+    buckets: Vec<(i64, Counter)>,
     /// Whether this replica has read the subject's shared counts and tracks them since.
     primed: bool,
+    /// Taken out of the limiter's map by a sync (no bucket left): a Check that still holds it
+    /// counts in the subject the map holds now instead.
+    detached: bool,
 }
+
+impl Counts {
+    /// The buckets that started at `oldest` or later.
+    fn since(&self, oldest: i64) -> &[(i64, Counter)] {
+        &self.buckets[self.buckets.partition_point(|(start, _)| *start < oldest)..]
+    }
+
+    /// The bucket that starts at `start`, made if missing.
+    fn bucket(&mut self, start: i64) -> &mut Counter {
+        // Almost always the newest bucket, or one after it.
+        let at = match self.buckets.last() {
+            Some((last, _)) if *last == start => self.buckets.len() - 1,
+            Some((last, _)) if *last < start => self.buckets.len(),
+            None => 0,
+            Some(_) => self.buckets.partition_point(|(existing, _)| *existing < start),
+        };
+        if self.buckets.get(at).is_none_or(|(existing, _)| *existing != start) {
+            self.buckets.insert(at, (start, Counter::default()));
+        }
+        &mut self.buckets[at].1
+    }
+
+    fn get_mut(&mut self, start: i64) -> Option<&mut Counter> {
+        let at = self.buckets.binary_search_by_key(&start, |(existing, _)| *existing).ok()?;
+        Some(&mut self.buckets[at].1)
+    }
+}
+
+/// One subject's counts: a key's, or a tenant's for one of its limits.
+#[derive(Debug)]
+pub struct Subject {
+    span: Span,
+    counts: Mutex<Counts>,
+}
+
+impl Subject {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Counts> {
+        self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+/// Where a cached key keeps its own subject (`key:<key id>`), so that a Check finds its counts
+/// without looking its name up among every subject the limiter tracks (8 bytes per record).
+#[derive(Debug, Default)]
+pub struct KeySubject(ArcSwapOption<Subject>);
+
+/// Subjects by name.
+type Subjects = HashMap<String, Arc<Subject>, foldhash::fast::RandomState>;
 
 /// Local counters and their synchronisation with the shared ones.
 #[derive(Debug)]
 pub struct Limiter {
-    subjects: Mutex<HashMap<String, SubjectCounts, foldhash::fast::RandomState>>,
+    subjects: Mutex<Subjects>,
     /// Subjects whose shared counts are being read ([`unprimed`](Self::unprimed) hands each
     /// out once until [`prime`](Self::prime) or [`priming_failed`](Self::priming_failed)).
     priming: Mutex<std::collections::HashSet<String>>,
@@ -318,8 +370,56 @@ impl Limiter {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, SubjectCounts, foldhash::fast::RandomState>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Subjects> {
         self.subjects.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The subject named `name`, made if missing.
+    fn named(&self, name: &str, span: Span) -> Arc<Subject> {
+        let mut subjects = self.lock();
+        match subjects.get(name) {
+            Some(subject) => subject.clone(),
+            None => {
+                let subject = Arc::new(Subject { span, counts: Mutex::default() });
+                subjects.insert(name.to_owned(), subject.clone());
+                subject
+            }
+        }
+    }
+
+    /// The subject of `applied` for `key`: a key's own subject from its record (looked up by
+    /// name only the first time, or once a sync detached it), a tenant's by name.
+    fn subject(&self, key: &CachedKey, applied: &Applied) -> Arc<Subject> {
+        let own = applied.kind == RateLimitSubject::Key;
+        if own && let Some(subject) = key.limit_subject.0.load_full() {
+            return subject;
+        }
+        let named = self.named(applied.subject.as_str(), applied.span);
+        if own {
+            key.limit_subject.0.store(Some(named.clone()));
+        }
+        named
+    }
+
+    /// Forgets the detached subject a record holds, so that the next look goes by name.
+    fn reattach(key: &CachedKey, applied: &Applied) {
+        if applied.kind == RateLimitSubject::Key {
+            key.limit_subject.0.store(None);
+        }
+    }
+
+    /// Runs `with` on the counts of `applied`'s subject for `key`, locked and attached to the
+    /// limiter's map (a sync detaches only under the subject's lock).
+    fn with_counts<R>(&self, key: &CachedKey, applied: &Applied, with: impl FnOnce(&mut Counts) -> R) -> R {
+        loop {
+            let subject = self.subject(key, applied);
+            let mut counts = subject.lock();
+            if !counts.detached {
+                return with(&mut counts);
+            }
+            drop(counts);
+            Self::reattach(key, applied);
+        }
     }
 
     /// The subjects of a decision for `key` at `now` whose shared counts this replica has not
@@ -330,11 +430,10 @@ impl Limiter {
         if !any_limit(key, tenant) {
             return None;
         }
-        let subjects = self.lock();
         let mut needed = Vec::new();
         let mut priming = None;
         for applied in limits_of(key, tenant) {
-            if subjects.get(applied.subject.as_str()).is_some_and(|counts| counts.primed) {
+            if self.with_counts(key, &applied, |counts| counts.primed) {
                 continue;
             }
             let priming =
@@ -350,22 +449,18 @@ impl Limiter {
     /// Takes the shared totals read for `needed` (subjects and the buckets since) and marks the
     /// subjects as known.
     pub fn prime(&self, key: &CachedKey, tenant: &Tenant, needed: &[(String, i64)], totals: Vec<(CountKey, i64)>) {
-        let spans: HashMap<String, Span> =
-            limits_of(key, tenant).map(|applied| (applied.subject.as_str().to_owned(), applied.span)).collect();
-        let mut subjects = self.lock();
         self.priming_failed(needed);
-        for (subject, _) in needed {
-            let Some(span) = spans.get(subject) else { continue };
-            subjects
-                .entry(subject.clone())
-                .or_insert_with(|| SubjectCounts { span: *span, buckets: BTreeMap::new(), primed: false })
-                .primed = true;
-        }
-        for (bucket, total) in totals {
-            if let Some(counts) = subjects.get_mut(&bucket.subject) {
-                let counter = counts.buckets.entry(bucket.window_start).or_default();
-                counter.shared = counter.shared.max(total);
+        for applied in limits_of(key, tenant) {
+            if !needed.iter().any(|(subject, _)| subject == applied.subject.as_str()) {
+                continue;
             }
+            self.with_counts(key, &applied, |counts| {
+                counts.primed = true;
+                for (bucket, total) in totals.iter().filter(|(bucket, _)| bucket.subject == applied.subject.as_str()) {
+                    let counter = counts.bucket(bucket.window_start);
+                    counter.shared = counter.shared.max(*total);
+                }
+            });
         }
     }
 
@@ -378,7 +473,9 @@ impl Limiter {
     }
 
     /// Decides whether `key` may make one more request at `now` and, if so, counts it against
-    /// every limit that applies. A denied request is not counted.
+    /// every limit that applies. A denied request is not counted. The subjects are locked in
+    /// one order (the key's, the tenant's shared limit, the tenant's quota) and held together,
+    /// so a decision and its counting are one step for every limit.
     pub fn check_and_count(&self, key: &CachedKey, tenant: &Tenant, now: DateTime<Utc>) -> LimitDecision {
         if !any_limit(key, tenant) {
             return LimitDecision::Allowed(None);
@@ -388,14 +485,28 @@ impl Limiter {
             let mut limits = limits_of(key, tenant);
             std::array::from_fn(|_| limits.next())
         };
-        let mut subjects = self.lock();
+        loop {
+            let held: Vec<(&Applied, Arc<Subject>)> =
+                applied.iter().flatten().map(|limit| (limit, self.subject(key, limit))).collect();
+            let mut locked: Vec<(&Applied, std::sync::MutexGuard<'_, Counts>)> =
+                held.iter().map(|(limit, subject)| (*limit, subject.lock())).collect();
+            // A sync detached one since it was looked up: look again.
+            if let Some(&(limit, _)) = locked.iter().find(|(_, counts)| counts.detached) {
+                drop(locked);
+                Self::reattach(key, limit);
+                continue;
+            }
+            return Self::decide_and_count(&mut locked, now);
+        }
+    }
+
+    /// [`check_and_count`](Self::check_and_count) on the locked counts of every limit.
+    fn decide_and_count(locked: &mut [(&Applied, std::sync::MutexGuard<'_, Counts>)], now: i64) -> LimitDecision {
         let mut fewest_left: Option<RateLimitState> = None;
         let mut denied: Option<(DenyReason, RateLimitState)> = None;
-        for limit in applied.iter().flatten() {
-            let oldest = limit.span.oldest_counted(now);
-            let counts = subjects.get(limit.subject.as_str());
-            let counted = || counts.into_iter().flat_map(|counts| counts.buckets.range(oldest..));
-            let used: i64 = counted().map(|(_, counter)| counter.estimate()).sum();
+        for (limit, counts) in locked.iter() {
+            let counted = counts.since(limit.span.oldest_counted(now));
+            let used: i64 = counted.iter().map(|(_, counter)| counter.estimate()).sum();
             let state = |remaining: u32, reset_at: i64| RateLimitState {
                 limit: limit.limit,
                 remaining,
@@ -406,7 +517,8 @@ impl Limiter {
             if used + 1 > i64::from(limit.limit) {
                 // Of several used-up limits, the one that frees up last: a client that waits
                 // until the reported reset is admitted by all of them.
-                let counted: Vec<(i64, i64)> = counted().map(|(start, counter)| (*start, counter.estimate())).collect();
+                let counted: Vec<(i64, i64)> =
+                    counted.iter().map(|(start, counter)| (*start, counter.estimate())).collect();
                 let reset_at = admitted_again_at(limit.span, &counted, i64::from(limit.limit));
                 if denied.as_ref().is_none_or(|(_, state)| micros(state.reset_at) < reset_at) {
                     denied = Some((limit.reason, state(0, reset_at)));
@@ -426,17 +538,8 @@ impl Limiter {
         if let Some((reason, state)) = denied {
             return LimitDecision::Denied(reason, state);
         }
-        for limit in applied.iter().flatten() {
-            let bucket = limit.span.bucket_of(now);
-            let counts = match subjects.get_mut(limit.subject.as_str()) {
-                Some(counts) => counts,
-                None => subjects.entry(limit.subject.as_str().to_owned()).or_insert_with(|| SubjectCounts {
-                    span: limit.span,
-                    buckets: BTreeMap::new(),
-                    primed: false,
-                }),
-            };
-            counts.buckets.entry(bucket).or_default().pending += 1;
+        for (limit, counts) in locked.iter_mut() {
+            counts.bucket(limit.span.bucket_of(now)).pending += 1;
         }
         LimitDecision::Allowed(fewest_left)
     }
@@ -446,68 +549,63 @@ impl Limiter {
     /// none is lost while its bucket can still matter.
     pub async fn sync(&self, store: &Store, now: DateTime<Utc>) -> Result<(), StoreError> {
         let now = micros(now);
-        let deltas: Vec<(CountKey, i64)> = {
+        // Buckets that no decision counts any more go, their unwritten counts too, so an outage
+        // cannot make the buffer grow without bound; a subject with no bucket left is detached
+        // and read again the next time it is seen.
+        let tracked: Vec<(String, Arc<Subject>)> = {
             let mut subjects = self.lock();
-            // Buckets that no decision counts any more go, their unwritten counts too, so an
-            // outage cannot make the buffer grow without bound; a subject with no bucket left
-            // is read again the next time it is seen.
-            subjects.retain(|_, counts| {
-                let oldest = counts.span.oldest_counted(now);
-                counts.buckets.retain(|start, _| *start >= oldest);
-                !counts.buckets.is_empty()
+            subjects.retain(|_, subject| {
+                let mut counts = subject.lock();
+                let oldest = subject.span.oldest_counted(now);
+                let gone = counts.buckets.partition_point(|(start, _)| *start < oldest);
+                counts.buckets.drain(..gone);
+                counts.detached = counts.buckets.is_empty();
+                !counts.detached
             });
-            let mut deltas: Vec<(CountKey, i64)> = subjects
-                .iter_mut()
-                .flat_map(|(subject, counts)| {
-                    counts.buckets.iter_mut().filter(|(_, counter)| counter.pending > 0).map(|(start, counter)| {
-                        counter.flushing = counter.pending;
-                        counter.pending = 0;
-                        (CountKey { subject: subject.clone(), window_start: *start }, counter.flushing)
-                    })
-                })
-                .collect();
-            // Every replica writes rows in one order, so concurrent batches cannot deadlock.
-            deltas.sort();
-            deltas
+            subjects.iter().map(|(name, subject)| (name.clone(), subject.clone())).collect()
         };
-        let written = store.add_request_counts(&deltas).await;
-        let (sliding, daily) = {
-            let mut subjects = self.lock();
-            for (bucket, _) in &deltas {
-                if let Some(counter) =
-                    subjects.get_mut(&bucket.subject).and_then(|counts| counts.buckets.get_mut(&bucket.window_start))
-                {
-                    match written {
-                        Ok(()) => counter.shared += counter.flushing,
-                        Err(_) => counter.pending += counter.flushing,
-                    }
-                    counter.flushing = 0;
-                }
+        let mut deltas: Vec<(CountKey, i64, &Subject)> = Vec::new();
+        for (name, subject) in &tracked {
+            for (start, counter) in subject.lock().buckets.iter_mut().filter(|(_, counter)| counter.pending > 0) {
+                counter.flushing = counter.pending;
+                counter.pending = 0;
+                deltas.push((CountKey { subject: name.clone(), window_start: *start }, counter.flushing, subject));
             }
-            let (mut sliding, mut daily) = (Vec::new(), Vec::new());
-            for (subject, counts) in subjects.iter() {
-                match counts.span {
-                    Span::Sliding { .. } => sliding.push(subject.clone()),
-                    Span::UtcDay => daily.push(subject.clone()),
+        }
+        // Every replica writes rows in one order, so concurrent batches cannot deadlock.
+        deltas.sort_by(|a, b| a.0.cmp(&b.0));
+        let rows: Vec<(CountKey, i64)> = deltas.iter().map(|(bucket, count, _)| (bucket.clone(), *count)).collect();
+        let written = store.add_request_counts(&rows).await;
+        for (bucket, _, subject) in &deltas {
+            if let Some(counter) = subject.lock().get_mut(bucket.window_start) {
+                match written {
+                    Ok(()) => counter.shared += counter.flushing,
+                    Err(_) => counter.pending += counter.flushing,
                 }
+                counter.flushing = 0;
             }
-            (sliding, daily)
-        };
+        }
         written?;
         let read_back = i64::try_from(self.read_back.as_micros()).unwrap_or(i64::MAX);
-        let ranges: Vec<(String, i64)> = sliding
-            .into_iter()
-            .map(|subject| (subject, now.saturating_sub(read_back)))
-            .chain(daily.into_iter().map(|subject| (subject, Span::UtcDay.bucket_of(now))))
+        let ranges: Vec<(String, i64)> = tracked
+            .iter()
+            .map(|(name, subject)| match subject.span {
+                Span::Sliding { .. } => (name.clone(), now.saturating_sub(read_back)),
+                Span::UtcDay => (name.clone(), Span::UtcDay.bucket_of(now)),
+            })
             .collect();
         let totals = store.request_counts_since(&ranges).await?;
-        let mut subjects = self.lock();
+        let by_name: HashMap<&str, &Subject> =
+            tracked.iter().map(|(name, subject)| (name.as_str(), &**subject)).collect();
         for (bucket, total) in totals {
-            if let Some(counts) = subjects.get_mut(&bucket.subject)
-                && bucket.window_start >= counts.span.oldest_counted(now)
+            if let Some(subject) = by_name.get(bucket.subject.as_str())
+                && bucket.window_start >= subject.span.oldest_counted(now)
             {
-                let counter = counts.buckets.entry(bucket.window_start).or_default();
-                counter.shared = counter.shared.max(total);
+                let mut counts = subject.lock();
+                if !counts.detached {
+                    let counter = counts.bucket(bucket.window_start);
+                    counter.shared = counter.shared.max(total);
+                }
             }
         }
         Ok(())
@@ -587,6 +685,56 @@ mod tests {
             .iter()
             .map(|second| matches!(limiter.check_and_count(&key, &tenant, at(*second)), LimitDecision::Allowed(_)))
             .collect()
+    }
+
+    #[test]
+    fn a_reloaded_record_counts_in_the_same_subject() {
+        let (limiter, tenant) = (Limiter::default(), tenant(0));
+        let (first, second) = (key(2), key(2));
+        assert!(matches!(limiter.check_and_count(&first, &tenant, at(0.0)), LimitDecision::Allowed(_)));
+        // The key's entry was dropped and read again: a new record, the same counts.
+        assert!(matches!(limiter.check_and_count(&second, &tenant, at(1.0)), LimitDecision::Allowed(_)));
+        assert!(matches!(limiter.check_and_count(&first, &tenant, at(2.0)), LimitDecision::Denied(..)));
+        assert!(matches!(limiter.check_and_count(&second, &tenant, at(2.0)), LimitDecision::Denied(..)));
+    }
+
+    #[tokio::test]
+    async fn a_key_whose_buckets_all_closed_is_read_again_and_counted_where_the_sync_writes() {
+        let dir = tempfile::tempdir().unwrap();
+        let database = crate::config::DatabaseConfig {
+            url: crate::config::DatabaseUrl(format!("sqlite://{}?mode=rwc", dir.path().join("limits.db").display())),
+            max_connections: 2,
+            acquire_timeout: Duration::from_secs(5),
+            query_timeout: Duration::from_secs(5),
+        };
+        let store = Store::connect_lazy(&database).unwrap();
+        store.migrate().await.unwrap();
+        let (limiter, key, tenant) = (Limiter::default(), key(5), tenant(0));
+        let needed = limiter.unprimed(&key, &tenant, at(0.0)).expect("a first Check reads the shared counts");
+        limiter.prime(&key, &tenant, &needed, Vec::new());
+        assert!(limiter.unprimed(&key, &tenant, at(0.0)).is_none());
+        assert!(matches!(limiter.check_and_count(&key, &tenant, at(0.0)), LimitDecision::Allowed(_)));
+        limiter.sync(&store, at(0.5)).await.unwrap();
+
+        // Two minutes on, no bucket is counted any more: the sync lets the subject go, while the
+        // cached record still holds it.
+        limiter.sync(&store, at(120.0)).await.unwrap();
+        // A Check that finds the subject let go between its priming and its counting.
+        assert!(matches!(limiter.check_and_count(&key, &tenant, at(121.0)), LimitDecision::Allowed(_)));
+        limiter.sync(&store, at(121.5)).await.unwrap();
+        let counted = || async {
+            let written = store.request_counts_since(&[("key:key_1".to_owned(), micros(at(100.0)))]).await.unwrap();
+            written.iter().map(|(_, count)| count).sum::<i64>()
+        };
+        assert_eq!(counted().await, 1, "the Check after the subject was let go reached the shared counts");
+        // And the subject is read again before the next decision.
+        limiter.sync(&store, at(240.0)).await.unwrap();
+        let needed = limiter.unprimed(&key, &tenant, at(241.0)).expect("read again after its buckets closed");
+        limiter.prime(&key, &tenant, &needed, Vec::new());
+        assert!(matches!(limiter.check_and_count(&key, &tenant, at(241.0)), LimitDecision::Allowed(_)));
+        assert!(limiter.unprimed(&key, &tenant, at(241.0)).is_none(), "primed where it is counted");
+        limiter.sync(&store, at(241.5)).await.unwrap();
+        assert_eq!(counted().await, 2);
     }
 
     #[test]

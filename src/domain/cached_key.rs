@@ -41,6 +41,8 @@ pub struct CachedKey {
     revoked_at: i64,
     /// Allowed Checks not yet handed to the usage recorder.
     pub allowed: AllowedCount,
+    /// The key's own rate-limit counts, once a Check has looked them up.
+    pub limit_subject: crate::limits::KeySubject,
 }
 
 /// A key's allowed Checks of one UTC day and its last use, counted in place until the usage
@@ -173,6 +175,7 @@ impl From<&KeyRecord> for CachedKey {
             expires_at: micros(key.expires_at),
             revoked_at: micros(key.revoked_at),
             allowed: AllowedCount::default(),
+            limit_subject: Default::default(),
         }
     }
 }
