@@ -438,6 +438,11 @@ impl Limiter {
             }
             let priming =
                 priming.get_or_insert_with(|| self.priming.lock().unwrap_or_else(|poisoned| poisoned.into_inner()));
+            // Primed meanwhile? `prime` marks subjects under the same lock it gives them back
+            // under, so a subject is handed out once.
+            if self.with_counts(key, &applied, |counts| counts.primed) {
+                continue;
+            }
             let subject = applied.subject.as_str().to_owned();
             if priming.insert(subject.clone()) {
                 needed.push((subject, applied.span.oldest_counted(micros(now))));
@@ -449,7 +454,11 @@ impl Limiter {
     /// Takes the shared totals read for `needed` (subjects and the buckets since) and marks the
     /// subjects as known.
     pub fn prime(&self, key: &CachedKey, tenant: &Tenant, needed: &[(String, i64)], totals: Vec<(CountKey, i64)>) {
-        self.priming_failed(needed);
+        // Held until every subject is marked: locks are taken priming, then map, then subject.
+        let mut priming = self.priming.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for (subject, _) in needed {
+            priming.remove(subject);
+        }
         for applied in limits_of(key, tenant) {
             if !needed.iter().any(|(subject, _)| subject == applied.subject.as_str()) {
                 continue;
@@ -560,6 +569,10 @@ impl Limiter {
                 let gone = counts.buckets.partition_point(|(start, _)| *start < oldest);
                 counts.buckets.drain(..gone);
                 counts.detached = counts.buckets.is_empty();
+                if counts.detached {
+                    // A cached record may hold the subject for minutes yet: keep no room.
+                    counts.buckets = Vec::new();
+                }
                 !counts.detached
             });
             subjects.iter().map(|(name, subject)| (name.clone(), subject.clone())).collect()
@@ -635,7 +648,11 @@ mod tests {
     use crate::domain::key::Environment;
 
     fn key(per_minute: u32) -> CachedKey {
-        CachedKey::from(&crate::domain::model::KeyRecord {
+        CachedKey::from(&record(per_minute))
+    }
+
+    fn record(per_minute: u32) -> crate::domain::model::KeyRecord {
+        crate::domain::model::KeyRecord {
             key_id: "key_1".into(),
             tenant_id: "acme".into(),
             key_hash: String::new(),
@@ -651,7 +668,7 @@ mod tests {
             revoked_at: None,
             last_used_at: None,
             rotated_from_key_id: None,
-        })
+        }
     }
 
     fn tenant(quota: u32) -> Tenant {
@@ -688,6 +705,32 @@ mod tests {
     }
 
     #[test]
+    fn a_subject_is_handed_out_for_priming_once() {
+        let limiter = std::sync::Arc::new(Limiter::default());
+        let tenant = std::sync::Arc::new(tenant(0));
+        for round in 0..200 {
+            let key = std::sync::Arc::new(CachedKey::from(&crate::domain::model::KeyRecord {
+                key_id: format!("key_{round}"),
+                ..record(5)
+            }));
+            let handed = std::sync::atomic::AtomicUsize::new(0);
+            std::thread::scope(|scope| {
+                for _ in 0..4 {
+                    scope.spawn(|| {
+                        for _ in 0..50 {
+                            if let Some(needed) = limiter.unprimed(&key, &tenant, at(0.0)) {
+                                handed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                limiter.prime(&key, &tenant, &needed, Vec::new());
+                            }
+                        }
+                    });
+                }
+            });
+            assert_eq!(handed.into_inner(), 1, "round {round}: the shared counts were read more than once");
+        }
+    }
+
+    #[test]
     fn a_reloaded_record_counts_in_the_same_subject() {
         let (limiter, tenant) = (Limiter::default(), tenant(0));
         let (first, second) = (key(2), key(2));
@@ -719,6 +762,10 @@ mod tests {
         // Two minutes on, no bucket is counted any more: the sync lets the subject go, while the
         // cached record still holds it.
         limiter.sync(&store, at(120.0)).await.unwrap();
+        let held = key.limit_subject.0.load_full().expect("the record still holds its subject");
+        assert!(held.lock().detached);
+        assert_eq!(held.lock().buckets.capacity(), 0, "a let-go subject keeps no room for buckets");
+        drop(held);
         // A Check that finds the subject let go between its priming and its counting.
         assert!(matches!(limiter.check_and_count(&key, &tenant, at(121.0)), LimitDecision::Allowed(_)));
         limiter.sync(&store, at(121.5)).await.unwrap();
