@@ -41,7 +41,7 @@ const REBUILD_EVERY: Duration = Duration::from_secs(3600);
 /// whose creation reached no feed (a replica of an earlier version during a rolling upgrade).
 const RECONCILE_EVERY: Duration = Duration::from_secs(10);
 /// How far the replicas' clocks (which stamp key ids) may disagree, with time to commit.
-const RECONCILE_SLACK: Duration = Duration::from_secs(300);
+const RECONCILE_SLACK: Duration = Duration::from_secs(30);
 /// Shortest time between two builds of the known-keys filter while none answers.
 const BUILD_RETRY: Duration = Duration::from_secs(5);
 const PRUNE_EVERY: Duration = Duration::from_secs(60);

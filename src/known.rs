@@ -17,9 +17,9 @@
 //! at most 100 feed reads a second, and each of its Checks waits about 10 ms.
 //! The follower builds the filter in a task of its own (at start, after the whole cache was
 //! dropped, and every hour), so changes keep being applied meanwhile; and every 10 s it reads
-//! the keys created since its last successful look, 5 minutes back for clock skew (key ids
-//! begin with their creation time), for keys whose creation reached no feed: those minted by a
-//! replica of an earlier version during a rolling upgrade.
+//! the keys created since its last successful look, 30 s back for clock skew (key ids begin
+//! with their creation time; at most the newest 50 000), for keys whose creation reached no
+//! feed: those minted by a replica of an earlier version during a rolling upgrade.
 //! Until the filter is built, while the feed cannot be read, or when the wait runs past its
 //! limit, a Check takes the usual lookup: the filter can make an unknown key cheaper, never a
 //! key that reached the feed unknown.
@@ -362,27 +362,24 @@ pub async fn build(store: &Store, known: &KnownKeys, number: u64) -> StoreResult
     }
 }
 
-/// Adds every key created since `since` (by its key id, which begins with its creation time in
-/// milliseconds) a page at a time: keys whose creation reached no feed, those minted by a replica
-/// of an earlier version during a rolling upgrade in particular. Returns how many of them the
-/// filter did not hold.
+/// Most keys one [`reconcile`] reads: the newest ones, which are the likeliest to be missing.
+const RECONCILE_BUDGET: i64 = 50_000;
+
+/// Adds the keys created since `since` (by their key id, which begins with their creation time
+/// in milliseconds), at most the newest 50 000: keys whose creation reached no feed, those
+/// minted by a replica of an earlier version during a rolling upgrade in particular. Returns how
+/// many of them the filter did not hold.
 pub async fn reconcile(store: &Store, known: &KnownKeys, since: chrono::DateTime<chrono::Utc>) -> StoreResult<usize> {
     // Every id minted at or after `since` sorts after this one.
-    let mut after = crate::domain::key::key_id_floor(since.timestamp_millis());
+    let floor = crate::domain::key::key_id_floor(since.timestamp_millis());
     let mut new = 0;
-    loop {
-        let page = store.keys_minted_after(&after, SCAN_PAGE).await?;
-        for (_, hash) in &page {
-            if let Some(digest) = KeyDigest::from_hex(hash) {
-                new += usize::from(known.may_hold(&digest) == Some(false));
-                known.add(&digest);
-            }
-        }
-        match page.last() {
-            Some((last, _)) if page.len() as i64 == SCAN_PAGE => after.clone_from(last),
-            _ => return Ok(new),
+    for (_, hash) in store.keys_minted_after(&floor, RECONCILE_BUDGET).await? {
+        if let Some(digest) = KeyDigest::from_hex(&hash) {
+            new += usize::from(known.may_hold(&digest) == Some(false));
+            known.add(&digest);
         }
     }
+    Ok(new)
 }
 
 #[cfg(test)]

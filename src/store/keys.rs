@@ -162,13 +162,13 @@ impl Store {
         .await
     }
 
-    /// At most `limit` keys whose id is greater than `after`, in key id order, as (key id,
+    /// The newest `limit` keys whose id is greater than `after`, newest first, as (key id,
     /// hash): key ids begin with their creation time in milliseconds, so these are the keys
     /// created since. Not counted in [`query_count`](Store::query_count): it is the feed's work.
     pub async fn keys_minted_after(&self, after: &str, limit: i64) -> StoreResult<Vec<(String, String)>> {
         self.bounded(async {
             let keys: Vec<(String, String)> = sqlx::query_as(
-                self.backend.sql("SELECT key_id, key_hash FROM api_keys WHERE key_id > ? ORDER BY key_id LIMIT ?"),
+                self.backend.sql("SELECT key_id, key_hash FROM api_keys WHERE key_id > ? ORDER BY key_id DESC LIMIT ?"),
             )
             .bind(after.to_owned())
             .bind(limit)
