@@ -308,23 +308,7 @@ mod tests {
     }
 
     fn key_record(secret: &str) -> crate::domain::model::KeyRecord {
-        crate::domain::model::KeyRecord {
-            key_id: format!("key_{secret}"),
-            tenant_id: "acme".into(),
-            key_hash: KeyDigest::of(secret).to_hash().as_str().to_owned(),
-            name: secret.into(),
-            display_prefix: "kg_live_abcd".into(),
-            scopes: vec![crate::domain::scope::Scope::parse("events:read").unwrap()],
-            site_ids: Vec::new(),
-            environment: crate::domain::key::Environment::Live,
-            metadata: Default::default(),
-            rate_limit_per_minute: 0,
-            created_at: Utc::now(),
-            expires_at: None,
-            revoked_at: None,
-            last_used_at: None,
-            rotated_from_key_id: None,
-        }
+        crate::domain::model::KeyRecord::sample(&format!("key_{secret}"), secret)
     }
 
     /// Builds the filter as the follower's task does, and waits for it.

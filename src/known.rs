@@ -277,11 +277,6 @@ impl KnownKeys {
         self.read().building.as_ref().is_some_and(|(building, _)| *building == number)
     }
 
-    /// The filter's size in bytes (0 while not built).
-    pub fn bytes(&self) -> usize {
-        self.read().filter.as_ref().map_or(0, DigestFilter::bytes)
-    }
-
     /// Sets how long a Check of an unknown key waits for the next feed poll: twice the poll
     /// interval and 250 ms for the poll itself.
     pub fn set_poll_interval(&self, interval: Duration) {

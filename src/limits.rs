@@ -640,12 +640,10 @@ fn admitted_again_at(span: Span, counted: &[(i64, i64)], limit: i64) -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use chrono::TimeZone;
 
     use super::*;
-    use crate::domain::key::Environment;
 
     fn key(per_minute: u32) -> CachedKey {
         CachedKey::from(&record(per_minute))
@@ -653,21 +651,8 @@ mod tests {
 
     fn record(per_minute: u32) -> crate::domain::model::KeyRecord {
         crate::domain::model::KeyRecord {
-            key_id: "key_1".into(),
-            tenant_id: "acme".into(),
-            key_hash: String::new(),
-            name: "k".into(),
-            display_prefix: String::new(),
-            scopes: Vec::new(),
-            site_ids: Vec::new(),
-            environment: Environment::Live,
-            metadata: BTreeMap::new(),
             rate_limit_per_minute: per_minute,
-            created_at: Utc::now(),
-            expires_at: None,
-            revoked_at: None,
-            last_used_at: None,
-            rotated_from_key_id: None,
+            ..crate::domain::model::KeyRecord::sample("key_1", "k")
         }
     }
 

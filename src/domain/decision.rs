@@ -133,14 +133,12 @@ pub fn decide(input: &CheckInput<'_>, policy: &ScopePolicy) -> Result<(), DenyRe
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use crate::domain::model::KeyRecord;
 
     use chrono::Duration;
 
     use super::*;
-    use crate::domain::key::Environment;
 
     fn tenant() -> Tenant {
         Tenant {
@@ -159,23 +157,7 @@ mod tests {
     }
 
     fn key(site_ids: &[&str]) -> KeyRecord {
-        KeyRecord {
-            key_id: "key_1".into(),
-            tenant_id: "acme".into(),
-            key_hash: "00".repeat(32),
-            name: "test".into(),
-            display_prefix: "kg_live_0000".into(),
-            scopes: vec![Scope::parse("events:read").unwrap()],
-            site_ids: site_ids.iter().map(|s| s.to_string()).collect(),
-            environment: Environment::Live,
-            metadata: BTreeMap::new(),
-            rate_limit_per_minute: 0,
-            created_at: Utc::now(),
-            expires_at: None,
-            revoked_at: None,
-            last_used_at: None,
-            rotated_from_key_id: None,
-        }
+        KeyRecord { site_ids: site_ids.iter().map(|s| s.to_string()).collect(), ..KeyRecord::sample("key_1", "test") }
     }
 
     fn check(

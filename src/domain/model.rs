@@ -128,6 +128,31 @@ pub struct KeyRecord {
     pub rotated_from_key_id: Option<String>,
 }
 
+#[cfg(test)]
+impl KeyRecord {
+    /// A working key of tenant `acme` for tests: id `key_id`, the hash of `secret`, scope
+    /// `events:read`, no sites, no limit, no expiry.
+    pub(crate) fn sample(key_id: &str, secret: &str) -> Self {
+        Self {
+            key_id: key_id.into(),
+            tenant_id: "acme".into(),
+            key_hash: super::key::KeyDigest::of(secret).to_hash().as_str().to_owned(),
+            name: secret.into(),
+            display_prefix: "kg_live_abcd".into(),
+            scopes: vec![Scope::parse("events:read").expect("a scope")],
+            site_ids: Vec::new(),
+            environment: Environment::Live,
+            metadata: BTreeMap::new(),
+            rate_limit_per_minute: 0,
+            created_at: Utc::now(),
+            expires_at: None,
+            revoked_at: None,
+            last_used_at: None,
+            rotated_from_key_id: None,
+        }
+    }
+}
+
 impl KeyRecord {
     /// The state at `now`: expiry and grace periods are judged when asked, never stored.
     pub fn state(&self, now: DateTime<Utc>) -> KeyState {
