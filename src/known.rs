@@ -257,8 +257,8 @@ impl KnownKeys {
             None => {
                 let mut state = self.write();
                 let State { filter, building } = &mut *state;
-                if filter.as_ref().is_some_and(|filter| filter.add(digest)) {
-                    filter.as_mut().expect("checked").grow();
+                if let Some(filter) = filter {
+                    filter.insert(digest);
                 }
                 if let Some((_, added)) = building {
                     added.push(*digest);
