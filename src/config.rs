@@ -33,13 +33,19 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the gRPC server (the default).
+    #[command(after_help = "Examples:\n  KEYGATE_ADMIN_TOKENS=\"me=$(keygate gen-token)\" keygate serve\n  \
+        keygate serve --config /etc/keygate/keygate.toml")]
     Serve(Box<ServeArgs>),
     /// Apply database migrations and exit (reads the database settings of --config too).
+    #[command(after_help = "Example:\n  KEYGATE_DATABASE_URL=postgres://keygate@db/keygate keygate migrate")]
     Migrate(MigrateArgs),
     /// Print a fresh random admin token, for KEYGATE_ADMIN_TOKENS.
+    #[command(after_help = "Example:\n  echo \"KEYGATE_ADMIN_TOKENS=ops=$(keygate gen-token)\" >> /etc/keygate/env")]
     GenToken,
-    /// Import existing keys (JSON Lines) into a running keygate.
-    Import(Box<crate::cli::import::ImportArgs>),
+    /// The commands that talk to a running keygate (tenants, sites, keys, usage, audit, check,
+    /// import) and their helpers (descriptor-set, completions).
+    #[command(flatten)]
+    Client(crate::cli::ClientCommand),
     /// Work with configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),

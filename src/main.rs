@@ -46,8 +46,8 @@ async fn main() -> ExitCode {
                 Err(error) => fail(error, 2),
             };
         }
-        Command::Import(args) => {
-            return match keygate::cli::import::run(*args).await {
+        Command::Client(command) => {
+            return match keygate::cli::run(command).await {
                 Ok(exit) => ExitCode::from(exit as u8),
                 Err(failure) => fail(failure.message, failure.exit as u8),
             };

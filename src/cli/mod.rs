@@ -1,8 +1,15 @@
 //! The commands that talk to a running keygate server, as an operator or a script would:
-//! `keygate import` (moving existing keys in). They connect with [`ConnectArgs`] and end with
-//! an [`Exit`] code scripts can rely on.
+//! `tenants`, `sites`, `keys`, `usage`, `audit`, `check` and `import`. They connect with
+//! [`ConnectArgs`], print tables or JSON ([`render::Output`]) and end with an [`Exit`] code
+//! scripts can rely on.
 
+pub mod admin;
+pub mod check;
+pub mod descriptor;
 pub mod import;
+pub mod render;
+
+use clap::{CommandFactory, Subcommand};
 
 use std::path::PathBuf;
 
@@ -33,18 +40,76 @@ pub struct ConnectArgs {
     pub admin_token: Option<SecretText>,
 }
 
-/// Exit codes of the client commands.
+/// Exit codes of the client commands (the README lists them).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Exit {
-    /// Everything asked for was done (or was done already).
+    /// Everything asked for was done (or was done already); `check`: the key is allowed.
     Ok = 0,
-    /// The server refused some of the request (invalid or conflicting input); the output says
-    /// which.
+    /// The server refused some of the request (INVALID_ARGUMENT, ALREADY_EXISTS,
+    /// FAILED_PRECONDITION, RESOURCE_EXHAUSTED, ...); the message says which field and why.
     Rejected = 1,
     /// The command line or an input file is wrong.
     Usage = 2,
-    /// keygate could not be reached, or refused the caller (token, TLS).
+    /// keygate could not be reached, or refused the caller (UNAUTHENTICATED, PERMISSION_DENIED,
+    /// UNAVAILABLE, DEADLINE_EXCEEDED, INTERNAL, TLS).
     Unreachable = 3,
+    /// What the command names does not exist (NOT_FOUND): the tenant, site or key.
+    NotFound = 4,
+    /// `check`: the key is denied; the output says why.
+    Denied = 5,
+}
+
+/// The subcommands that talk to a running server (and their helpers), flattened into
+/// `keygate`'s own.
+#[derive(Debug, Subcommand)]
+pub enum ClientCommand {
+    /// Tenants and their plan limits: put, get.
+    #[command(subcommand)]
+    Tenants(admin::TenantsCommand),
+    /// A tenant's sites: put, list, delete.
+    #[command(subcommand)]
+    Sites(admin::SitesCommand),
+    /// A tenant's keys: create, get, list, update, revoke, rotate, import.
+    #[command(subcommand)]
+    Keys(admin::KeysCommand),
+    /// A key's Checks per UTC day: allowed, and denied by reason.
+    Usage(Box<admin::UsageArgs>),
+    /// A tenant's audit log, oldest first: every change, and denied Checks per key and minute.
+    Audit(Box<admin::AuditArgs>),
+    /// Ask keygate what it decides for a key, and why (exit code 0 allowed, 5 denied).
+    Check(Box<check::CheckArgs>),
+    /// Import existing keys (JSON Lines) into a running keygate (the same as `keys import`).
+    Import(Box<import::ImportArgs>),
+    /// Write the protobuf descriptors of keygate's API (for Envoy's gRPC-JSON transcoder).
+    DescriptorSet(descriptor::DescriptorSetArgs),
+    /// Print a shell completion script.
+    #[command(after_help = "Examples:\n  keygate completions bash > /etc/bash_completion.d/keygate\n  \
+        keygate completions zsh > \"${fpath[1]}/_keygate\"\n  \
+        keygate completions fish > ~/.config/fish/completions/keygate.fish")]
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Runs a client command; the exit code says how it went.
+pub async fn run(command: ClientCommand) -> Result<Exit, Failure> {
+    match command {
+        ClientCommand::Tenants(command) => admin::tenants(command).await,
+        ClientCommand::Sites(command) => admin::sites(command).await,
+        ClientCommand::Keys(command) => admin::keys(command).await,
+        ClientCommand::Usage(args) => admin::usage(*args).await,
+        ClientCommand::Audit(args) => admin::audit(*args).await,
+        ClientCommand::Check(args) => check::run(*args).await,
+        ClientCommand::Import(args) => import::run(*args).await,
+        ClientCommand::DescriptorSet(args) => descriptor::run(args).map(|()| Exit::Ok),
+        ClientCommand::Completions { shell } => {
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut crate::config::Cli::command(), "keygate", &mut script);
+            render::print_out(&String::from_utf8_lossy(&script)).map(|()| Exit::Ok)
+        }
+    }
 }
 
 /// A failed command: what to tell the user, and the exit code.
@@ -73,6 +138,7 @@ impl Failure {
             | tonic::Code::Cancelled
             | tonic::Code::Unknown
             | tonic::Code::Internal => Exit::Unreachable,
+            tonic::Code::NotFound => Exit::NotFound,
             _ => Exit::Rejected,
         };
         Self { exit, message: describe_status(status) }

@@ -12,6 +12,7 @@ mod answers;
 mod authorization;
 mod caching;
 mod checks;
+mod cli;
 mod gateway;
 mod hostile;
 mod import;
@@ -41,6 +42,7 @@ fn main() -> std::process::ExitCode {
         authorization::trials(),
         caching::trials(),
         checks::trials(),
+        cli::trials(),
         gateway::trials(),
         hostile::trials(),
         import::trials(),
