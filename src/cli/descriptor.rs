@@ -6,7 +6,6 @@ use std::path::PathBuf;
 
 use clap::Args;
 use prost::Message;
-use prost_types::FileDescriptorSet;
 
 use super::Failure;
 
@@ -21,32 +20,45 @@ pub struct DescriptorSetArgs {
 
 /// The encoded `FileDescriptorSet` of `keygate.v1` with everything it imports (the
 /// `google.api.http` annotations, `google.rpc.Status`) and the `google.rpc` error details keygate
-/// sends (`BadRequest`), so a transcoder can print them as JSON.
+/// sends (`BadRequest`), so a transcoder can route HTTP/JSON to every RPC and print its errors.
+///
+/// Each file's bytes are copied as protoc wrote them: decoding into `prost_types` and encoding
+/// again would drop every option that is an extension, such as `(google.api.http)`.
 pub fn descriptor_set() -> Vec<u8> {
-    let mut merged = FileDescriptorSet::default();
-    let mut defined = std::collections::HashSet::new();
+    let mut merged = Vec::new();
+    let (mut names, mut defined) = (std::collections::HashSet::new(), std::collections::HashSet::new());
     for encoded in [crate::proto::FILE_DESCRIPTOR_SET, tonic_types::pb::FILE_DESCRIPTOR_SET] {
-        let set = FileDescriptorSet::decode(encoded).unwrap_or_default();
-        for file in set.file {
-            // tonic-types names its copy of google/rpc/status.proto `status.proto`: a file
-            // that defines a type already defined is the same file under another name.
+        let mut rest: &[u8] = encoded;
+        while !rest.is_empty() {
+            let entry = rest;
+            // Field 1, length-delimited: the only field of a FileDescriptorSet.
+            let (Ok(10), Ok(length)) =
+                (prost::encoding::decode_varint(&mut rest), prost::encoding::decode_varint(&mut rest))
+            else {
+                break;
+            };
+            let Some((raw, after)) = rest.split_at_checked(length as usize) else { break };
+            rest = after;
+            let entry = &entry[..entry.len() - rest.len()];
+            let Ok(file) = prost_types::FileDescriptorProto::decode(raw) else { continue };
+            // tonic-types names its copy of google/rpc/status.proto `status.proto`: a file that
+            // defines a type already defined is the same file under another name.
             let package = file.package().to_owned();
-            let names: Vec<String> = file
+            let types: Vec<String> = file
                 .message_type
                 .iter()
                 .map(|message| message.name())
                 .chain(file.enum_type.iter().map(|enumeration| enumeration.name()))
                 .map(|name| format!("{package}.{name}"))
                 .collect();
-            let known = merged.file.iter().any(|known| known.name == file.name);
-            if known || names.iter().any(|name| defined.contains(name)) {
+            if !names.insert(file.name().to_owned()) || types.iter().any(|name| defined.contains(name)) {
                 continue;
             }
-            defined.extend(names);
-            merged.file.push(file);
+            defined.extend(types);
+            merged.extend_from_slice(entry);
         }
     }
-    merged.encode_to_vec()
+    merged
 }
 
 /// Writes [`descriptor_set`] to `--out` or standard output.
@@ -72,5 +84,10 @@ mod tests {
             assert!(pool.get_message_by_name(name).is_some(), "{name}");
         }
         assert!(pool.get_service_by_name("keygate.v1.KeyAdmin").is_some());
+        // The HTTP rules of the RPCs survive (a re-encoded set would have lost them).
+        let text = String::from_utf8_lossy(&super::descriptor_set()).into_owned();
+        for path in ["/v1/check", "/v1/tenants/{tenant_id}/keys", "/v1/tenants/{tenant_id}/keys/{key_id}:revoke"] {
+            assert!(text.contains(path), "{path}");
+        }
     }
 }

@@ -15,6 +15,7 @@ mod checks;
 mod cli;
 mod gateway;
 mod hostile;
+mod http_json;
 mod import;
 mod isolation;
 mod jwt;
@@ -45,6 +46,7 @@ fn main() -> std::process::ExitCode {
         cli::trials(),
         gateway::trials(),
         hostile::trials(),
+        http_json::trials(),
         import::trials(),
         isolation::trials(),
         jwt::trials(),
