@@ -527,7 +527,14 @@ pub fn explain_cli_error(error: &clap::Error) -> String {
     let command = Cli::command();
     let arguments = command
         .get_arguments()
-        .chain(command.get_subcommands().flat_map(|subcommand| subcommand.get_arguments()))
+        // Only `serve` and `migrate` read a configuration file: the client commands' flags have
+        // variables but no file entries.
+        .chain(
+            command
+                .get_subcommands()
+                .filter(|subcommand| matches!(subcommand.get_name(), "serve" | "migrate"))
+                .flat_map(|subcommand| subcommand.get_arguments()),
+        )
         .collect::<Vec<_>>();
     let variable = arguments
         .iter()

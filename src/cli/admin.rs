@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use chrono::{DateTime, NaiveDate, Utc};
+use chrono::{DateTime, Datelike, NaiveDate, Utc};
 use clap::{Args, Subcommand, ValueEnum};
 use prost_types::{FieldMask, Timestamp};
 use tonic::transport::Channel;
@@ -41,7 +41,7 @@ pub enum TenantsCommand {
 /// Flags of `keygate tenants put`.
 #[derive(Clone, Debug, Args)]
 pub struct TenantPutArgs {
-    /// The tenant's id: 1 to 64 of a-z, 0-9, `_`, `-`, `.`.
+    /// The tenant's id: 1 to 64 of `A-Z a-z 0-9 . _ -` (case-sensitive).
     pub tenant: String,
     /// A name for people (a new tenant gets its id).
     #[arg(long)]
@@ -146,26 +146,29 @@ pub enum KeysCommand {
     /// Mint a key. Its secret is printed once: keygate keeps only its hash.
     #[command(after_help = "Examples:\n  keygate keys create --tenant acme --name 'Data warehouse sync' \\\n    \
         --scope analytics:read --scope 'goals:*' --site shop.example --expires-in 30d\n  \
-        SECRET=$(keygate keys create --tenant acme --name CI --scope events:write)   # stdout: the secret alone")]
+        # In a script, standard output is the secret alone:\n  \
+        SECRET=$(keygate keys create --tenant acme --name CI --scope events:write)")]
     Create(Box<KeyCreateArgs>),
     /// Show a key (never its secret).
-    #[command(after_help = "Example:\n  keygate keys get --tenant acme key_01J9Z3")]
+    #[command(after_help = "Example:\n  keygate keys get --tenant acme key_01a23274162532b8e42d9b68")]
     Get(KeyArgs),
-    /// List a tenant's keys (every page), newest first.
+    /// List a tenant's keys (every page), oldest first.
     #[command(after_help = "Examples:\n  keygate keys list --tenant acme\n  \
         keygate keys list --tenant acme --include-revoked --site shop.example --output json")]
     List(KeyListArgs),
     /// Change a key's name, scopes, sites, expiry, metadata or rate limit (only what is given).
     #[command(
-        after_help = "Examples:\n  keygate keys update --tenant acme key_01J9Z3 --name 'Warehouse (nightly)' --scope analytics:read\n  \
-        keygate keys update --tenant acme key_01J9Z3 --all-sites --no-expiry"
+        after_help = "Examples:\n  keygate keys update --tenant acme key_01a23274162532b8e42d9b68 --name 'Warehouse (nightly)' --scope analytics:read\n  \
+        keygate keys update --tenant acme key_01a23274162532b8e42d9b68 --all-sites --no-expiry"
     )]
     Update(Box<KeyUpdateArgs>),
     /// Revoke a key at once (revoking a revoked key changes nothing).
-    #[command(after_help = "Example:\n  keygate keys revoke --tenant acme key_01J9Z3")]
+    #[command(after_help = "Example:\n  keygate keys revoke --tenant acme key_01a23274162532b8e42d9b68")]
     Revoke(KeyArgs),
     /// Mint a successor with the same settings; the old key works on for --grace-period.
-    #[command(after_help = "Example:\n  keygate keys rotate --tenant acme key_01J9Z3 --grace-period 1h")]
+    #[command(
+        after_help = "Example:\n  keygate keys rotate --tenant acme key_01a23274162532b8e42d9b68 --grace-period 1h"
+    )]
     Rotate(KeyRotateArgs),
     /// Import existing keys (JSON Lines), as `keygate import` does.
     #[command(after_help = "Example:\n  keygate keys import --tenant acme keys.jsonl")]
@@ -300,8 +303,8 @@ pub struct KeyRotateArgs {
 
 /// Flags of `keygate usage`.
 #[derive(Clone, Debug, Args)]
-#[command(after_help = "Examples:\n  keygate usage --tenant acme key_01J9Z3\n  \
-    keygate usage --tenant acme key_01J9Z3 --from 2026-11-01 --to 2026-11-30 --output json")]
+#[command(after_help = "Examples:\n  keygate usage --tenant acme key_01a23274162532b8e42d9b68\n  \
+    keygate usage --tenant acme key_01a23274162532b8e42d9b68 --from 2026-11-01 --to 2026-11-30 --output json")]
 pub struct UsageArgs {
     /// The tenant.
     #[arg(long, env = "KEYGATE_TENANT")]
@@ -309,10 +312,10 @@ pub struct UsageArgs {
     /// The key's id.
     pub key_id: String,
     /// First day (UTC), YYYY-MM-DD; default: 29 days before --to.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_date)]
     pub from: Option<NaiveDate>,
     /// Last day (UTC), YYYY-MM-DD; default: today.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_date)]
     pub to: Option<NaiveDate>,
     #[command(flatten)]
     pub client: ClientArgs,
@@ -321,7 +324,7 @@ pub struct UsageArgs {
 /// Flags of `keygate audit`.
 #[derive(Clone, Debug, Args)]
 #[command(after_help = "Examples:\n  keygate audit --tenant acme --since 24h\n  \
-    keygate audit --tenant acme --key key_01J9Z3 --type key-revoked,check-denied --output json")]
+    keygate audit --tenant acme --key key_01a23274162532b8e42d9b68 --type key-revoked,check-denied --output json")]
 pub struct AuditArgs {
     /// The tenant.
     #[arg(long, env = "KEYGATE_TENANT")]
@@ -332,10 +335,11 @@ pub struct AuditArgs {
     /// Only events of these types (repeat, or commas).
     #[arg(long = "type", value_enum, value_delimiter = ',')]
     pub types: Vec<EventType>,
-    /// Only events at or after this time: RFC 3339, or how long ago (`24h`, `7d`).
+    /// Only events at or after this time: RFC 3339, a UTC day (YYYY-MM-DD), or how long ago
+    /// (`24h`, `7d`).
     #[arg(long, value_parser = parse_time_or_ago)]
     pub since: Option<DateTime<Utc>>,
-    /// Only events before this time: RFC 3339, or how long ago.
+    /// Only events before this time: RFC 3339, a UTC day, or how long ago.
     #[arg(long, value_parser = parse_time_or_ago)]
     pub until: Option<DateTime<Utc>>,
     #[command(flatten)]
@@ -371,18 +375,43 @@ fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
         .map_err(|_| "not an RFC 3339 time such as 2027-01-31T00:00:00Z".to_owned())
 }
 
+/// A day as exactly `YYYY-MM-DD` (chrono alone would take `26-1-1` as the year 26).
+fn parse_date(text: &str) -> Result<NaiveDate, String> {
+    let shaped = text.len() == 10
+        && text.bytes().enumerate().all(|(index, byte)| match index {
+            4 | 7 => byte == b'-',
+            _ => byte.is_ascii_digit(),
+        });
+    let date = shaped.then(|| NaiveDate::parse_from_str(text, "%Y-%m-%d").ok()).flatten();
+    date.filter(|date| date.year() >= 1970).ok_or_else(|| "not a day as YYYY-MM-DD (from 1970 on)".to_owned())
+}
+
 fn parse_time_or_ago(text: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(ago) = humantime::parse_duration(text) {
         let ago = chrono::Duration::from_std(ago).map_err(|_| "too long ago".to_owned())?;
         return Utc::now().checked_sub_signed(ago).ok_or_else(|| "too long ago".to_owned());
     }
-    parse_time(text).map_err(|_| "neither an RFC 3339 time nor a duration such as 24h".to_owned())
+    if let Ok(day) = parse_date(text) {
+        return Ok(day.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    parse_time(text).map_err(|_| "neither an RFC 3339 time, a day (YYYY-MM-DD) nor a duration such as 24h".to_owned())
 }
 
 fn parse_pair(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(name, value)| (name.to_owned(), value.to_owned()))
         .ok_or_else(|| "expected name=value".to_owned())
+}
+
+/// `--metadata` pairs as a map; a name given twice is a usage error, not a silent overwrite.
+fn metadata_map(pairs: &[(String, String)]) -> Result<HashMap<String, String>, Failure> {
+    let mut map = HashMap::new();
+    for (name, value) in pairs {
+        if map.insert(name.clone(), value.clone()).is_some() {
+            return Err(Failure::usage(format!("--metadata {name:?} is given twice")));
+        }
+    }
+    Ok(map)
 }
 
 fn timestamp(time: DateTime<Utc>) -> Timestamp {
@@ -652,6 +681,7 @@ fn environment(environment: Option<Environment>) -> KeyEnvironment {
 }
 
 async fn create_key(args: KeyCreateArgs) -> Result<Exit, Failure> {
+    refuse_a_closed_stdout()?;
     let mut admin = Admin::connect(&args.client.connect)?;
     let expiry = match (args.expires_in, args.expires_at) {
         (Some(duration), _) => Some(create_key_request::Expiry::ExpiresIn(proto_duration(duration))),
@@ -665,16 +695,39 @@ async fn create_key(args: KeyCreateArgs) -> Result<Exit, Failure> {
         site_ids: args.sites.clone(),
         expiry,
         environment: environment(args.environment).into(),
-        metadata: args.metadata.iter().cloned().collect::<HashMap<_, _>>(),
+        metadata: metadata_map(&args.metadata)?,
         rate_limit_per_minute: args.rate_limit_per_minute.unwrap_or(0),
     });
     let response = admin.client.create_key(request).await.map_err(|status| admin.failed(status))?;
     let response = response.into_inner();
-    match args.client.output {
-        Output::Json => render::print_json(&render::json(&response, "keygate.v1.CreateKeyResponse")?)?,
-        Output::Table => show_secret(key_fields(response.key.as_ref()), &response.secret)?,
-    }
+    let shown = match args.client.output {
+        Output::Json => render::json(&response, "keygate.v1.CreateKeyResponse")
+            .and_then(|json| render::print_secret(&render::json_text(&json)?)),
+        Output::Table => show_secret(key_fields(response.key.as_ref()), &response.secret),
+    };
+    shown.map_err(|failure| secret_lost(failure, &args.tenant, response.key.as_ref()))?;
     Ok(Exit::Ok)
+}
+
+/// Refuses to mint a secret nobody would see: standard output closed (`>&-`, which Rust's
+/// runtime reopens as /dev/null at start) or sent to /dev/null.
+fn refuse_a_closed_stdout() -> Result<(), Failure> {
+    let proc_fds = std::path::Path::new("/proc/self/fd");
+    let target = std::fs::read_link(proc_fds.join("1"));
+    if proc_fds.is_dir() && target.is_err() || target.is_ok_and(|target| target == std::path::Path::new("/dev/null")) {
+        return Err(Failure::usage("standard output is closed or /dev/null: the new secret would be lost"));
+    }
+    Ok(())
+}
+
+/// A failure to print a new key's secret: the key exists but nobody has its secret, so say
+/// which key to revoke.
+fn secret_lost(failure: Failure, tenant: &str, key: Option<&ApiKey>) -> Failure {
+    let key_id = key.map(|key| key.key_id.as_str()).unwrap_or("the new key");
+    Failure::usage(format!(
+        "{}: key {key_id} was created but its secret was not shown; revoke it with `keygate keys revoke --tenant {tenant} {key_id}`",
+        failure.message
+    ))
 }
 
 /// A new key's details and its secret. For a person (a terminal): both, with a note that the
@@ -683,10 +736,10 @@ async fn create_key(args: KeyCreateArgs) -> Result<Exit, Failure> {
 fn show_secret(details: String, secret: &str) -> Result<(), Failure> {
     let note = "This secret is shown once: keygate keeps only its hash. Store it now.";
     if render::stdout_is_terminal() {
-        render::print_out(&format!("{details}\nsecret   {secret}\n\n{note}\n"))
+        render::print_secret(&format!("{details}\nsecret   {secret}\n\n{note}\n"))
     } else {
         eprint!("{details}\n{note}\n");
-        render::print_out(&format!("{secret}\n"))
+        render::print_secret(&format!("{secret}\n"))
     }
 }
 
@@ -749,8 +802,11 @@ async fn update_key(args: KeyUpdateArgs) -> Result<Exit, Failure> {
     }
     let expiry = match (args.expires_in, args.expires_at) {
         (Some(duration), _) => {
-            let duration = chrono::Duration::from_std(duration).ok();
-            Some(duration.and_then(|duration| Utc::now().checked_add_signed(duration)).map(timestamp))
+            // UpdateKey takes a time: this machine's clock makes it of the duration.
+            let at =
+                chrono::Duration::from_std(duration).ok().and_then(|duration| Utc::now().checked_add_signed(duration));
+            let at = at.filter(|at| at.year() <= 9999);
+            Some(Some(timestamp(at.ok_or_else(|| Failure::usage("--expires-in is too far in the future"))?)))
         }
         (None, Some(time)) => Some(Some(timestamp(time))),
         (None, None) if args.no_expiry => Some(None),
@@ -761,7 +817,7 @@ async fn update_key(args: KeyUpdateArgs) -> Result<Exit, Failure> {
         paths.push("expires_at");
     }
     if !args.metadata.is_empty() || args.no_metadata {
-        request.metadata = args.metadata.iter().cloned().collect();
+        request.metadata = metadata_map(&args.metadata)?;
         paths.push("metadata");
     }
     if let Some(limit) = args.rate_limit_per_minute {
@@ -784,6 +840,7 @@ async fn update_key(args: KeyUpdateArgs) -> Result<Exit, Failure> {
 }
 
 async fn rotate_key(args: KeyRotateArgs) -> Result<Exit, Failure> {
+    refuse_a_closed_stdout()?;
     let mut admin = Admin::connect(&args.client.connect)?;
     let request = admin.request(RotateKeyRequest {
         tenant_id: args.tenant.clone(),
@@ -792,8 +849,9 @@ async fn rotate_key(args: KeyRotateArgs) -> Result<Exit, Failure> {
     });
     let response = admin.client.rotate_key(request).await.map_err(|status| admin.failed(status))?;
     let response = response.into_inner();
-    match args.client.output {
-        Output::Json => render::print_json(&render::json(&response, "keygate.v1.RotateKeyResponse")?)?,
+    let shown = match args.client.output {
+        Output::Json => render::json(&response, "keygate.v1.RotateKeyResponse")
+            .and_then(|json| render::print_secret(&render::json_text(&json)?)),
         Output::Table => {
             let previous = response.previous_key.clone().unwrap_or_default();
             let fate = match previous.state() {
@@ -802,14 +860,15 @@ async fn rotate_key(args: KeyRotateArgs) -> Result<Exit, Failure> {
             };
             let mut rows = response.key.as_ref().map(key_rows).unwrap_or_default();
             rows.push(("previous key", fate));
-            show_secret(fields(rows), &response.secret)?;
+            show_secret(fields(rows), &response.secret)
         }
-    }
+    };
+    shown.map_err(|failure| secret_lost(failure, &args.tenant, response.key.as_ref()))?;
     Ok(Exit::Ok)
 }
 
 /// A map as sorted `name=value` items.
-fn pairs<V: std::fmt::Display>(map: &HashMap<String, V>) -> Vec<String> {
+pub(super) fn pairs<V: std::fmt::Display>(map: &HashMap<String, V>) -> Vec<String> {
     let mut items: Vec<String> = map.iter().map(|(name, value)| format!("{name}={value}")).collect();
     items.sort();
     items
@@ -849,6 +908,9 @@ fn key_rows(key: &ApiKey) -> Vec<(&'static str, String)> {
 pub async fn usage(args: UsageArgs) -> Result<Exit, Failure> {
     let to = args.to.unwrap_or_else(|| Utc::now().date_naive());
     let from = args.from.unwrap_or_else(|| to - chrono::Days::new(29));
+    if from > to {
+        return Err(Failure::usage("--from must not be after --to"));
+    }
     let mut admin = Admin::connect(&args.client.connect)?;
     let request = admin.request(GetKeyUsageRequest {
         tenant_id: args.tenant.clone(),
@@ -879,6 +941,11 @@ pub async fn usage(args: UsageArgs) -> Result<Exit, Failure> {
 
 /// Runs `keygate audit`.
 pub async fn audit(args: AuditArgs) -> Result<Exit, Failure> {
+    if let (Some(since), Some(until)) = (args.since, args.until)
+        && since >= until
+    {
+        return Err(Failure::usage("--since must be before --until"));
+    }
     let admin = Admin::connect(&args.client.connect)?;
     let template = ListAuditEventsRequest {
         tenant_id: args.tenant.clone(),

@@ -15,9 +15,12 @@ use crate::proto::authorize_client::AuthorizeClient;
 
 /// Flags of `keygate check`.
 #[derive(Clone, Debug, Args)]
-#[command(after_help = "Examples:\n  keygate check \"$KEY\" --scope analytics:read --site shop.example\n  \
+#[command(
+    after_help = "Examples:\n  printf %s \"$KEY\" | keygate check - --scope analytics:read --site shop.example\n  \
     printf %s \"$KEY\" | keygate check - --scope analytics:read --output json\n\n\
-    Exit code 0: allowed; 5: denied (the output says why).")]
+    Exit code 0: allowed; 5: denied (the output says why). `-` keeps the key out of `ps`.",
+    mut_arg("admin_token", |argument| argument.hide(true))
+)]
 pub struct CheckArgs {
     /// The key as the end user presents it; `-` reads it from standard input (keeps it out of
     /// shell history and `ps`).
@@ -87,6 +90,7 @@ pub async fn run(args: CheckArgs) -> Result<Exit, Failure> {
                     ("environment", enum_word(decision.environment().as_str_name(), "KEY_ENVIRONMENT_")),
                     ("scopes", list(&decision.scopes, "-")),
                     ("sites", list(&decision.site_ids, "all the tenant's sites")),
+                    ("metadata", list(&super::admin::pairs(&decision.metadata), "-")),
                     ("expires", absolute(decision.expires_at.as_ref(), "never")),
                 ]);
             }

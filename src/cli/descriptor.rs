@@ -1,7 +1,6 @@
 //! `keygate descriptor-set`: the protobuf descriptors of keygate's API, for tools that need
 //! them as a file, such as Envoy's gRPC-JSON transcoder (`proto_descriptor`).
 
-use std::io::Write;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -67,9 +66,7 @@ pub fn run(args: DescriptorSetArgs) -> Result<(), Failure> {
     match &args.out {
         Some(path) => std::fs::write(path, &bytes)
             .map_err(|error| Failure::usage(format!("cannot write {}: {error}", path.display()))),
-        None => std::io::stdout()
-            .write_all(&bytes)
-            .map_err(|error| Failure::usage(format!("cannot write to standard output: {error}"))),
+        None => super::render::print_bytes(&bytes),
     }
 }
 

@@ -29,7 +29,7 @@ use crate::proto::{ImportKeysRequest, ImportedKey, KeyEnvironment, import_key_re
     | keygate import --tenant acme -")]
 pub struct ImportArgs {
     /// The tenant the keys belong to.
-    #[arg(long)]
+    #[arg(long, env = "KEYGATE_TENANT")]
     pub tenant: String,
     /// JSON Lines, one key a line; `-` reads standard input.
     pub file: PathBuf,
@@ -69,10 +69,39 @@ struct Line {
     last_used_at: Option<String>,
 }
 
+const NOT_AN_OBJECT: &str = "a line must be one JSON object";
+
+/// One line as a [`Line`], or why not (in words that quote nothing of it).
+fn parse_line(line: &str) -> Result<Line, String> {
+    if !line.trim_start().starts_with('{') {
+        return Err(NOT_AN_OBJECT.to_owned());
+    }
+    serde_json::from_str::<Line>(line).map_err(|error| without_quoted_values(&error))
+}
+
+/// The fields of a line, which error messages may name.
+const FIELDS: [&str; 12] = [
+    "secret",
+    "secret_sha256",
+    "display_prefix",
+    "name",
+    "scopes",
+    "site_ids",
+    "environment",
+    "metadata",
+    "rate_limit_per_minute",
+    "created_at",
+    "expires_at",
+    "last_used_at",
+];
+
 /// A serde error without any text it quotes, in double quotes or backticks (a misplaced
-/// secret would be one: a value, or an object keyed by the key). A field name of lowercase
-/// letters and underscores alone (`nmae`, `scopes`) cannot be a key and is kept.
+/// secret would be one: a value, or an object keyed by the key). A line's own field names, and
+/// a name of lowercase letters and underscores alone (`nmae`), cannot be a key and are kept.
 fn without_quoted_values(error: &serde_json::Error) -> String {
+    if error.to_string().contains("struct Line") {
+        return NOT_AN_OBJECT.to_owned();
+    }
     let text = error.to_string();
     let mut out = String::with_capacity(text.len());
     let mut open: Option<(char, String)> = None;
@@ -84,8 +113,9 @@ fn without_quoted_values(error: &serde_json::Error) -> String {
             }
             Some((quote, quoted)) if character == *quote => {
                 let plain = character == '`'
-                    && (1..=32).contains(&quoted.len())
-                    && quoted.bytes().all(|byte| byte.is_ascii_lowercase() || byte == b'_');
+                    && (FIELDS.contains(&quoted.as_str())
+                        || (1..=32).contains(&quoted.len())
+                            && quoted.bytes().all(|byte| byte.is_ascii_lowercase() || byte == b'_'));
                 out.push_str(if plain { quoted.as_str() } else { "…" });
                 out.push(character);
                 open = None;
@@ -158,9 +188,7 @@ pub async fn run(mut args: ImportArgs) -> Result<Exit, Failure> {
     let mut keys: Vec<(usize, ImportedKey)> = Vec::new();
     let mut first_line_of: HashMap<String, usize> = HashMap::new();
     for (number, line) in lines {
-        let parsed = line.and_then(|line| {
-            serde_json::from_str::<Line>(&line).map_err(|error| without_quoted_values(&error)).and_then(Line::into_key)
-        });
+        let parsed = line.and_then(|line| parse_line(&line).and_then(Line::into_key));
         let key = match parsed {
             Ok(key) => key,
             Err(why) => {
@@ -201,6 +229,9 @@ pub async fn run(mut args: ImportArgs) -> Result<Exit, Failure> {
             validate_only: args.dry_run,
         });
         request.metadata_mut().insert("authorization", bearer.clone());
+        // keygate bounds a call by KEYGATE_REQUEST_TIMEOUT_SECONDS; a server that stopped
+        // answering altogether must not hold the import forever.
+        request.set_timeout(std::time::Duration::from_secs(120));
         let response = match client.import_keys(request).await {
             Ok(response) => response,
             Err(status) if status.code() == tonic::Code::ResourceExhausted && batch.len() > 1 => {
@@ -363,6 +394,16 @@ mod tests {
         let Err(error) = serde_json::from_str::<Line>(r#"{"nmae": "x"}"#) else { panic!("an unknown field") };
         let shown = without_quoted_values(&error);
         assert!(shown.contains("unknown field `nmae`") && shown.contains("`name`"), "{shown}");
+        assert!(shown.contains("`secret_sha256`"), "every field is listed: {shown}");
+    }
+
+    #[test]
+    fn a_line_that_is_no_object_says_so() {
+        for line in [r#"["kg_live_secretsecret"]"#, "42", r#""kg_live_secretsecret""#] {
+            let Err(shown) = parse_line(line) else { panic!("not an object") };
+            assert!(shown.starts_with("a line must be one JSON object"), "{shown}");
+            assert!(!shown.contains("secretsecret") && !shown.contains("struct"), "{shown}");
+        }
     }
 
     #[test]

@@ -25,8 +25,8 @@ pub struct ConnectArgs {
     /// keygate's gRPC address: http://host:port, or https://host:port for TLS.
     #[arg(long, env = "KEYGATE_ADDR", default_value = "http://127.0.0.1:50051")]
     pub addr: String,
-    /// PEM CA certificate(s) that sign keygate's TLS certificate (https only; default: the
-    /// system's roots are not used, so this is needed for TLS).
+    /// PEM CA certificate(s) that sign keygate's TLS certificate; needed with https:// (the
+    /// system's trusted roots are not used).
     #[arg(long, env = "KEYGATE_CA_CERT")]
     pub ca_cert: Option<PathBuf>,
     /// PEM client certificate, for mutual TLS.
@@ -157,7 +157,9 @@ impl Failure {
             return Self::from_status(status);
         }
         let all = causes.join(": ");
-        let hint = if all.contains("InvalidContentType") || all.contains("corrupt message") {
+        let hint = if status.code() == tonic::Code::DeadlineExceeded || all.contains("Timeout expired") {
+            " (keygate did not answer in time: is it overloaded, or is its database slow?)"
+        } else if all.contains("InvalidContentType") || all.contains("corrupt message") {
             " (the server does not speak TLS there: use http://)"
         } else if all.contains("certificate") || all.contains("Certificate") {
             " (check KEYGATE_CA_CERT, and KEYGATE_CLIENT_CERT/KEYGATE_CLIENT_KEY if the server wants a client certificate)"
@@ -165,6 +167,17 @@ impl Failure {
             " (the server closed the connection: with https://, does it want a client certificate, KEYGATE_CLIENT_CERT? with http://, is it a TLS server?)"
         } else if all.contains("refused") {
             " (is keygate running, and is KEYGATE_ADDR right?)"
+        } else if [
+            "broken pipe",
+            "frame with invalid size",
+            "invalid HTTP version",
+            "protocol error",
+            "connection reset",
+        ]
+        .iter()
+        .any(|symptom| all.contains(symptom))
+        {
+            " (what answers there does not speak gRPC: is KEYGATE_ADDR keygate's gRPC port?)"
         } else {
             ""
         };
@@ -207,13 +220,31 @@ impl ConnectArgs {
     /// A channel to keygate (connected lazily: the first call reports an unreachable server).
     pub fn channel(&self) -> Result<Channel, Failure> {
         let address = self.address();
+        let tls = address.starts_with("https://");
+        if !tls && !address.starts_with("http://") {
+            return Err(Failure::usage(format!(
+                "KEYGATE_ADDR {:?}: use http://host:port, or https://host:port for TLS",
+                self.addr
+            )));
+        }
+        if !tls && (self.ca_cert.is_some() || self.client_cert.is_some()) {
+            // Asked for TLS settings but not for TLS: never send the token in plaintext then.
+            return Err(Failure::usage(format!(
+                "KEYGATE_CA_CERT or KEYGATE_CLIENT_CERT is set but KEYGATE_ADDR {:?} is not https://",
+                self.addr
+            )));
+        }
         let mut endpoint = Endpoint::from_shared(address.clone())
             .map_err(|_| Failure::usage(format!("KEYGATE_ADDR {:?} is no address (http://host:port)", self.addr)))?
             .connect_timeout(std::time::Duration::from_secs(5));
-        if address.starts_with("https://") {
+        if tls {
             let read = |variable: &str, path: &PathBuf| {
-                std::fs::read(path)
-                    .map_err(|error| Failure::usage(format!("{variable}: cannot read {}: {error}", path.display())))
+                let pem = std::fs::read(path)
+                    .map_err(|error| Failure::usage(format!("{variable}: cannot read {}: {error}", path.display())))?;
+                match String::from_utf8_lossy(&pem).contains("-----BEGIN ") {
+                    true => Ok(pem),
+                    false => Err(Failure::usage(format!("{variable}: {} is not PEM", path.display()))),
+                }
             };
             let mut tls = ClientTlsConfig::new();
             if let Some(ca) = &self.ca_cert {

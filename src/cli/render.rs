@@ -65,21 +65,41 @@ fn fill_unset(descriptor: &prost_reflect::MessageDescriptor, value: &mut serde_j
     }
 }
 
+/// `value` as pretty JSON and a newline.
+pub fn json_text(value: &serde_json::Value) -> Result<String, Failure> {
+    let text = serde_json::to_string_pretty(value).map_err(|error| Failure::usage(error.to_string()))?;
+    Ok(format!("{text}\n"))
+}
+
 /// Prints `value` as pretty JSON and a newline on standard output.
 pub fn print_json(value: &serde_json::Value) -> Result<(), Failure> {
-    let text = serde_json::to_string_pretty(value).map_err(|error| Failure::usage(error.to_string()))?;
-    print_out(&format!("{text}\n"))
+    print_out(&json_text(value)?)
 }
 
 /// Writes `text` to standard output; a closed pipe (`| head`) is not an error worth a message.
 pub fn print_out(text: &str) -> Result<(), Failure> {
-    let mut out = std::io::stdout().lock();
-    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
-        Err(error) if error.kind() != std::io::ErrorKind::BrokenPipe => {
-            Err(Failure::usage(format!("cannot write to standard output: {error}")))
-        }
-        _ => Ok(()),
+    print_bytes(text.as_bytes())
+}
+
+/// [`print_out`] for bytes.
+pub fn print_bytes(bytes: &[u8]) -> Result<(), Failure> {
+    match write_out(bytes) {
+        Err(failure) if failure.1 == std::io::ErrorKind::BrokenPipe => Ok(()),
+        result => result.map_err(|failure| failure.0),
     }
+}
+
+/// Writes what holds a new secret to standard output: a closed pipe is an error here, since
+/// the secret is then lost.
+pub fn print_secret(text: &str) -> Result<(), Failure> {
+    write_out(text.as_bytes()).map_err(|failure| failure.0)
+}
+
+fn write_out(bytes: &[u8]) -> Result<(), (Failure, std::io::ErrorKind)> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(bytes)
+        .and_then(|()| out.flush())
+        .map_err(|error| (Failure::usage(format!("cannot write to standard output: {error}")), error.kind()))
 }
 
 /// Whether standard output is a terminal (a person reads it) rather than a pipe or a file.
@@ -87,22 +107,42 @@ pub fn stdout_is_terminal() -> bool {
     std::io::stdout().is_terminal()
 }
 
+/// `text` safe to print on a terminal: control and bidirectional-control characters (which
+/// stored metadata may hold) are shown escaped (`\u{1b}`), never sent to the terminal, so a
+/// value cannot move the cursor, rewrite a line or retitle the window.
+pub fn printable(text: &str) -> String {
+    let unsafe_char = |character: char| {
+        character.is_control()
+            || matches!(character, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.contains(unsafe_char) {
+        return text.to_owned();
+    }
+    text.chars()
+        .map(|character| match unsafe_char(character) {
+            true => character.escape_unicode().to_string(),
+            false => character.to_string(),
+        })
+        .collect()
+}
+
 /// Rows under a header, in columns aligned with spaces, no borders; lines end without spaces.
+/// Cells are [`printable`].
 pub fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     let mut table = Table::new();
     table.load_style(presets::NOTHING);
     table.set_header(header.to_vec());
-    table.add_rows(rows);
+    table.add_rows(rows.into_iter().map(|row| row.iter().map(|cell| printable(cell)).collect::<Vec<_>>()));
     for column in table.column_iter_mut() {
         column.set_padding((0, 3));
     }
     table.lines().map(|line| line.trim_end().to_owned() + "\n").collect()
 }
 
-/// One record as `name  value` lines, names aligned.
+/// One record as `name  value` lines, names aligned; values are [`printable`].
 pub fn fields(rows: Vec<(&str, String)>) -> String {
     let width = rows.iter().map(|(name, _)| name.chars().count()).max().unwrap_or(0);
-    rows.iter().map(|(name, value)| format!("{name:<width$}   {value}\n")).collect()
+    rows.iter().map(|(name, value)| format!("{name:<width$}   {}\n", printable(value))).collect()
 }
 
 /// A protobuf time as a `DateTime`; `None` when unset or out of range.
@@ -152,6 +192,16 @@ mod tests {
         assert_eq!(lines.len(), 3, "{shown}");
         assert_eq!(lines[0].find("NAME"), lines[1].find('a'), "{shown}");
         assert!(lines.iter().all(|line| !line.ends_with(' ')), "{shown:?}");
+    }
+
+    #[test]
+    fn control_characters_reach_no_terminal() {
+        let hostile = "note\u{1b}]0;pwned\u{7}\u{1b}[2J\rstate revoked\u{202e}";
+        for shown in [fields(vec![("metadata", hostile.to_owned())]), table(&["M"], vec![vec![hostile.to_owned()]])] {
+            assert!(!shown.contains(['\u{1b}', '\u{7}', '\r', '\u{202e}']), "{shown:?}");
+            assert!(shown.contains("\\u{1b}]0;pwned") && shown.contains("\\u{202e}"), "{shown:?}");
+        }
+        assert_eq!(printable("Acme ✓ 日本"), "Acme ✓ 日本");
     }
 
     #[test]

@@ -30,15 +30,18 @@ fn to_time(violations: &mut Violations, field: &str, value: &Timestamp) -> Optio
     time
 }
 
+/// `value` if it lies between 0 and `max_days`; else a violation saying `bound` (the rule as
+/// the caller states it, which may be stricter than `max_days`, such as "within 100 years").
 fn to_duration(
     violations: &mut Violations,
     field: &str,
     value: &prost_types::Duration,
     max_days: i64,
+    bound: &str,
 ) -> Option<Duration> {
     let valid = value.seconds >= 0 && (0..1_000_000_000).contains(&value.nanos) && value.seconds <= max_days * 86_400;
     if !valid {
-        violations.add(field, format!("must be between 0 and {max_days} days"));
+        violations.add(field, format!("must be {bound}"));
         return None;
     }
     Duration::try_seconds(value.seconds).map(|seconds| seconds + Duration::nanoseconds(i64::from(value.nanos)))
@@ -139,7 +142,7 @@ impl TryFrom<proto::CreateKeyRequest> for CreateKey {
             }
             Some(proto::create_key_request::Expiry::ExpiresIn(duration)) => {
                 // Checked against 100 calendar years by the service; this only keeps it finite.
-                match to_duration(&mut violations, "expires_in", duration, 36_600) {
+                match to_duration(&mut violations, "expires_in", duration, 36_600, "positive and within 100 years") {
                     Some(duration) if duration.is_zero() => {
                         violations.add("expires_in", "must be positive");
                         Expiry::Never
@@ -239,7 +242,13 @@ pub fn rotate_key(request: &proto::RotateKeyRequest) -> Result<Duration, Service
     violations.key_id("key_id", &request.key_id);
     let grace = match &request.grace_period {
         None => Some(Duration::zero()),
-        Some(grace) => to_duration(&mut violations, "grace_period", grace, MAX_GRACE_DAYS),
+        Some(grace) => to_duration(
+            &mut violations,
+            "grace_period",
+            grace,
+            MAX_GRACE_DAYS,
+            &format!("between 0 and {MAX_GRACE_DAYS} days"),
+        ),
     };
     Ok(violations.finish(grace.unwrap_or_default())?)
 }

@@ -25,6 +25,10 @@ crate::trials!(
         zsh_completions_parse,
         fish_completions_offer_the_subcommands,
         check_never_prints_the_key_it_was_given,
+        hostile_values_cannot_rewrite_the_terminal,
+        bad_flags_are_refused_before_anything_is_sent,
+        a_secret_that_cannot_be_shown_is_not_minted_or_is_named_for_revoking,
+        an_address_that_is_not_keygate_is_named_as_such,
     ]
 );
 
@@ -34,6 +38,16 @@ struct Run {
     code: Option<i32>,
     stdout: String,
     stderr: String,
+}
+
+impl From<std::process::Output> for Run {
+    fn from(output: std::process::Output) -> Self {
+        Run {
+            code: output.status.code(),
+            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        }
+    }
 }
 
 impl Run {
@@ -47,7 +61,14 @@ impl Run {
 /// `keygate ARGS` against `address` with the admin token in the environment (never on the
 /// command line), and `stdin` as its standard input.
 async fn keygate_with(address: std::net::SocketAddr, args: &[&str], stdin: &str) -> Run {
+    keygate_in(address, args, stdin, &[]).await
+}
+
+/// [`keygate_with`] with extra environment variables.
+async fn keygate_in(address: std::net::SocketAddr, args: &[&str], stdin: &str, env: &[(&str, &str)]) -> Run {
     let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+    let env: Vec<(String, String)> =
+        env.iter().map(|(name, value)| ((*name).to_owned(), (*value).to_owned())).collect();
     let stdin = stdin.to_owned();
     tokio::task::spawn_blocking(move || {
         let output = assert_cmd::Command::new(env!("CARGO_BIN_EXE_keygate"))
@@ -57,15 +78,12 @@ async fn keygate_with(address: std::net::SocketAddr, args: &[&str], stdin: &str)
             .env_remove("KEYGATE_TENANT")
             .env_remove("KEYGATE_OUTPUT")
             .env_remove("KEYGATE_AUTHORIZE_TOKEN")
+            .envs(env)
             .write_stdin(stdin)
             .timeout(Duration::from_secs(60))
             .output()
             .expect("run keygate");
-        Run {
-            code: output.status.code(),
-            stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-        }
+        Run::from(output)
     })
     .await
     .unwrap()
@@ -641,4 +659,133 @@ async fn check_never_prints_the_key_it_was_given() {
     let bad = keygate_with(closed, &["check", made_up], "").await;
     assert_eq!(bad.code, Some(2));
     assert!(!bad.stderr.contains(&made_up[8..]), "a usage error does not echo the key: {bad:#?}");
+}
+
+async fn hostile_values_cannot_rewrite_the_terminal() {
+    let Some(app) = spawn_app(Backend::Sqlite).await else { return };
+    put_tenant(&app, "acme").await;
+    let hostile = "x\u{1b}]0;pwned\u{7}\u{1b}[2J\rstate         revoked";
+    let mut request = key_request("acme", &["events:read"]);
+    request.metadata.insert("note".into(), hostile.into());
+    let (key, secret) = create_key(&app, request).await.unwrap();
+    let shown = keygate(&app, &["keys", "get", "--tenant", "acme", &key.key_id]).await;
+    assert_eq!(shown.code, Some(0), "{shown:#?}");
+    assert!(!shown.stdout.contains(['\u{1b}', '\u{7}', '\r']), "{shown:#?}");
+    assert!(shown.stdout.contains("note=x\\u{1b}]0;pwned"), "shown escaped: {shown:#?}");
+    let json = keygate(&app, &["keys", "get", "--tenant", "acme", &key.key_id, "-o", "json"]).await.json();
+    assert_eq!(json["key"]["metadata"]["note"], hostile, "JSON keeps the value itself");
+    let checked = keygate_with(app.address, &["check", "-", "--scope", "events:read"], &secret).await;
+    assert!(checked.stdout.contains("metadata") && !checked.stdout.contains('\u{1b}'), "{checked:#?}");
+}
+
+async fn bad_flags_are_refused_before_anything_is_sent() {
+    let Some(app) = spawn_app(Backend::Sqlite).await else { return };
+    put_tenant(&app, "acme").await;
+    let (key, _) = create_key(&app, key_request("acme", &["events:read"])).await.unwrap();
+    let key_id = key.key_id.as_str();
+    let today = chrono::Utc::now().date_naive().to_string();
+    for args in [
+        &[
+            "keys",
+            "create",
+            "--tenant",
+            "acme",
+            "--name",
+            "x",
+            "--scope",
+            "a:b",
+            "--metadata",
+            "a=1",
+            "--metadata",
+            "a=2",
+        ][..],
+        &["keys", "update", "--tenant", "acme", key_id, "--expires-in", "999999999d"],
+        &["audit", "--tenant", "acme", "--since", "2030-01-01T00:00:00Z", "--until", "2020-01-01T00:00:00Z"],
+        &["usage", "--tenant", "acme", key_id, "--from", "26-1-1"],
+        &["usage", "--tenant", "acme", key_id, "--from", &today, "--to", "2020-01-01"],
+    ] {
+        let run = keygate(&app, args).await;
+        assert_eq!(run.code, Some(2), "{args:?}: {run:#?}");
+    }
+    assert_eq!(get_key(&app, "acme", key_id).await.expires_at, None, "a refused --expires-in changed nothing");
+    for (addr, ca) in [
+        ("ftp://127.0.0.1:1", None),
+        ("grpcs://127.0.0.1:1", None),
+        (&*format!("http://{}", app.address), Some("/dev/null")),
+    ] {
+        let mut env = vec![("KEYGATE_ADDR", addr)];
+        env.extend(ca.map(|ca| ("KEYGATE_CA_CERT", ca)));
+        let run = keygate_in(app.address, &["tenants", "get", "acme"], "", &env).await;
+        assert_eq!(run.code, Some(2), "{env:?} is refused, the token never sent in plaintext: {run:#?}");
+    }
+    // The server's bound on an expiry, in the same words however far past it a flag goes.
+    for far in ["36600d", "999999d"] {
+        let args = ["keys", "create", "--tenant", "acme", "--name", "x", "--scope", "a:b", "--expires-in", far];
+        let run = keygate(&app, &args).await;
+        assert_eq!(run.code, Some(1), "{run:#?}");
+        assert!(run.stderr.contains("within 100 years"), "{far}: {run:#?}");
+    }
+    // A day works where a time does, and KEYGATE_TENANT where --tenant does.
+    let since_today = keygate(&app, &["audit", "--tenant", "acme", "--since", &today, "-o", "json"]).await.json();
+    assert!(!since_today["events"].as_array().unwrap().is_empty());
+    let body = format!("kg_live_{}", "7a".repeat(28));
+    let line = format!(
+        r#"{{"secret": "{body}{:08x}", "name": "Moved", "scopes": ["events:read"]}}"#,
+        crc32fast::hash(body.as_bytes())
+    );
+    let imported = keygate_in(app.address, &["import", "-"], &line, &[("KEYGATE_TENANT", "acme")]).await;
+    assert_eq!(imported.code, Some(0), "{imported:#?}");
+}
+
+/// `keygate ARGS` under `sh`, with `redirect` applied to its standard output.
+async fn keygate_redirected(app: &TestApp, args: &str, redirect: &str) -> Run {
+    let script = format!("{} {args} {redirect}", env!("CARGO_BIN_EXE_keygate"));
+    let address = app.address;
+    tokio::task::spawn_blocking(move || {
+        let output = std::process::Command::new("sh")
+            .args(["-c", &script])
+            .env("KEYGATE_ADDR", format!("http://{address}"))
+            .env("KEYGATE_ADMIN_TOKEN", ADMIN_TOKEN)
+            .output()
+            .unwrap();
+        Run::from(output)
+    })
+    .await
+    .unwrap()
+}
+
+async fn a_secret_that_cannot_be_shown_is_not_minted_or_is_named_for_revoking() {
+    let Some(app) = spawn_app(Backend::Sqlite).await else { return };
+    put_tenant(&app, "acme").await;
+    let create = "keys create --tenant acme --name Lost --scope events:read";
+    for redirect in [">&-", ">/dev/null"] {
+        let run = keygate_redirected(&app, create, redirect).await;
+        assert_eq!(run.code, Some(2), "{redirect}: {run:#?}");
+        assert!(run.stderr.contains("the new secret would be lost"), "{run:#?}");
+    }
+    let request = ListKeysRequest { tenant_id: "acme".into(), ..Default::default() };
+    assert!(app.admin.clone().list_keys(request.clone()).await.unwrap().into_inner().keys.is_empty(), "nothing minted");
+    let full = keygate_redirected(&app, create, ">/dev/full").await;
+    assert_eq!(full.code, Some(2), "{full:#?}");
+    let keys = app.admin.clone().list_keys(request).await.unwrap().into_inner().keys;
+    assert_eq!(keys.len(), 1);
+    let revoke = format!("keygate keys revoke --tenant acme {}", keys[0].key_id);
+    assert!(full.stderr.contains(&revoke), "the message names the key to revoke: {full:#?}");
+}
+
+async fn an_address_that_is_not_keygate_is_named_as_such() {
+    // Something that answers HTTP/1.1 where keygate's gRPC port should be.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().take(1) {
+            use std::io::{Read, Write};
+            let Ok(mut stream) = stream else { continue };
+            let _ = stream.read(&mut [0; 1024]);
+            let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    let run = keygate_with(address, &["tenants", "get", "acme"], "").await;
+    assert_eq!(run.code, Some(3), "{run:#?}");
+    assert!(run.stderr.contains("does not speak gRPC"), "{run:#?}");
 }
