@@ -724,10 +724,13 @@ fn refuse_a_closed_stdout() -> Result<(), Failure> {
 /// which key to revoke.
 fn secret_lost(failure: Failure, tenant: &str, key: Option<&ApiKey>) -> Failure {
     let key_id = key.map(|key| key.key_id.as_str()).unwrap_or("the new key");
-    Failure::usage(format!(
-        "{}: key {key_id} was created but its secret was not shown; revoke it with `keygate keys revoke --tenant {tenant} {key_id}`",
-        failure.message
-    ))
+    let rotated = key.is_some_and(|key| !key.rotated_from_key_id.is_empty());
+    let remedy = match rotated {
+        // The old key may be revoked already: the way out is another rotation, of the new key.
+        true => format!("rotate it in turn with `keygate keys rotate --tenant {tenant} {key_id}`"),
+        false => format!("revoke it with `keygate keys revoke --tenant {tenant} {key_id}`"),
+    };
+    Failure::usage(format!("{}: key {key_id} was created but its secret was not shown; {remedy}", failure.message))
 }
 
 /// A new key's details and its secret. For a person (a terminal): both, with a note that the
@@ -738,8 +741,9 @@ fn show_secret(details: String, secret: &str) -> Result<(), Failure> {
     if render::stdout_is_terminal() {
         render::print_secret(&format!("{details}\nsecret   {secret}\n\n{note}\n"))
     } else {
+        render::print_secret(&format!("{secret}\n"))?;
         eprint!("{details}\n{note}\n");
-        render::print_secret(&format!("{secret}\n"))
+        Ok(())
     }
 }
 
@@ -867,9 +871,19 @@ async fn rotate_key(args: KeyRotateArgs) -> Result<Exit, Failure> {
     Ok(Exit::Ok)
 }
 
-/// A map as sorted `name=value` items.
+/// A map as sorted `name=value` items, a value quoted when it holds a separator (`, ` or `=`)
+/// or spaces at its ends, so that `note=x, team=admin` cannot pass for two entries.
 pub(super) fn pairs<V: std::fmt::Display>(map: &HashMap<String, V>) -> Vec<String> {
-    let mut items: Vec<String> = map.iter().map(|(name, value)| format!("{name}={value}")).collect();
+    let mut items: Vec<String> = map
+        .iter()
+        .map(|(name, value)| {
+            let value = value.to_string();
+            match value.contains([',', '=', '"']) || value.trim() != value || value.is_empty() {
+                true => format!("{name}={value:?}"),
+                false => format!("{name}={value}"),
+            }
+        })
+        .collect();
     items.sort();
     items
 }

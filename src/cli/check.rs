@@ -13,6 +13,9 @@ use crate::config::SecretText;
 use crate::proto::CheckRequest;
 use crate::proto::authorize_client::AuthorizeClient;
 
+/// The longest key Check takes, in bytes.
+const MAX_KEY_BYTES: usize = 512;
+
 /// Flags of `keygate check`.
 #[derive(Clone, Debug, Args)]
 #[command(
@@ -45,11 +48,19 @@ pub struct CheckArgs {
 pub async fn run(args: CheckArgs) -> Result<Exit, Failure> {
     let key = match args.key.expose() {
         "-" => {
+            // A key is at most 512 bytes: read a little more than that, never all of a stream.
             let mut text = String::new();
             std::io::stdin()
+                .take(MAX_KEY_BYTES as u64 + 3)
                 .read_to_string(&mut text)
                 .map_err(|error| Failure::usage(format!("cannot read the key from standard input: {error}")))?;
-            text.trim_end_matches(['\r', '\n']).to_owned()
+            let key = text.trim_end_matches(['\r', '\n']);
+            if key.len() > MAX_KEY_BYTES {
+                return Err(Failure::usage(format!(
+                    "standard input holds more than a key ({MAX_KEY_BYTES} bytes at most)"
+                )));
+            }
+            key.to_owned()
         }
         key => key.to_owned(),
     };

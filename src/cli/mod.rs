@@ -164,7 +164,7 @@ impl Failure {
         } else if all.contains("certificate") || all.contains("Certificate") {
             " (check KEYGATE_CA_CERT, and KEYGATE_CLIENT_CERT/KEYGATE_CLIENT_KEY if the server wants a client certificate)"
         } else if status.code() == tonic::Code::Cancelled || all.contains("connection closed") {
-            " (the server closed the connection: with https://, does it want a client certificate, KEYGATE_CLIENT_CERT? with http://, is it a TLS server?)"
+            " (the server closed the connection: is KEYGATE_ADDR keygate's gRPC port? with https://, does it want a client certificate, KEYGATE_CLIENT_CERT? with http://, is it a TLS server?)"
         } else if all.contains("refused") {
             " (is keygate running, and is KEYGATE_ADDR right?)"
         } else if [

@@ -107,13 +107,16 @@ pub fn stdout_is_terminal() -> bool {
     std::io::stdout().is_terminal()
 }
 
-/// `text` safe to print on a terminal: control and bidirectional-control characters (which
-/// stored metadata may hold) are shown escaped (`\u{1b}`), never sent to the terminal, so a
-/// value cannot move the cursor, rewrite a line or retitle the window.
+/// `text` safe to print on a terminal: control and format characters (bidirectional controls,
+/// zero-width spaces), which stored metadata may hold, are shown escaped (`\u{1b}`), never
+/// sent to the terminal, so a value cannot move the cursor, rewrite a line, retitle the window
+/// or hide text.
 pub fn printable(text: &str) -> String {
+    use unicode_properties::{GeneralCategory, UnicodeGeneralCategory};
+    // Controls, and format characters (bidirectional controls, zero-width spaces) except the
+    // zero-width joiner that emoji sequences are made of.
     let unsafe_char = |character: char| {
-        character.is_control()
-            || matches!(character, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        character.is_control() || (character.general_category() == GeneralCategory::Format && character != '\u{200d}')
     };
     if !text.contains(unsafe_char) {
         return text.to_owned();
@@ -201,7 +204,8 @@ mod tests {
             assert!(!shown.contains(['\u{1b}', '\u{7}', '\r', '\u{202e}']), "{shown:?}");
             assert!(shown.contains("\\u{1b}]0;pwned") && shown.contains("\\u{202e}"), "{shown:?}");
         }
-        assert_eq!(printable("Acme ✓ 日本"), "Acme ✓ 日本");
+        assert_eq!(printable("Acme ✓ 日本 👨\u{200d}👩"), "Acme ✓ 日本 👨\u{200d}👩");
+        assert_eq!(printable("a\u{200b}b\u{9b}"), "a\\u{200b}b\\u{9b}");
     }
 
     #[test]

@@ -656,6 +656,9 @@ async fn check_never_prints_the_key_it_was_given() {
     let run = keygate_with(closed, &["check", made_up, "--scope", "events:read"], "").await;
     assert_eq!(run.code, Some(3));
     assert!(!run.stderr.contains(&made_up[8..]), "{run:#?}");
+    let flood = "k".repeat(100_000);
+    let long = keygate_with(closed, &["check", "-", "--scope", "events:read"], &flood).await;
+    assert_eq!(long.code, Some(2), "more than a key on stdin is refused before sending: {long:#?}");
     let bad = keygate_with(closed, &["check", made_up], "").await;
     assert_eq!(bad.code, Some(2));
     assert!(!bad.stderr.contains(&made_up[8..]), "a usage error does not echo the key: {bad:#?}");
@@ -676,6 +679,14 @@ async fn hostile_values_cannot_rewrite_the_terminal() {
     assert_eq!(json["key"]["metadata"]["note"], hostile, "JSON keeps the value itself");
     let checked = keygate_with(app.address, &["check", "-", "--scope", "events:read"], &secret).await;
     assert!(checked.stdout.contains("metadata") && !checked.stdout.contains('\u{1b}'), "{checked:#?}");
+    // A value that looks like more entries is quoted; a zero-width space is shown.
+    let mut request = key_request("acme", &["events:read"]);
+    request.metadata.insert("note".into(), "x, team=admin".into());
+    request.metadata.insert("owner".into(), "a\u{200b}b".into());
+    let (key, _) = create_key(&app, request).await.unwrap();
+    let shown = keygate(&app, &["keys", "get", "--tenant", "acme", &key.key_id]).await;
+    assert!(shown.stdout.contains(r#"note="x, team=admin""#), "{shown:#?}");
+    assert!(shown.stdout.contains(r"owner=a\u{200b}b"), "{shown:#?}");
 }
 
 async fn bad_flags_are_refused_before_anything_is_sent() {
@@ -771,6 +782,16 @@ async fn a_secret_that_cannot_be_shown_is_not_minted_or_is_named_for_revoking() 
     assert_eq!(keys.len(), 1);
     let revoke = format!("keygate keys revoke --tenant acme {}", keys[0].key_id);
     assert!(full.stderr.contains(&revoke), "the message names the key to revoke: {full:#?}");
+    assert!(!full.stderr.contains("shown once"), "no note for a secret that was not shown: {full:#?}");
+    // A lost rotation: the old key may be revoked already, so the way out is to rotate again.
+    let rotate = format!("keys rotate --tenant acme {}", keys[0].key_id);
+    let lost = keygate_redirected(&app, &rotate, ">/dev/full").await;
+    assert_eq!(lost.code, Some(2), "{lost:#?}");
+    let request = ListKeysRequest { tenant_id: "acme".into(), ..Default::default() };
+    let keys = app.admin.clone().list_keys(request).await.unwrap().into_inner().keys;
+    let successor = keys.iter().find(|key| !key.rotated_from_key_id.is_empty()).expect("the rotation happened");
+    let again = format!("keygate keys rotate --tenant acme {}", successor.key_id);
+    assert!(lost.stderr.contains(&again) && !lost.stderr.contains("keys revoke"), "{lost:#?}");
 }
 
 async fn an_address_that_is_not_keygate_is_named_as_such() {
@@ -783,6 +804,9 @@ async fn an_address_that_is_not_keygate_is_named_as_such() {
             let Ok(mut stream) = stream else { continue };
             let _ = stream.read(&mut [0; 1024]);
             let _ = stream.write_all(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n");
+            // Left open until the client gives up, so that it reads the answer rather than
+            // finding the connection closed.
+            while stream.read(&mut [0; 1024]).is_ok_and(|read| read > 0) {}
         }
     });
     let run = keygate_with(address, &["tenants", "get", "acme"], "").await;

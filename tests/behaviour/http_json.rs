@@ -18,6 +18,8 @@ crate::trials!(
         envoy_refuses_what_no_route_maps_with_the_same_json_shape,
         check_over_http_json_passes_the_caller_token_through,
         with_keygate_stopped_the_client_gets_a_json_503,
+        the_path_decides_which_tenant_key_and_site_a_call_acts_on,
+        no_part_of_a_key_comes_back_in_an_error_or_travels_in_a_url,
     ],
 );
 
@@ -445,4 +447,68 @@ async fn with_keygate_stopped_the_client_gets_a_json_503() {
     stack
         .curl("POST", "/v1/check", None, Some(&json!({ "key": "kg_live_x", "scope": "a:b" })), &[])
         .assert_error(503, 14);
+}
+
+async fn the_path_decides_which_tenant_key_and_site_a_call_acts_on() {
+    let Some(stack) = stack(&[]).await else { return };
+    stack.admin("PUT", "/v1/tenants/acme", Some(json!({})));
+    stack.admin("PUT", "/v1/tenants/globex", Some(json!({})));
+    stack.admin("PUT", "/v1/tenants/acme/sites/shop.example", Some(json!({})));
+    stack.admin("PUT", "/v1/tenants/globex/sites/g.example", Some(json!({})));
+    let ours = stack.admin("POST", "/v1/tenants/acme/keys", Some(json!({ "name": "ours", "scopes": ["a:b"] })));
+    let theirs = stack.admin("POST", "/v1/tenants/globex/keys", Some(json!({ "name": "theirs", "scopes": ["a:b"] })));
+    let (ours, theirs) = (ours["key"]["key_id"].as_str().unwrap(), theirs["key"]["key_id"].as_str().unwrap());
+    // A query parameter naming another tenant, key or site, in any spelling the transcoder
+    // reads, is refused rather than allowed to win over the path.
+    for (method, path) in [
+        ("POST", format!("/v1/tenants/acme/keys/{ours}:revoke?tenant_id=globex&key_id={theirs}")),
+        ("POST", format!("/v1/tenants/acme/keys/{ours}:revoke?keyId={theirs}")),
+        ("GET", format!("/v1/tenants/acme/keys/{ours}?key%5Fid={theirs}")),
+        ("DELETE", "/v1/tenants/acme/sites/shop.example?tenant_id=globex&site_id=g.example".to_owned()),
+        ("DELETE", "/v1/tenants/acme/sites/shop.example?siteId=g.example".to_owned()),
+        ("PUT", "/v1/tenants/acme?tenantId=globex".to_owned()),
+        ("POST", "/v1/tenants/acme/keys?tenant%5Fid=globex".to_owned()),
+        ("GET", "/v1/tenants/acme/keys?page_size=5&TENANT_ID=globex".to_owned()),
+    ] {
+        let body = (method != "GET" && method != "DELETE").then(|| json!({ "name": "x", "scopes": ["a:b"] }));
+        stack.curl(method, &path, Some(ADMIN_TOKEN), body.as_ref(), &[]).assert_error(400, 3);
+    }
+    let globex = stack.admin("GET", "/v1/tenants/globex/keys?include_revoked=true", None);
+    assert_eq!(key_ids(&globex), [theirs], "globex has its one key, unrevoked, and no new one");
+    assert_eq!(globex["keys"][0]["state"], "KEY_STATE_ACTIVE");
+    let sites = stack.admin("GET", "/v1/tenants/globex/sites", None);
+    assert_eq!(sites["sites"].as_array().unwrap().len(), 1, "{sites}");
+    // Filters that are not path ids still work as query parameters.
+    let filtered = stack.admin("GET", "/v1/tenants/acme/keys?site_id=shop.example", None);
+    assert!(key_ids(&filtered).is_empty(), "{filtered}");
+    let events = stack.admin("GET", &format!("/v1/tenants/acme/auditEvents?key_id={ours}"), None);
+    assert!(!events["events"].as_array().unwrap().is_empty(), "{events}");
+}
+
+async fn no_part_of_a_key_comes_back_in_an_error_or_travels_in_a_url() {
+    let Some(stack) = stack(&[]).await else { return };
+    stack.admin("PUT", "/v1/tenants/acme", Some(json!({})));
+    let created = stack.admin("POST", "/v1/tenants/acme/keys", Some(json!({ "name": "k", "scopes": ["a:b"] })));
+    let secret = created["secret"].as_str().unwrap().to_owned();
+    let tail = &secret[secret.len() - 16..];
+    // In the URL: refused, whatever else the request holds.
+    let in_url = stack.curl("POST", &format!("/v1/check?key={secret}&scope=a:b"), None, Some(&json!({})), &[]);
+    let body = in_url.assert_error(400, 3);
+    assert!(!in_url.body.contains(tail), "{body}");
+    let conflicting =
+        stack.curl("POST", "/v1/check?scope=x:y", None, Some(&json!({ "key": secret, "scope": "a:b" })), &[]);
+    conflicting.assert_error(400, 3);
+    assert!(!conflicting.body.contains(tail), "{conflicting:?}");
+    // A body the transcoder cannot read: its error says what was expected, and quotes nothing.
+    for broken in [format!(r#"{{"key": "{secret}", "scope": "a:b""#), format!(r#"{{"key": "{secret}" "scope": 1}}"#)] {
+        for path in ["/v1/check", "/v1/tenants/acme/keys:import"] {
+            let mut command = Command::new("curl");
+            command.args(["--silent", "--request", "POST", "--header", "Content-Type: application/json"]);
+            command.args(["--header", &format!("Authorization: Bearer {ADMIN_TOKEN}")]);
+            command.args(["--data-binary", &broken, &format!("http://{}{path}", stack.envoy.address)]);
+            let output = command.output().unwrap();
+            let body = String::from_utf8_lossy(&output.stdout);
+            assert!(body.contains("\"code\":3") && !body.contains(tail), "{path}: {body}");
+        }
+    }
 }
