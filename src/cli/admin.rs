@@ -477,21 +477,9 @@ where
     }
 }
 
-/// Prints a response: `name` is its message's full name for JSON; `human` its table.
+/// Prints a response: `name` is its message's full name for JSON; `human` its table. A list
+/// joined from its pages is printed without its (empty) page token.
 fn show<M: prost::Message>(
-    output: Output,
-    message: &M,
-    name: &str,
-    human: impl FnOnce() -> String,
-) -> Result<(), Failure> {
-    match output {
-        Output::Json => render::print_json(&render::json(message, name)?),
-        Output::Table => render::print_out(&human()),
-    }
-}
-
-/// A list response as JSON without its (empty) page token.
-fn show_list<M: prost::Message>(
     output: Output,
     message: &M,
     name: &str,
@@ -620,7 +608,7 @@ pub async fn sites(command: SitesCommand) -> Result<Exit, Failure> {
             })
             .await?;
             let response = ListSitesResponse { sites, next_page_token: String::new() };
-            show_list(args.client.output, &response, "keygate.v1.ListSitesResponse", || {
+            show(args.client.output, &response, "keygate.v1.ListSitesResponse", || {
                 let rows = response
                     .sites
                     .iter()
@@ -765,7 +753,7 @@ async fn list_keys(args: KeyListArgs) -> Result<Exit, Failure> {
     })
     .await?;
     let response = ListKeysResponse { keys, next_page_token: String::new() };
-    show_list(args.client.output, &response, "keygate.v1.ListKeysResponse", || {
+    show(args.client.output, &response, "keygate.v1.ListKeysResponse", || {
         let rows = response
             .keys
             .iter()
@@ -983,7 +971,7 @@ pub async fn audit(args: AuditArgs) -> Result<Exit, Failure> {
     })
     .await?;
     let response = ListAuditEventsResponse { events, next_page_token: String::new() };
-    show_list(args.client.output, &response, "keygate.v1.ListAuditEventsResponse", || {
+    show(args.client.output, &response, "keygate.v1.ListAuditEventsResponse", || {
         let rows = response
             .events
             .iter()
