@@ -11,14 +11,15 @@ use crate::envoy_support::{Envoy, envoy_binary};
 use crate::support::*;
 
 crate::trials!(
-    every_backend: [],
-    once: [
+    every_backend: [
         keys_are_managed_over_http_json_from_creation_to_revocation,
+        the_path_decides_which_tenant_key_and_site_a_call_acts_on,
+    ],
+    once: [
         errors_come_back_with_their_http_status_and_a_json_status,
         envoy_refuses_what_no_route_maps_with_the_same_json_shape,
         check_over_http_json_passes_the_caller_token_through,
         with_keygate_stopped_the_client_gets_a_json_503,
-        the_path_decides_which_tenant_key_and_site_a_call_acts_on,
         no_part_of_a_key_comes_back_in_an_error_or_travels_in_a_url,
     ],
 );
@@ -65,14 +66,29 @@ struct Stack {
     envoy: Envoy,
     keygate: Binary,
     _descriptor_dir: tempfile::TempDir,
+    /// The database of `backend` when not keygate's own SQLite file; dropped after keygate.
+    _database: Option<TestDatabase>,
 }
 
 async fn stack(env: &[(&str, &str)]) -> Option<Stack> {
+    stack_on(Backend::Sqlite, env).await
+}
+
+/// The stack with keygate on a fresh database of `backend`.
+async fn stack_on(backend: Backend, env: &[(&str, &str)]) -> Option<Stack> {
     let envoy_binary = envoy_binary()?;
     if !curl_available() {
         return None;
     }
-    let keygate = Binary::start(env, None).await;
+    let database = match backend {
+        Backend::Sqlite => None,
+        _ => Some(TestDatabase::create(backend).await?),
+    };
+    let mut env = env.to_vec();
+    if let Some(database) = &database {
+        env.push(("KEYGATE_DATABASE_URL", database.url.as_str()));
+    }
+    let keygate = Binary::start(&env, None).await;
     // What the example's README does: `keygate descriptor-set --out keygate.pb`.
     let descriptor_dir = tempfile::tempdir().unwrap();
     let descriptor = descriptor_dir.path().join("keygate.pb");
@@ -97,7 +113,7 @@ async fn stack(env: &[(&str, &str)]) -> Option<Stack> {
         keygate.address,
     )
     .await;
-    Some(Stack { envoy, keygate, _descriptor_dir: descriptor_dir })
+    Some(Stack { envoy, keygate, _descriptor_dir: descriptor_dir, _database: database })
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -151,8 +167,8 @@ fn key_ids(listing: &Value) -> Vec<&str> {
     listing["keys"].as_array().expect("keys").iter().map(|key| key["key_id"].as_str().unwrap()).collect()
 }
 
-async fn keys_are_managed_over_http_json_from_creation_to_revocation() {
-    let Some(stack) = stack(&[]).await else { return };
+async fn keys_are_managed_over_http_json_from_creation_to_revocation(backend: Backend) {
+    let Some(stack) = stack_on(backend, &[]).await else { return };
     // Every body but CreateKey's, to check that the secret is never shown again.
     let mut later_bodies = Vec::new();
 
@@ -449,8 +465,8 @@ async fn with_keygate_stopped_the_client_gets_a_json_503() {
         .assert_error(503, 14);
 }
 
-async fn the_path_decides_which_tenant_key_and_site_a_call_acts_on() {
-    let Some(stack) = stack(&[]).await else { return };
+async fn the_path_decides_which_tenant_key_and_site_a_call_acts_on(backend: Backend) {
+    let Some(stack) = stack_on(backend, &[]).await else { return };
     stack.admin("PUT", "/v1/tenants/acme", Some(json!({})));
     stack.admin("PUT", "/v1/tenants/globex", Some(json!({})));
     stack.admin("PUT", "/v1/tenants/acme/sites/shop.example", Some(json!({})));
