@@ -333,8 +333,8 @@ pub struct AuditArgs {
     #[arg(long)]
     pub key: Option<String>,
     /// Only events of these types (repeat, or commas).
-    #[arg(long = "type", value_enum, value_delimiter = ',')]
-    pub types: Vec<EventType>,
+    #[arg(long = "type", value_delimiter = ',', value_parser = event_type_parser())]
+    pub types: Vec<AuditEventType>,
     /// Only events at or after this time: RFC 3339, a UTC day (YYYY-MM-DD), or how long ago
     /// (`24h`, `7d`).
     #[arg(long, value_parser = parse_time_or_ago)]
@@ -346,27 +346,16 @@ pub struct AuditArgs {
     pub client: ClientArgs,
 }
 
-/// An audit event type, as `--type` names it.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum EventType {
-    TenantPut,
-    SitePut,
-    SiteDeleted,
-    KeyCreated,
-    KeyUpdated,
-    KeyRevoked,
-    KeyRotated,
-    CheckDenied,
-    KeyImported,
-}
-
-impl EventType {
-    /// `key-created` → `AUDIT_EVENT_TYPE_KEY_CREATED`.
-    fn proto(self) -> AuditEventType {
-        let name = self.to_possible_value().map(|value| value.get_name().to_ascii_uppercase().replace('-', "_"));
-        name.and_then(|name| AuditEventType::from_str_name(&format!("AUDIT_EVENT_TYPE_{name}")))
-            .unwrap_or(AuditEventType::Unspecified)
-    }
+/// `--type`'s values: the audit vocabulary of [`crate::domain::audit::AuditEventType`] in
+/// kebab case (`key-created`), each read as the `keygate.v1.AuditEventType` it names.
+fn event_type_parser() -> impl clap::builder::TypedValueParser<Value = AuditEventType> {
+    use clap::builder::TypedValueParser;
+    let names =
+        crate::domain::audit::AuditEventType::ALL.map(|kind| kind.as_str().to_ascii_lowercase().replace('_', "-"));
+    clap::builder::PossibleValuesParser::new(names).map(|name| {
+        let name = format!("AUDIT_EVENT_TYPE_{}", name.to_ascii_uppercase().replace('-', "_"));
+        AuditEventType::from_str_name(&name).unwrap_or(AuditEventType::Unspecified)
+    })
 }
 
 fn parse_time(text: &str) -> Result<DateTime<Utc>, String> {
@@ -952,7 +941,7 @@ pub async fn audit(args: AuditArgs) -> Result<Exit, Failure> {
     let template = ListAuditEventsRequest {
         tenant_id: args.tenant.clone(),
         key_id: args.key.clone().unwrap_or_default(),
-        event_types: args.types.iter().map(|kind| kind.proto().into()).collect(),
+        event_types: args.types.iter().map(|kind| i32::from(*kind)).collect(),
         start_time: args.since.map(timestamp),
         end_time: args.until.map(timestamp),
         page_size: 1000,

@@ -74,10 +74,7 @@ pub async fn run(args: CheckArgs) -> Result<Exit, Failure> {
     });
     request.set_timeout(Duration::from_secs(30));
     if let Some(token) = args.authorize_token.as_ref().map(SecretText::expose).filter(|token| !token.is_empty()) {
-        let bearer = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| Failure::usage("KEYGATE_AUTHORIZE_TOKEN holds characters a header cannot"))?;
-        request.metadata_mut().insert("authorization", bearer);
+        request.metadata_mut().insert("authorization", super::bearer(token, "KEYGATE_AUTHORIZE_TOKEN")?);
     }
     let response = client.check(request).await.map_err(|status| Failure::from_call(&status, &connect.address()))?;
     let decision = response.into_inner();

@@ -271,8 +271,14 @@ impl ConnectArgs {
     pub fn bearer(&self) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, Failure> {
         let token = self.admin_token.as_ref().map(SecretText::expose).filter(|token| !token.is_empty());
         let token = token.ok_or_else(|| Failure::usage("set KEYGATE_ADMIN_TOKEN to an admin token"))?;
-        format!("Bearer {token}")
-            .parse()
-            .map_err(|_| Failure::usage("KEYGATE_ADMIN_TOKEN holds characters a header cannot"))
+        bearer(token, "KEYGATE_ADMIN_TOKEN")
     }
+}
+
+/// `Bearer <token>` as an `authorization` value; `variable` names where the token came from
+/// when it holds characters a header cannot.
+pub fn bearer(token: &str, variable: &str) -> Result<tonic::metadata::MetadataValue<tonic::metadata::Ascii>, Failure> {
+    format!("Bearer {token}")
+        .parse()
+        .map_err(|_| Failure::usage(format!("{variable} holds characters a header cannot")))
 }
